@@ -1,0 +1,38 @@
+import os
+import tempfile
+
+from PIL import Image, ImageDraw
+from transformers import AutoModel, AutoProcessor
+
+from stamp_hf.testing import tiny_stamp
+
+# A released checkpoint loads like any Hub model:
+#   model = AutoModel.from_pretrained("org/stamp-2b", trust_remote_code=True)
+#   processor = AutoProcessor.from_pretrained("org/stamp-2b", trust_remote_code=True)
+# Here: a tiny random STAMP built offline, so the answers are noise but every step is the real one.
+model, processor = tiny_stamp()
+
+image = Image.new("RGB", (320, 200), "white")
+ImageDraw.Draw(image).ellipse((40, 50, 140, 150), fill="red")
+question = {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Segment the red circle."}]}
+
+# 1. Chat and segment: phase 1 generates text; every <|seg|> it emits gets a mask in one extra forward.
+inputs = processor.apply_chat_template([question], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+out = model.generate_with_masks(**inputs, max_new_tokens=12)
+print("response:", processor.decode(out.sequences[0, inputs["input_ids"].shape[1]:]))
+print("masks:", [tuple(m.shape) for m in processor.post_process_masks(out, target_sizes=[(image.height, image.width)])[0]])
+
+# 2. Teacher-forced: masks for the <|seg|> tokens of a given answer (the training-time view).
+answer = {"role": "assistant", "content": "Sure, it is <|seg|>."}
+forced = processor.apply_chat_template([question, answer], tokenize=True, return_dict=True, return_tensors="pt",
+                                       sanitize_control_tokens=False)  # trusted text: <|seg|> is the control token
+(logits,), = model.predict_masks(**forced)
+(mask,), = processor.post_process_masks([[logits]], target_sizes=[(image.height, image.width)])
+print("patch grid:", tuple(logits.shape), "-> mask:", tuple(mask.shape), "foreground pixels:", int(mask.sum()))
+
+# 3. Save as a Hub repo folder (config with auto_map + remote code + safetensors) and load it back.
+with tempfile.TemporaryDirectory() as folder:
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    reloaded = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    print("reloaded:", type(reloaded).__name__, "from", sorted(f for f in os.listdir(folder) if f.endswith(".py")))

@@ -1,0 +1,173 @@
+"""Tiny STAMP models, tokenizers and processors built entirely offline, for tests (ours and users').
+
+Everything is real: transformers' Qwen2-VL classes with a few small layers, a byte-level BPE tokenizer with the
+Qwen2-VL special tokens and the STAMP tokens, the Qwen2-VL image processor and chat template.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+from transformers import GenerationConfig, LogitsProcessor
+from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.utils import is_torchvision_available
+
+from .configuration_stamp import STAMPConfig
+from .modeling_stamp import STAMPModel
+from .processing_stamp import STAMPProcessor
+from .vocab import add_stamp_tokens
+
+# Qwen2-VL's special tokens, in its id order (151643-151656 in the real vocabulary).
+QWEN2_VL_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+_CORPUS = [
+    "You are a helpful assistant.",
+    "Please segment the cat in this image.",
+    "Can you segment the red circle? Sure, it is here.",
+    "Where is the small blue triangle in this image? It is at the top left.",
+    "How many shapes are there? There are three shapes.",
+    "the left right top bottom big small green yellow square star person dog car tree",
+    "Yes, no. Sorry, there is no such object in the image.",
+]
+
+
+class ForceTokens(LogitsProcessor):
+    """Makes `generate` emit `token_ids` first, then decode freely: a known response (with known `<|seg|>`s) from a
+    random model."""
+
+    def __init__(self, token_ids, prompt_len: int):
+        self.token_ids, self.prompt_len = list(token_ids), prompt_len
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_len
+        if step < len(self.token_ids):
+            forced = torch.full_like(scores, -float("inf"))
+            forced[:, self.token_ids[step]] = 0.0
+            return forced
+        return scores
+
+
+def tiny_tokenizer(vocab_size: int = 512) -> Qwen2Tokenizer:
+    """A Qwen2-style byte-level BPE tokenizer: Qwen2-VL's special tokens after a small learned vocabulary, then the
+    four STAMP tokens, in the same order as the real Qwen2-VL / STAMP vocabularies."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    tokenizer = Qwen2Tokenizer(
+        vocab=bpe.get_vocab(), merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_VL_SPECIAL_TOKENS], special_tokens=True)
+    add_stamp_tokens(tokenizer)
+    return tokenizer
+
+
+def tiny_processor(tokenizer=None, min_placeholders: int = 4, max_placeholders: int = 64, backend=None) -> STAMPProcessor:
+    """A STAMPProcessor whose image backend ("torchvision" or "pil") is the one `AutoProcessor.from_pretrained` picks
+    on this machine unless told otherwise, so a saved and reloaded processor gives the same pixels."""
+    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
+    if backend is None:
+        backend = "torchvision" if is_torchvision_available() else "pil"
+    if backend == "torchvision":
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor as image_processor_class
+    else:
+        image_processor_class = Qwen2VLImageProcessorPil
+    return STAMPProcessor(
+        image_processor=image_processor_class(),
+        tokenizer=tokenizer,
+        min_placeholders=min_placeholders,
+        max_placeholders=max_placeholders,
+    )
+
+
+def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 2, vision_depth: int = 2, **overrides) -> STAMPConfig:
+    """A STAMPConfig with Qwen2-VL's structure at toy size; token ids read from `tokenizer`."""
+    ids = tokenizer.convert_tokens_to_ids
+    settings = dict(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            bos_token_id=ids("<|endoftext|>"),
+            eos_token_id=ids("<|im_end|>"),
+            pad_token_id=ids("<|endoftext|>"),
+        ),
+        vision_config=dict(
+            depth=vision_depth, embed_dim=32, hidden_size=hidden_size, num_heads=2, mlp_ratio=2, patch_size=14
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        min_placeholders=4,
+        max_placeholders=64,
+    )
+    settings.update(overrides)
+    config = STAMPConfig(**settings)
+    config.set_stamp_token_ids(tokenizer)
+    return config
+
+
+def tiny_stamp(seed: int = 0, attn_implementation: str = "sdpa", **config_overrides) -> tuple[STAMPModel, STAMPProcessor]:
+    """A random tiny STAMP model and its processor, ready for `generate_with_masks` and `save_pretrained`."""
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(tokenizer, **config_overrides)
+    processor = tiny_processor(tokenizer, config.min_placeholders, config.max_placeholders)
+    torch.manual_seed(seed)
+    config._attn_implementation = attn_implementation
+    model = STAMPModel(config).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>")],
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    return model, processor
+
+
+def put_in_hub_cache(folder, repo_id: str, cache_dir, revision: str = "main") -> Path:
+    """Lay `folder` out in a Hugging Face cache exactly as a Hub download leaves it (blobs, a snapshot of symlinks,
+    refs/<revision>), so that `from_pretrained(repo_id)` resolves it offline. Returns the snapshot folder."""
+    folder, cache_dir = Path(folder), Path(cache_dir)
+    repo = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    commit = hashlib.sha1("".join(f"{p.relative_to(folder)}:{d}" for p, d in digests.items()).encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    for path, digest in digests.items():
+        blob = repo / "blobs" / digest
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, blob)
+        link = snapshot / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return snapshot

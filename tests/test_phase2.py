@@ -1,0 +1,287 @@
+"""Phase 2 (all-mask prediction) against an independent no-cache reference, and its efficiency contract."""
+
+import pytest
+import torch
+
+from conftest import ForceTokens, chat, forced_response, random_image
+
+
+def generate(model, processor, image, segs=3, **kwargs):
+    inputs = chat(processor, image)
+    response = forced_response(model, processor, segs=segs)
+    out = model.generate_with_masks(
+        **inputs,
+        max_new_tokens=len(response),
+        logits_processor=[ForceTokens(response, inputs["input_ids"].shape[1])],
+        **kwargs,
+    )
+    return inputs, out
+
+
+def reference_mask_logits(model, inputs, sequence, causal_placeholders=False):
+    """STAMP phase 2 written out naively: the whole sequence plus every <|seg|>'s N placeholders in one no-cache
+    forward, with the hybrid 4D mask built element by element. Shares nothing with the model's phase-2 code."""
+    config = model.config
+    backbone = model.model
+    features = torch.cat(backbone.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+    n = features.shape[0]
+    ids = sequence[0]
+    length = ids.shape[0]
+    embeds = backbone.get_input_embeddings()(ids).clone()
+    embeds[ids == config.image_token_id] = features
+    types = (ids == config.image_token_id).int()[None]
+    text_pos = backbone.get_rope_index(ids[None], types, inputs["image_grid_thw"])[0][:, 0]  # (3, L)
+    segs = torch.nonzero(ids == config.seg_token_id).flatten().tolist()
+    segs = [s for s in segs if s >= inputs["input_ids"].shape[1]]
+
+    mask_embed = backbone.get_input_embeddings().weight[config.mask_token_id]
+    all_embeds, all_pos = [embeds], [text_pos]
+    total = length + n * len(segs)
+    allowed = torch.zeros(total, total, dtype=torch.bool)
+    for i in range(length):
+        allowed[i, : i + 1] = True
+    for b, s in enumerate(segs):
+        all_embeds.append(mask_embed + features)
+        all_pos.append((text_pos[0, s] + 1 + torch.arange(n)).expand(3, n))
+        start = length + b * n
+        for k in range(n):
+            allowed[start + k, : s + 1] = True
+            if causal_placeholders:
+                allowed[start + k, start : start + k + 1] = True
+            else:
+                allowed[start + k, start : start + n] = True
+    x = torch.cat(all_embeds)[None]
+    pos = torch.cat(all_pos, 1)[:, None]
+    if config.text_config._attn_implementation == "eager":
+        mask = torch.zeros(total, total).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    else:
+        mask = allowed
+    mask = mask[None, None]
+    hidden = backbone.language_model(
+        inputs_embeds=x, position_ids=pos, attention_mask={"full_attention": mask, "sliding_attention": mask}
+    ).last_hidden_state[0]
+    logits = model.classifier(hidden[length:]).squeeze(-1)
+    return [chunk for chunk in logits.split(n)]
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_eager"])
+def test_cached_phase2_equals_no_cache_reference(fixture, request):
+    model, processor = request.getfixturevalue(fixture)
+    image = random_image(90, 150)  # non-square: a 3 x 5 mask grid
+    inputs, out = generate(model, processor, image)
+    assert len(out.seg_positions[0]) == 3
+    grid = processor.mask_grid(inputs["image_grid_thw"][0])
+    assert grid == (3, 5)
+    reference = reference_mask_logits(model, inputs, out.sequences)
+    for got, want in zip(out.mask_logits[0], reference, strict=True):
+        assert got.shape == grid
+        assert (got.flatten() - want).abs().max().item() <= 1e-5
+    # the three blocks see different histories, so their masks differ
+    assert (out.mask_logits[0][0] - out.mask_logits[0][2]).abs().max() > 1e-4
+
+
+def test_predict_masks_agrees_with_generate_with_masks(tiny):
+    model, processor = tiny
+    image = random_image(120, 64, seed=3)
+    inputs, out = generate(model, processor, image)
+    teacher = dict(inputs)
+    teacher["input_ids"] = out.sequences
+    teacher["attention_mask"] = torch.ones_like(out.sequences)
+    teacher.pop("mm_token_type_ids")
+    predicted = model.predict_masks(**teacher)
+    assert len(predicted[0]) == 3
+    for got, want in zip(out.mask_logits[0], predicted[0]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_work_counts_vision_once_one_phase2_forward_no_prefix_recompute(tiny):
+    model, processor = tiny
+    vision_calls, lm_calls = [], []
+    hooks = [
+        model.model.visual.register_forward_hook(lambda *a: vision_calls.append(1)),
+        model.model.language_model.register_forward_pre_hook(
+            lambda module, args, kwargs: lm_calls.append(
+                (kwargs["inputs_embeds"].shape[1], kwargs["cache"].get_seq_length() if kwargs.get("cache") else 0)
+            ),
+            with_kwargs=True,
+        ),
+    ]
+    try:
+        inputs, out = generate(model, processor, random_image(90, 150))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    prompt_len = inputs["input_ids"].shape[1]
+    total_len = out.sequences.shape[1]
+    n = processor.num_placeholders(inputs["image_grid_thw"][0])
+    assert len(vision_calls) == 1
+    new_tokens = total_len - prompt_len
+    # phase 1: prefill + one call per further token; phase 2: exactly one call for the 3 <|seg|>
+    assert len(lm_calls) == 1 + (new_tokens - 1) + 1
+    queries, cached_before = lm_calls[-1]
+    uncached = total_len - cached_before  # the last token: generate never feeds it back
+    assert uncached == 1
+    assert queries == uncached + 3 * n  # no token already in the cache is processed again
+    assert out.cache.get_seq_length() == total_len
+
+
+def test_vision_tower_runs_once_for_a_batch_of_images(tiny):
+    model, processor = tiny
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    processor.tokenizer.padding_side = "left"
+    try:
+        messages = [
+            [{"role": "user", "content": [{"type": "image", "image": random_image(h, w, h)}, {"type": "text", "text": "segment it"}]}]
+            for h, w in [(60, 60), (84, 140)]
+        ]
+        inputs = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True
+        )
+        out = model.generate_with_masks(**inputs, max_new_tokens=3)
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    assert len(out.mask_logits) == 2
+
+
+def test_batched_generation_matches_single_samples(tiny):
+    model, processor = tiny
+    images = [random_image(60, 60, 1), random_image(84, 140, 2)]
+    singles = []
+    for image in images:
+        _, out = generate(model, processor, image, segs=2)
+        singles.append(out.mask_logits[0])
+    processor.tokenizer.padding_side = "left"
+    messages = [
+        [{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": "Please segment the cat."}]}]
+        for im in images
+    ]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True
+    )
+    response = forced_response(model, processor, segs=2)
+    out = model.generate_with_masks(
+        **inputs, max_new_tokens=len(response), logits_processor=[ForceTokens(response, inputs["input_ids"].shape[1])]
+    )
+    for batched, single in zip(out.mask_logits, singles, strict=True):
+        for got, want in zip(batched, single, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _phase2_hook(model, edit):
+    """Pre-hook that lets a test edit the inputs of the phase-2 language-model call (the one with a cache and more
+    than one new token)."""
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("cache")
+        if cache is not None and cache.get_seq_length() > 0 and kwargs["inputs_embeds"].shape[1] > 1:
+            edit(kwargs)
+        return args, kwargs
+
+    return model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_placeholders_attend_bidirectionally_within_their_block_only(tiny):
+    model, processor = tiny
+    image = random_image(90, 150)
+    _, base = generate(model, processor, image)
+
+    def perturb_last_placeholder(kwargs):
+        embeds = kwargs["inputs_embeds"].clone()
+        embeds[:, -1] += 5.0  # placeholder N of the last <|seg|>'s block
+        kwargs["inputs_embeds"] = embeds
+
+    hook = _phase2_hook(model, perturb_last_placeholder)
+    try:
+        _, edited = generate(model, processor, image)
+    finally:
+        hook.remove()
+    first_block_before, last_block_before = base.mask_logits[0][0], base.mask_logits[0][-1]
+    first_block_after, last_block_after = edited.mask_logits[0][0], edited.mask_logits[0][-1]
+    # placeholder 1 of the same block sees placeholder N ...
+    assert (last_block_after.flatten()[0] - last_block_before.flatten()[0]).abs() > 1e-4
+    # ... while another <|seg|>'s block does not see it at all
+    torch.testing.assert_close(first_block_after, first_block_before, atol=1e-6, rtol=0)
+
+
+def test_causal_placeholders_give_different_logits(tiny):
+    model, processor = tiny
+    image = random_image(90, 150)
+    _, base = generate(model, processor, image)
+    n = base.mask_logits[0][0].numel()
+
+    def make_blocks_causal(kwargs):
+        mask = kwargs["attention_mask"]["full_attention"].clone()
+        width = 3 * n
+        keys = mask.shape[-1]
+        for b in range(3):
+            start = mask.shape[-2] - width + b * n
+            key_start = keys - width + b * n
+            block = mask[:, :, start : start + n, key_start : key_start + n]
+            mask[:, :, start : start + n, key_start : key_start + n] = block & torch.ones(n, n, dtype=torch.bool).tril()
+        kwargs["attention_mask"] = {"full_attention": mask, "sliding_attention": mask}
+
+    hook = _phase2_hook(model, make_blocks_causal)
+    try:
+        _, causal = generate(model, processor, image)
+    finally:
+        hook.remove()
+    for bidirectional, one_way in zip(base.mask_logits[0], causal.mask_logits[0]):
+        assert (bidirectional - one_way).abs().max() > 1e-4
+
+
+def test_chunked_phase2_equals_single_forward(tiny):
+    model, processor = tiny
+    image = random_image(90, 150)
+    _, whole = generate(model, processor, image)
+    _, chunked = generate(model, processor, image, max_placeholders_per_forward=15)
+    assert chunked.cache.get_seq_length() == chunked.sequences.shape[1]
+    for a, b in zip(whole.mask_logits[0], chunked.mask_logits[0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_response_without_seg_returns_text_and_no_masks(tiny):
+    model, processor = tiny
+    inputs = chat(processor, random_image(60, 90))
+    words = processor.tokenizer.encode(" there is no cat", add_special_tokens=False)
+    response = words + [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    out = model.generate_with_masks(
+        **inputs, max_new_tokens=len(response), logits_processor=[ForceTokens(response, inputs["input_ids"].shape[1])]
+    )
+    assert out.seg_positions == [[]]
+    assert out.mask_logits == [[]]
+    text = processor.decode(out.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert text.strip() == "there is no cat"
+
+
+def test_seg_without_image_is_a_clear_error(tiny):
+    model, processor = tiny
+    inputs = chat(processor, None, "segment something")
+    response = [model.config.seg_token_id, processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    with pytest.raises(ValueError, match=r"<\|seg\|> at position \d+ of sample 0 has no image"):
+        model.generate_with_masks(
+            **inputs, max_new_tokens=2, logits_processor=[ForceTokens(response, inputs["input_ids"].shape[1])]
+        )
+
+
+def test_sampling_and_generation_config_pass_through(tiny):
+    model, processor = tiny
+    from transformers import GenerationConfig
+
+    inputs = chat(processor, random_image(60, 60))
+    config = GenerationConfig(max_new_tokens=4, do_sample=True, top_k=5, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    first = model.generate_with_masks(**inputs, generation_config=config, num_return_sequences=2)
+    torch.manual_seed(0)
+    again = model.generate_with_masks(**inputs, generation_config=config, num_return_sequences=2)
+    assert first.sequences.shape == (2, inputs["input_ids"].shape[1] + 4)
+    assert torch.equal(first.sequences, again.sequences)
+    assert first.cache.get_seq_length() == first.sequences.shape[1]
+
+
+def test_beam_search_is_refused_with_a_clear_error(tiny):
+    model, processor = tiny
+    inputs = chat(processor, random_image(60, 60))
+    with pytest.raises(ValueError, match="beam search"):
+        model.generate_with_masks(**inputs, max_new_tokens=3, num_beams=2)
