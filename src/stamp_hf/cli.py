@@ -1,0 +1,40 @@
+"""The `stamp-hf` console script. Each subcommand lives in `stamp_hf.commands.<name>` and defines
+`add_arguments(parser)` and `run(args) -> int`; a user error there raises `CommandError` (or ValueError / OSError),
+which becomes one line on stderr and a non-zero exit, never a traceback."""
+
+import argparse
+import importlib
+import sys
+
+# name -> one-line help; the module stamp_hf.commands.<name> implements it
+COMMANDS = {}
+
+
+class CommandError(Exception):
+    """A problem with what the user asked for (a path, a size, a token): reported in one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stamp-hf", description="STAMP segmentation MLLM on Hugging Face transformers")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        module = importlib.import_module(f"stamp_hf.commands.{name}")
+        sub = subparsers.add_parser(name, help=help_text, description=module.__doc__)
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args._run(args) or 0
+    except (CommandError, ValueError, OSError) as error:
+        print(f"stamp-hf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

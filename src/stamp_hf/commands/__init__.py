@@ -1,0 +1,1 @@
+"""Subcommands of the `stamp-hf` console script (see stamp_hf.cli)."""
