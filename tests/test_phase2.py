@@ -285,3 +285,22 @@ def test_beam_search_is_refused_with_a_clear_error(tiny):
     inputs = chat(processor, random_image(60, 60))
     with pytest.raises(ValueError, match="beam search"):
         model.generate_with_masks(**inputs, max_new_tokens=3, num_beams=2)
+
+
+def test_flash_attention_falls_back_to_sdpa_for_phase2_with_a_warning(tiny, caplog):
+    model, processor = tiny
+    inputs, out = generate(model, processor, random_image(90, 150))
+    features = list(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+    text_config = model.config.text_config
+    text_config._attn_implementation = "flash_attention_2"  # flash takes no 4D mask; phase 2 must not use it
+    try:
+        with caplog.at_level("WARNING"):
+            again = model.decode_masks(
+                out.sequences, out.cache, features, inputs["image_grid_thw"], response_start=inputs["input_ids"].shape[1]
+            )
+    finally:
+        text_config._attn_implementation = "sdpa"
+    assert "phase 2 runs with sdpa" in caplog.text
+    for a, b in zip(out.mask_logits[0], again.mask_logits[0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert again.cache.get_seq_length() == out.sequences.shape[1]
