@@ -63,17 +63,20 @@ def response(model, processor, segs):
     return ids + [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
-def timed(fn, repeats, device):
-    times = []
-    for _ in range(repeats + 1):  # first run warms up
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2]  # median
+def timed_pair(first, second, repeats, device):
+    """Median times of two calls, run alternately so that a change in machine load hits both alike."""
+    times = ([], [])
+    for i in range(repeats + 1):  # the first round warms up
+        for fn, bucket in zip((first, second), times):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                bucket.append(time.perf_counter() - start)
+    return [sorted(bucket)[len(bucket) // 2] for bucket in times]
 
 
 @torch.no_grad()
@@ -102,8 +105,7 @@ def speed(args):
             model.model.language_model(inputs_embeds=x, position_ids=positions, cache=cache, use_cache=True)
             cache.crop(-n)
 
-        t_phase2 = timed(phase2, args.repeats, args.device)
-        t_plain = timed(plain_forward, args.repeats, args.device)
+        t_phase2, t_plain = timed_pair(phase2, plain_forward, args.repeats, args.device)
         rows.append((segs, n, cache.get_seq_length(), t_phase2 / segs, t_plain, t_phase2 / segs / t_plain))
     return rows
 
