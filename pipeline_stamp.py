@@ -127,40 +127,10 @@ class STAMPSegmentationPipeline(Pipeline):
         inputs = model_inputs["inputs"]
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
         out = self.model.generate_with_masks(**inputs, **generate_kwargs)
-        prompt_length = inputs["input_ids"].shape[1]
-        vision_start = self.model.config.vision_start_token_id
-        samples = []
-        for row, images in enumerate(model_inputs["images"]):
-            sequence = out.sequences[row]
-            # a <|seg|> masks the last image before it
-            seg_images = [int((sequence[:index] == vision_start).sum()) - 1 for index in out.seg_positions[row]]
-            seg_offsets = [index - prompt_length for index in out.seg_positions[row]]
-            samples.append({
-                "response": sequence[prompt_length:],
-                "seg_offsets": seg_offsets,
-                "mask_logits": out.mask_logits[row],
-                "images": [images[i] for i in seg_images],
-            })
-        return samples
+        return split_by_sample(self.model, out, inputs["input_ids"].shape[1], model_inputs["images"])
 
     def postprocess(self, sample, threshold=None, refiner=None, seed=0):
-        threshold = self.model.config.mask_threshold if threshold is None else threshold
-        tokenizer = self.processor.tokenizer
-        response = sample["response"].tolist()
-        stops = set(_as_list(self.model.generation_config.eos_token_id)) | {tokenizer.pad_token_id}
-        end = next((i for i, token in enumerate(response) if token in stops), len(response))
-        masks, previous = [], 0
-        for k, (offset, logits, image) in enumerate(zip(sample["seg_offsets"], sample["mask_logits"], sample["images"])):
-            label = tokenizer.decode(response[previous:offset], skip_special_tokens=True).strip(" .,;:\n")
-            previous = offset + 1
-            (mask,), = self.processor.post_process_masks([[logits]], [(image.height, image.width)], threshold)
-            probabilities = logits.float().sigmoid()[logits > threshold]
-            score = float(probabilities.mean()) if probabilities.numel() else 0.0
-            mask = mask.numpy()
-            if refiner is not None:
-                mask = refiner.refine(image, mask, seed=seed + k)
-            masks.append({"label": label, "score": score, "mask": Image.fromarray(mask.astype(np.uint8) * 255, "L")})
-        return {"text": tokenizer.decode(response[:end], skip_special_tokens=False), "masks": masks}
+        return segmentation_result(self.model, self.processor, sample, threshold, refiner, seed)
 
     # ------------------------------------------------------------------ batching: our collate, one output per input
 
@@ -184,6 +154,44 @@ class STAMPSegmentationPipeline(Pipeline):
     def _run_batch(self, samples, forward_params, postprocess_params):
         for sample in self.forward(self._collate(samples), **forward_params):
             yield self.postprocess(sample, **postprocess_params)
+
+
+def split_by_sample(model, out, prompt_length: int, images: list[list[Image.Image]]) -> list[dict]:
+    """The generate_with_masks output cut into one dict per row: its response ids, the offsets of its `<|seg|>`s in
+    the response, their mask logits and, for each, the image it masks (the last one before it)."""
+    vision_start = model.config.vision_start_token_id
+    samples = []
+    for row, row_images in enumerate(images):
+        sequence = out.sequences[row]
+        seg_images = [int((sequence[:index] == vision_start).sum()) - 1 for index in out.seg_positions[row]]
+        samples.append({
+            "response": sequence[prompt_length:],
+            "seg_offsets": [index - prompt_length for index in out.seg_positions[row]],
+            "mask_logits": out.mask_logits[row],
+            "images": [row_images[i] for i in seg_images],
+        })
+    return samples
+
+
+def segmentation_result(model, processor, sample: dict, threshold=None, refiner=None, seed: int = 0) -> dict:
+    """{"text", "masks": [{"label", "score", "mask"}]} for one sample of `split_by_sample` (see the pipeline)."""
+    threshold = model.config.mask_threshold if threshold is None else threshold
+    tokenizer = processor.tokenizer
+    response = sample["response"].tolist()
+    stops = set(_as_list(model.generation_config.eos_token_id)) | {tokenizer.pad_token_id}
+    end = next((i for i, token in enumerate(response) if token in stops), len(response))
+    masks, previous = [], 0
+    for k, (offset, logits, image) in enumerate(zip(sample["seg_offsets"], sample["mask_logits"], sample["images"])):
+        label = tokenizer.decode(response[previous:offset], skip_special_tokens=True).strip(" .,;:\n")
+        previous = offset + 1
+        (mask,), = processor.post_process_masks([[logits]], [(image.height, image.width)], threshold)
+        probabilities = logits.float().sigmoid()[logits > threshold]
+        score = float(probabilities.mean()) if probabilities.numel() else 0.0
+        mask = mask.numpy()
+        if refiner is not None:
+            mask = refiner.refine(image, mask, seed=seed + k)
+        masks.append({"label": label, "score": score, "mask": Image.fromarray(mask.astype(np.uint8) * 255, "L")})
+    return {"text": tokenizer.decode(response[:end], skip_special_tokens=False), "masks": masks}
 
 
 def _is_chat(value) -> bool:
@@ -221,4 +229,4 @@ def _load_chat_images(messages, timeout=None):
     return loaded, images
 
 
-__all__ = ["DEFAULT_SAM_MODEL", "PIPELINE_TASK", "STAMPSegmentationPipeline"]
+__all__ = ["DEFAULT_SAM_MODEL", "PIPELINE_TASK", "STAMPSegmentationPipeline", "segmentation_result", "split_by_sample"]

@@ -209,3 +209,15 @@ def tiny_segment_anything(seed: int = 0):
             transformer_dim=width, iou_head_depth=3, iou_head_hidden_dim=32,
         ),
     ).eval()
+
+
+def answer_with_masks(model, processor, answer: str = " it is", segs: int = 1) -> list[int]:
+    """Make a random tiny model answer `answer` followed by `segs` `<|seg|>` and the end of turn, through its saved
+    generation config (`sequence_bias`, a standard generate option), so it segments without a logits processor and
+    keeps doing so after save / load. Returns the answer's token ids."""
+    tokenizer = processor.tokenizer
+    ids = tokenizer.encode(answer, add_special_tokens=False) + [model.config.seg_token_id] * segs
+    ids.append(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    # each token gets a bias when the answer so far precedes it; later tokens of the answer get larger ones
+    model.generation_config.sequence_bias = [[ids[: k + 1], 1000.0 * (k + 1)] for k in range(len(ids))]
+    return ids
