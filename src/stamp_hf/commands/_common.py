@@ -52,8 +52,12 @@ def load(args):
 
     start = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModel.from_pretrained(args.model).to(device).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    try:
+        model = AutoModel.from_pretrained(args.model).to(device).eval()
+        processor = AutoProcessor.from_pretrained(args.model)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CommandError(f"{args.model}: cannot load a STAMP model from it ({reason})") from None
     refiner = sam_refiner(args.refine_sam) if args.refine_sam else None
     log(f"loaded {args.model} on {device} in {time.perf_counter() - start:.1f}s")
     return model, processor, refiner
