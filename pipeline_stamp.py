@@ -221,6 +221,8 @@ def _load_chat_images(messages, timeout=None):
             for item in content:
                 source = next((item[k] for k in ("image", "url", "path") if k in item), None)
                 if item.get("type") == "image" or "image" in item:
+                    if source is None:
+                        raise ValueError(f"an image entry of the chat has no 'image', 'url' or 'path': {item}")
                     images.append(_load_image(source, timeout))
                     item = {"type": "image", "image": images[-1]}
                 items.append(item)

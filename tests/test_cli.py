@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import random_image
 from stamp_hf.overlay import PALETTE
-from stamp_hf.testing import answer_with_masks, tiny_stamp
+from stamp_hf.testing import answer_with_masks, tiny_sam, tiny_stamp
 
 SCRIPT = Path(sys.executable).parent / "stamp-hf"
 
@@ -27,6 +27,9 @@ def workdir(tmp_path_factory):
     image = random_image(50, 150, seed=11)
     image.save(folder / "image.png")
     (folder / "broken.png").write_bytes(b"not an image")
+    sam, sam_processor = tiny_sam()
+    sam.save_pretrained(folder / "sam")
+    sam_processor.save_pretrained(folder / "sam")
     return folder
 
 
@@ -90,3 +93,15 @@ def test_chat_keeps_the_conversation(workdir):
     assert result.stdout.count(" it is<|seg|>") == 2
     assert "turn 1:" in result.stderr and "turn 2:" in result.stderr
     assert sorted(p.name for p in (workdir / "turns").iterdir()) == ["turn_1.png", "turn_2.png"]
+
+
+def test_segment_with_sam_refinement(workdir):
+    coarse = stamp_hf("segment", "image.png", "x", "--model", "tiny", "--out", "coarse.png", "--force", cwd=workdir)
+    refined = stamp_hf("segment", "image.png", "x", "--model", "tiny", "--out", "refined.png", "--force",
+                       "--refine-sam", "sam", cwd=workdir)
+    assert coarse.returncode == 0 and refined.returncode == 0, refined.stderr
+    coarse_mask, refined_mask = (np.asarray(Image.open(workdir / name)) > 127 for name in ("coarse.png", "refined.png"))
+    assert refined_mask.shape == coarse_mask.shape == (50, 150)
+    assert not np.array_equal(refined_mask, coarse_mask)
+    bad = stamp_hf("segment", "image.png", "x", "--model", "tiny", "--refine-sam", "missing.pth", cwd=workdir)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "missing.pth" in bad.stderr

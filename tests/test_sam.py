@@ -88,3 +88,14 @@ def test_pth_checkpoints_load_weights_only(tmp_path):
         load_sam_state_dict(tmp_path / "pickled.pth")
     with pytest.raises(ValueError, match="weights_only=True"):
         sam_refiner(str(tmp_path / "pickled.pth"))
+
+
+def test_transformers_backend_loads_a_saved_sam_folder(tmp_path):
+    model, processor = tiny_sam(seed=3)
+    model.save_pretrained(tmp_path / "sam")
+    processor.save_pretrained(tmp_path / "sam")
+    assert (tmp_path / "sam" / "model.safetensors").exists()
+    loaded = sam_refiner(str(tmp_path / "sam"))
+    assert isinstance(loaded, TransformersSamRefiner)
+    image, mask = random_image(60, 180, seed=2), coarse_mask(60, 180)
+    assert np.array_equal(loaded.refine(image, mask, seed=0), TransformersSamRefiner(model, processor).refine(image, mask, seed=0))

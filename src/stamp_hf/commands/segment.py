@@ -41,6 +41,8 @@ def run(args):
 
     masks = result["masks"]
     files = mask_paths(args.out, len(masks)) if args.out and masks else []
+    if args.out and not masks:
+        log(f"the answer has no <|seg|>: no mask written to {args.out}")
     check_writable(files, args.force)
     for path, entry in zip(files, masks):
         entry["mask"].save(path)
