@@ -81,6 +81,15 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
         self.classifier = nn.Linear(config.text_config.hidden_size, 1)
         self.post_init()
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also makes the folder a "stamp-segmentation" pipeline: config.custom_pipelines names the pipeline class,
+        and the relative import below makes transformers copy pipeline_stamp.py with this file on save (and fetch it
+        with this file on a remote-code load, so a model loaded from the Hub saves it again)."""
+        from .pipeline_stamp import PIPELINE_TASK, STAMPSegmentationPipeline
+
+        self.config.custom_pipelines = {PIPELINE_TASK: STAMPSegmentationPipeline.custom_pipeline_entry()}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     # ------------------------------------------------------------------ training / teacher-forced forward
 
     def forward(

@@ -27,4 +27,5 @@ def test_quickstart_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "patch grid: (6, 10) -> mask: (200, 320)" in result.stdout
-    assert "reloaded: STAMPModel from ['configuration_stamp.py', 'modeling_stamp.py', 'processing_stamp.py']" in result.stdout
+    assert ("reloaded: STAMPModel from ['configuration_stamp.py', 'modeling_stamp.py', 'pipeline_stamp.py', "
+            "'processing_stamp.py', 'sam_stamp.py']") in result.stdout

@@ -11,7 +11,7 @@ from conftest import ForceTokens, chat, forced_response, random_image, run_isola
 from stamp_hf.testing import put_in_hub_cache
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REMOTE_FILES = ("configuration_stamp.py", "modeling_stamp.py", "processing_stamp.py")
+REMOTE_FILES = ("configuration_stamp.py", "modeling_stamp.py", "pipeline_stamp.py", "processing_stamp.py", "sam_stamp.py")
 
 
 def test_package_modules_are_the_top_level_files():

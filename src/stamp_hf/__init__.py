@@ -5,10 +5,13 @@ symlinks, so there is one copy. Importing it registers STAMP with the Auto class
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_stamp import STAMP_TOKENS, STAMPConfig
 from .modeling_stamp import STAMPGenerateOutput, STAMPModel, STAMPOutput
+from .pipeline_stamp import PIPELINE_TASK, STAMPSegmentationPipeline
 from .processing_stamp import STAMPProcessor
+from .sam_stamp import SegmentAnythingRefiner, TransformersSamRefiner, sam_refiner
 from .vocab import add_stamp_tokens
 
 __version__ = "0.1.0"
@@ -21,6 +24,8 @@ AutoProcessor.register(STAMPConfig, STAMPProcessor, exist_ok=True)
 STAMPConfig.register_for_auto_class()
 STAMPModel.register_for_auto_class("AutoModel")
 STAMPProcessor.register_for_auto_class()
+PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=STAMPSegmentationPipeline, pt_model=AutoModel,
+                                    type="multimodal")
 
 __all__ = [
     "STAMP_TOKENS",
@@ -30,4 +35,9 @@ __all__ = [
     "STAMPOutput",
     "STAMPProcessor",
     "add_stamp_tokens",
+    "PIPELINE_TASK",
+    "STAMPSegmentationPipeline",
+    "SegmentAnythingRefiner",
+    "TransformersSamRefiner",
+    "sam_refiner",
 ]

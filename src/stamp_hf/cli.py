@@ -7,7 +7,10 @@ import importlib
 import sys
 
 # name -> one-line help; the module stamp_hf.commands.<name> implements it
-COMMANDS = {}
+COMMANDS = {
+    "segment": "segment what a sentence describes in an image (masks, overlay, JSON)",
+    "chat": "chat about an image, several turns on one cache; masks as overlays",
+}
 
 
 class CommandError(Exception):

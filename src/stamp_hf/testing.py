@@ -171,3 +171,53 @@ def put_in_hub_cache(folder, repo_id: str, cache_dir, revision: str = "main") ->
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / revision).write_text(commit)
     return snapshot
+
+
+def tiny_sam(seed: int = 0):
+    """A random tiny transformers `SamModel` (SAM's real 1024 px frame and 256 px mask prompt, toy widths) and its
+    `SamProcessor`."""
+    from transformers import SamConfig, SamModel, SamProcessor
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    config = SamConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, output_channels=32,
+                           global_attn_indexes=[1], window_size=4, num_pos_feats=16),
+        prompt_encoder_config=dict(hidden_size=32, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                 iou_head_hidden_dim=32),
+    )
+    torch.manual_seed(seed)
+    return SamModel(config).eval(), SamProcessor(SamImageProcessorPil())
+
+
+def tiny_segment_anything(seed: int = 0):
+    """A random tiny `segment_anything` Sam built from the package's own modules (vit_h's layout at toy widths)."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    torch.manual_seed(seed)
+    width = 32
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=2, embed_dim=width, img_size=1024, mlp_ratio=2, num_heads=2, patch_size=16, qkv_bias=True,
+            use_rel_pos=True, global_attn_indexes=[1], window_size=4, out_chans=width,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=width, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=4
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3, transformer=TwoWayTransformer(depth=2, embedding_dim=width, mlp_dim=64, num_heads=2),
+            transformer_dim=width, iou_head_depth=3, iou_head_hidden_dim=32,
+        ),
+    ).eval()
+
+
+def answer_with_masks(model, processor, answer: str = " it is", segs: int = 1) -> list[int]:
+    """Make a random tiny model answer `answer` followed by `segs` `<|seg|>` and the end of turn, through its saved
+    generation config (`sequence_bias`, a standard generate option), so it segments without a logits processor and
+    keeps doing so after save / load. Returns the answer's token ids."""
+    tokenizer = processor.tokenizer
+    ids = tokenizer.encode(answer, add_special_tokens=False) + [model.config.seg_token_id] * segs
+    ids.append(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    # each token gets a bias when the answer so far precedes it; later tokens of the answer get larger ones
+    model.generation_config.sequence_bias = [[ids[: k + 1], 1000.0 * (k + 1)] for k in range(len(ids))]
+    return ids

@@ -1,0 +1,64 @@
+"""Segment what a sentence describes in an image: prints the answer, writes the masks and an overlay."""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ._common import add_model_arguments, check_writable, load, log, read_image
+
+
+def add_arguments(parser):
+    parser.add_argument("image", help="image file")
+    parser.add_argument("prompt", help='what to segment, e.g. "Please segment the red car."')
+    add_model_arguments(parser)
+    parser.add_argument("--out", metavar="MASK.png", help="write the mask (several masks: MASK_0.png, MASK_1.png, ...)")
+    parser.add_argument("--overlay", metavar="OVERLAY.png", help="write the image with the masks drawn on it")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    parser.add_argument("--force", action="store_true", help="overwrite existing output files")
+
+
+def mask_paths(out: str, count: int) -> list[Path]:
+    out = Path(out)
+    return [out] if count == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(count)]
+
+
+def run(args):
+    from transformers import pipeline
+
+    from ..overlay import overlay_masks
+    from ..pipeline_stamp import PIPELINE_TASK
+
+    image = read_image(args.image)
+    check_writable([p for p in (args.out, args.overlay) if p], args.force)
+    model, processor, refiner = load(args)
+    pipe = pipeline(PIPELINE_TASK, model=model, processor=processor, device=model.device)
+    start = time.perf_counter()
+    result = pipe(image, args.prompt, max_new_tokens=args.max_new_tokens, refine=refiner is not None,
+                  sam_model=refiner)
+    log(f"answered in {time.perf_counter() - start:.2f}s: {len(result['masks'])} mask(s)")
+
+    masks = result["masks"]
+    files = mask_paths(args.out, len(masks)) if args.out and masks else []
+    if args.out and not masks:
+        log(f"the answer has no <|seg|>: no mask written to {args.out}")
+    check_writable(files, args.force)
+    for path, entry in zip(files, masks):
+        entry["mask"].save(path)
+    if args.overlay:
+        overlay_masks(image, [m["mask"] for m in masks]).save(args.overlay)
+    if args.json:
+        summary = [
+            {"label": m["label"], "score": round(m["score"], 4), "area": int((np.asarray(m["mask"]) > 0).sum()),
+             "file": str(path) if path else None}
+            for m, path in zip(masks, files + [None] * (len(masks) - len(files)))
+        ]
+        print(json.dumps({"text": result["text"], "size": [image.width, image.height], "masks": summary,
+                          "overlay": args.overlay}))
+    else:
+        print(result["text"])
+        for k, (m, path) in enumerate(zip(masks, files + [None] * (len(masks) - len(files)))):
+            print(f"mask {k}: {m['label']!r} score {m['score']:.3f}" + (f" -> {path}" if path else ""))
+    return 0
+

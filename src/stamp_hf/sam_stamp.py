@@ -1,0 +1,1 @@
+../../sam_stamp.py
