@@ -22,6 +22,9 @@ STAMPConfig.register_for_auto_class()
 STAMPModel.register_for_auto_class("AutoModel")
 STAMPProcessor.register_for_auto_class()
 
+from .convert import CheckpointError, convert_checkpoint, load_checkpoint  # noqa: E402
+from .hub import push_folder, render_model_card  # noqa: E402
+
 __all__ = [
     "STAMP_TOKENS",
     "STAMPConfig",
@@ -30,4 +33,9 @@ __all__ = [
     "STAMPOutput",
     "STAMPProcessor",
     "add_stamp_tokens",
+    "CheckpointError",
+    "convert_checkpoint",
+    "load_checkpoint",
+    "push_folder",
+    "render_model_card",
 ]

@@ -7,7 +7,10 @@ import importlib
 import sys
 
 # name -> one-line help; the module stamp_hf.commands.<name> implements it
-COMMANDS = {}
+COMMANDS = {
+    "convert": "convert a released STAMP checkpoint (full or LoRA) into a STAMP Hub folder",
+    "push": "publish a STAMP folder to the Hugging Face Hub with its model card",
+}
 
 
 class CommandError(Exception):
