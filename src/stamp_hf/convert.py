@@ -262,8 +262,11 @@ def _load_full(folder: Path, allow_pickle: bool, placeholders: dict):
 
 
 def _load_lora(folder: Path, base, allow_pickle, revision, token, placeholders):
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from peft.utils import load_peft_weights
+    try:
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+    except ImportError:
+        raise CheckpointError(f"{folder} is a LoRA adapter; merging it needs peft (pip install 'stamp-hf[train]')") from None
 
     adapter_config = _read_config(folder, "adapter_config.json")
     base = base or adapter_config.get("base_model_name_or_path")

@@ -143,13 +143,15 @@ def push_folder(
     card = render_model_card(
         repo_id,
         base_model=previous.base_model,
-        base_model_relation=previous.base_model_relation,
+        base_model_relation=getattr(previous, "base_model_relation", None),
         eval_results=results,
         license=previous.license or "apache-2.0",
         datasets=previous.datasets,
     )
     model = STAMPModel.from_pretrained(folder, dtype="auto")
     processor = STAMPProcessor.from_pretrained(folder)
+    for loading_flag in ("is_local", "local_files_only"):  # how we loaded it, not a setting to publish
+        processor.tokenizer.init_kwargs.pop(loading_flag, None)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as staging:
         save_for_hub(model, processor, staging, card, max_shard_size=max_shard_size)
