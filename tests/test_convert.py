@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor, Qwen2VLForConditionalGeneration
 
 from conftest import chat, random_image, run_isolated
-from stamp_hf import STAMP_TOKENS, CheckpointError, STAMPModel, convert_checkpoint, load_checkpoint
+from stamp_hf import STAMP_TOKENS, STAMPModel, convert_checkpoint, load_checkpoint
 from stamp_hf.testing import tiny_stamp
 from test_phase2 import reference_mask_logits
 
@@ -36,11 +36,18 @@ def legacy_key(key: str) -> str:
     return key
 
 
-def qwen2_vl_config(model) -> dict:
-    """config.json as the official code writes it: Qwen2-VL's, no STAMP settings."""
+def qwen2_vl_config(model, flat: bool = False) -> dict:
+    """config.json as the official code writes it: Qwen2-VL's, no STAMP settings. `flat`: the text settings at the
+    top level with `rope_scaling`, as in Qwen2-VL-2B-Instruct's own config.json and older saves."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in STAMP_ONLY_SETTINGS}
     config.pop("auto_map", None)
     config.update(model_type="qwen2_vl", architectures=["Qwen2VLForConditionalGeneration"])
+    if flat:
+        text = config.pop("text_config")
+        rope = text.pop("rope_parameters")
+        text.pop("model_type")
+        config = {**text, **config, "rope_theta": rope["rope_theta"]}
+        config["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
     return config
 
 
@@ -75,7 +82,7 @@ def official_checkpoint(folder: Path, layout: str, seed: int = 0, tie: bool = Fa
             save_file({k: state[k] for k in part}, folder / name, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(part, name))
         (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps(qwen2_vl_config(model), indent=2))
+    (folder / "config.json").write_text(json.dumps(qwen2_vl_config(model, flat=layout == "legacy"), indent=2))
     processor.tokenizer.save_pretrained(folder)
     processor.image_processor.save_pretrained(folder)
     return model, processor
@@ -148,6 +155,8 @@ def test_official_checkpoint_converts_and_matches_reference(tmp_path, layout, ti
             "processing_stamp.py", "processor_config.json", "tokenizer.json", "README.md"} <= files  # fmt: skip
     assert len([f for f in files if f.endswith(".safetensors")]) > 1  # sharded
     assert not [f for f in files if f.endswith((".bin", ".pt"))]
+    keys = read_keys(destination)  # saved like transformers' own Qwen2-VL: in the key layout it was loaded from
+    assert ("visual.patch_embed.proj.weight" in keys) == ("model.embed_tokens.weight" in keys) == (layout == "legacy")
     config = json.loads((destination / "config.json").read_text())
     assert config["model_type"] == "stamp" and config["auto_map"]["AutoModel"] == "modeling_stamp.STAMPModel"
     tokenizer = processor.tokenizer
@@ -234,8 +243,8 @@ def lora_release(tmp_path, layout):
     base_vocab = vocab - len(STAMP_TOKENS)
     base_dir, adapter_dir = tmp_path / "qwen2-vl-base", tmp_path / f"stamp-lora-{layout}"
     base_dir.mkdir()
-    base_config = qwen2_vl_config(stamp)
-    base_config["text_config"]["vocab_size"] = base_vocab
+    base_config = qwen2_vl_config(stamp, flat=True)  # as Qwen2-VL-7B-Instruct's config.json
+    base_config["vocab_size"] = base_vocab
     state = {legacy_key(k): v.clone().contiguous() for k, v in stamp.state_dict().items() if not k.startswith("classifier.")}
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
         state[key] = state[key][:base_vocab].clone()
@@ -399,3 +408,55 @@ def test_pickle_needs_opt_in_and_destination_is_never_overwritten(tmp_path, caps
     assert "wrote" in capsys.readouterr().out
     keys = read_keys(tmp_path / "converted")
     assert "classifier.weight" in keys and not list((tmp_path / "converted").glob("*.bin"))
+
+
+def test_convert_from_a_repo_id_in_the_hub_cache(tmp_path, monkeypatch):
+    """A repo id resolves through huggingface_hub (here: offline, from a cache laid out as a download leaves it)."""
+    from huggingface_hub import constants
+
+    from stamp_hf.testing import put_in_hub_cache
+
+    official_checkpoint(tmp_path / "official", "legacy", seed=3)
+    put_in_hub_cache(tmp_path / "official", "JiaZL/STAMP-tiny-uni", tmp_path / "cache")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    destination = tmp_path / "converted"
+    convert_checkpoint("JiaZL/STAMP-tiny-uni", destination, repo_id="stamp-org/stamp-tiny", **PLACEHOLDERS)
+    card = ModelCard.load(destination / "README.md")
+    assert card.data.base_model == "JiaZL/STAMP-tiny-uni" and "stamp-org/stamp-tiny" in card.text
+    assert read_keys(destination) and (destination / "modeling_stamp.py").is_file()
+
+
+def test_bad_lora_adapters_are_refused_before_writing(tmp_path, capsys):
+    from stamp_hf.cli import main
+
+    base_dir, adapter_dir, _, _ = lora_release(tmp_path, "current")
+    no_base = tmp_path / "no-base"
+    shutil.copytree(adapter_dir, no_base)
+    config = json.loads((no_base / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None
+    (no_base / "adapter_config.json").write_text(json.dumps(config))
+    no_classifier = tmp_path / "no-classifier"
+    shutil.copytree(adapter_dir, no_classifier)
+    weights = load_file(no_classifier / "adapter_model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".classifier." not in k}, no_classifier / "adapter_model.safetensors")
+    pickled = tmp_path / "pickled"
+    shutil.copytree(adapter_dir, pickled)
+    torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for source, extra, message in [
+        (no_base, [], "names no base model; pass the base (--base)"),
+        (no_classifier, [], "has no classifier weights"),
+        (pickled, [], "only pickled weights (adapter_model.bin)"),
+        (base_dir, ["--base", str(base_dir)], "--base is for LoRA adapters"),
+    ]:
+        capsys.readouterr()
+        assert main(["convert", str(source), str(out_dir / "stamp"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert list(out_dir.iterdir()) == []
+    # the base given explicitly replaces the missing one
+    assert main(["convert", str(no_base), str(out_dir / "stamp"), "--base", str(base_dir)]) == 0
+    assert "classifier.weight" in read_keys(out_dir / "stamp")

@@ -56,13 +56,15 @@ def convert_checkpoint(
     min_placeholders: int | None = None,
     max_placeholders: int | None = None,
     max_shard_size="5GB",
+    repo_id: str | None = None,
     revision: str | None = None,
     token: str | None = None,
 ) -> Path:
     """Convert `source` (a local folder or a Hub repo id; a full STAMP checkpoint or a LoRA adapter) into a STAMP Hub
     folder at `destination` (new or empty): STAMPConfig with auto_map, sharded safetensors, the processor with the
     STAMP tokens, the remote code and a model card. `base` overrides the adapter's base model. `min_placeholders` /
-    `max_placeholders` override the image-size bounds (default: the paper's 1024 / 1280).
+    `max_placeholders` override the image-size bounds (default: the paper's 1024 / 1280). `repo_id` is the name the
+    card's usage snippet loads (default: the destination path; `stamp-hf push` renders the card again for its repo).
 
     Pickled weights (.bin/.pt) are refused unless `allow_pickle=True`: loading them can run code.
     """
@@ -73,7 +75,7 @@ def convert_checkpoint(
         source, base, allow_pickle, min_placeholders, max_placeholders, revision, token
     )
     card = render_model_card(
-        f"{destination.parent.name}/{destination.name}",
+        repo_id or str(destination),
         base_model=base_model,
         base_model_relation="finetune" if base_model else None,
         converted_from=str(source),
@@ -179,7 +181,10 @@ def _stamp_config(config_dict: dict, folder: Path, placeholders: dict) -> STAMPC
     settings = {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures", "auto_map")}
     settings.pop("transformers_version", None)
     settings.update(placeholders)
-    return STAMPConfig(**settings)
+    try:
+        return STAMPConfig(**settings)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{folder}/config.json is not a valid Qwen2-VL config: {error}".splitlines()[0]) from None
 
 
 def _tokenizer(folder: Path, rows: int):
@@ -194,11 +199,11 @@ def _tokenizer(folder: Path, rows: int):
         raise CheckpointError(
             f"the tokenizer in {folder} lacks the STAMP token(s) {', '.join(missing)}; this is not a STAMP checkpoint"
         )
-    if len(tokenizer) > rows:
-        worst = max(STAMP_TOKENS, key=lambda t: vocab[t])
+    if max(vocab.values()) >= rows:
+        token, token_id = max(vocab.items(), key=lambda item: item[1])
         raise CheckpointError(
-            f"token ids and embedding rows disagree in {folder}: the tokenizer has {len(tokenizer)} tokens "
-            f"({worst} has id {vocab[worst]}) but the embedding has {rows} rows"
+            f"token ids and embedding rows disagree in {folder}: the tokenizer's {token} has id {token_id} but the "
+            f"embedding has only {rows} rows"
         )
     return tokenizer
 
@@ -213,14 +218,17 @@ def _image_processor(folders):
     raise CheckpointError(f"no image processor (preprocessor_config.json) in {', '.join(map(str, folders))}")
 
 
-def _check_loading(info: dict, folder: Path, allowed_missing=()) -> None:
-    missing = [k for k in info["missing_keys"] if not k.startswith(allowed_missing)] if allowed_missing else list(info["missing_keys"])
-    problems = {"missing": sorted(missing), "unexpected": sorted(info["unexpected_keys"])}
-    problems["mismatched"] = sorted(str(m[0]) if isinstance(m, tuple) else str(m) for m in info["mismatched_keys"])
-    problems = {k: v for k, v in problems.items() if v}
-    if problems:
-        detail = "; ".join(f"{len(v)} {k} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})" for k, v in problems.items())
-        raise CheckpointError(f"the weights in {folder} do not fit a Qwen2-VL model with this config: {detail}")
+def _check_loading(info: dict, folder: Path, allowed_missing: tuple = ()) -> None:
+    """Every weight of the model found in the checkpoint and nothing left over (`allowed_missing`: key prefixes)."""
+    problems = {
+        "missing": sorted(k for k in info["missing_keys"] if not allowed_missing or not k.startswith(allowed_missing)),
+        "unexpected": sorted(info["unexpected_keys"]),
+        "mismatched": sorted(str(m[0]) if isinstance(m, tuple) else str(m) for m in info["mismatched_keys"]),
+    }
+    details = [f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+               for kind, keys in problems.items() if keys]  # fmt: skip
+    if details:
+        raise CheckpointError(f"the weights in {folder} do not fit a Qwen2-VL model with its config: {'; '.join(details)}")
 
 
 # ---------------------------------------------------------------------------------------------------- full checkpoints
@@ -278,8 +286,8 @@ def _load_lora(folder: Path, base, allow_pickle, revision, token, placeholders):
     config = _stamp_config(_read_config(base_folder), base_folder, placeholders)
     base_shapes = _weight_shapes(base_folder, allow_pickle)
 
-    if not any((folder / f"adapter_model{s}").is_file() for s in (".safetensors",) + (PICKLE_SUFFIXES if allow_pickle else ())):
-        _weight_shapes(folder, allow_pickle, prefix="adapter_model")  # the precise error: none, or only pickled
+    if not (folder / "adapter_model.safetensors").is_file():
+        _weight_shapes(folder, allow_pickle, prefix="adapter_model")  # refuses: no weights, or pickled ones not allowed
     adapter = {_current_key(k): v for k, v in load_peft_weights(str(folder), device="cpu").items()}
     if "classifier.weight" not in adapter or "classifier.bias" not in adapter:
         raise CheckpointError(

@@ -85,7 +85,7 @@ def render_model_card(
                     )
                 )
     card_data = ModelCardData(
-        model_name=repo_id.split("/")[-1],
+        model_name=Path(repo_id).name,
         license=license,
         library_name="transformers",
         pipeline_tag="image-segmentation",

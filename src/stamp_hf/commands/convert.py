@@ -8,6 +8,7 @@ def add_arguments(parser):
     parser.add_argument("--base", help="base model of a LoRA adapter (default: the one its adapter_config names)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="accept pickled .bin/.pt weights (they can run code when loaded: only for trusted sources)")
+    parser.add_argument("--repo-id", help="the repo the model card's usage snippet loads (default: DESTINATION)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
 
 
@@ -15,6 +16,7 @@ def run(args):
     from stamp_hf.convert import convert_checkpoint
 
     folder = convert_checkpoint(
-        args.source, args.destination, base=args.base, allow_pickle=args.allow_pickle, max_shard_size=args.max_shard_size
+        args.source, args.destination, base=args.base, allow_pickle=args.allow_pickle,
+        max_shard_size=args.max_shard_size, repo_id=args.repo_id,
     )
     print(f"wrote {folder}")
