@@ -107,7 +107,7 @@ def test_card_metadata_round_trips(tmp_path):
     metrics = {(r.dataset_name, r.metric_name): r.metric_value for r in data.eval_results}
     assert metrics == {("RefCOCO", "cIoU"): 79.4, ("RefCOCO", "gIoU"): 80.2, ("gRefCOCO", "gIoU"): 74.8}
     assert data.to_dict()["model-index"][0]["name"] == "stamp-2b-ft"
-    assert "| RefCOCO | val | 79.4 | 80.2 |" in loaded.text and "@article{" in loaded.text
+    assert "# stamp-2b-ft\n" in loaded.text and "| RefCOCO | val | 79.4 | 80.2 |" in loaded.text and "@article{" in loaded.text
 
 
 def _results(tmp_path):
@@ -156,6 +156,9 @@ def test_stamp_hf_push_uploads_one_commit_that_loads_by_repo_id(tiny, tmp_path, 
     model, processor = tiny
     folder = tmp_path / "finetuned"
     expected = expected_upload(model, processor, folder)
+    render_model_card(str(folder), base_model="JiaZL/STAMP-2B-uni", base_model_relation="finetune").save(
+        folder / "README.md"
+    )  # a card from convert: the push keeps its base model
     results = tmp_path / "results.json"
     results.write_text(json.dumps(RESULTS))
 
@@ -172,6 +175,7 @@ def test_stamp_hf_push_uploads_one_commit_that_loads_by_repo_id(tiny, tmp_path, 
             assert files[name] == content, name
     check_hub_repo_files(files, model)
     card = ModelCard(files["README.md"].decode())
+    assert card.data.base_model == "JiaZL/STAMP-2B-uni" and card.data.base_model_relation == "finetune"
     assert {(r.dataset_name, r.metric_name) for r in card.data.eval_results} >= {("RefCOCO", "cIoU"), ("gRefCOCO", "gIoU")}
     assert '"stamp-org/stamp-tiny-ft"' in card.text
 

@@ -78,7 +78,7 @@ def convert_checkpoint(
         repo_id or str(destination),
         base_model=base_model,
         base_model_relation="finetune" if base_model else None,
-        converted_from=str(source),
+        converted_from=str(source) if _is_repo_id(source) else None,
     )
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
@@ -94,7 +94,7 @@ def convert_checkpoint(
 
 
 def _load(source, base, allow_pickle, min_placeholders, max_placeholders, revision, token):
-    """(model, processor, base model id for the card) from a full checkpoint or a LoRA adapter; checks first."""
+    """(model, processor, base model for the card: a Hub repo id or None) from a full checkpoint or a LoRA adapter."""
     folder = _resolve(source, allow_pickle, revision, token)
     placeholders = {"min_placeholders": min_placeholders, "max_placeholders": max_placeholders}
     placeholders = {k: v for k, v in placeholders.items() if v is not None}
@@ -313,7 +313,7 @@ def _load_lora(folder: Path, base, allow_pickle, revision, token, placeholders):
         raise CheckpointError(
             f"the adapter in {folder} does not fit {base}: unexpected {', '.join(sorted(result.unexpected_keys)[:3])}"
         )
-    return peft_model.merge_and_unload().eval(), tokenizer, str(base), base_folder
+    return peft_model.merge_and_unload().eval(), tokenizer, str(base) if _is_repo_id(base) else None, base_folder
 
 
 def _current_key(key: str) -> str:

@@ -84,8 +84,9 @@ def render_model_card(
                         metric_value=value,
                     )
                 )
+    model_name = Path(repo_id).name
     card_data = ModelCardData(
-        model_name=Path(repo_id).name,
+        model_name=model_name,
         license=license,
         library_name="transformers",
         pipeline_tag="image-segmentation",
@@ -98,6 +99,7 @@ def render_model_card(
     return ModelCard.from_template(
         card_data,
         template_path=str(CARD_TEMPLATE),
+        model_name=model_name,
         repo_id=repo_id,
         base_model=base_model,
         converted_from=converted_from,
