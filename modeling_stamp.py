@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
@@ -23,6 +24,13 @@ from transformers.utils import ModelOutput, logging
 from .configuration_stamp import STAMPConfig
 
 logger = logging.get_logger(__name__)
+
+# Released STAMP checkpoints (and Qwen2-VL ones) carry the legacy Qwen2-VL keys (`model.layers.*`, `visual.*`).
+# transformers renames them for its own Qwen2-VL class only, not for a subclass defined outside it: give the "stamp"
+# model type the same renaming, so `from_pretrained` (and peft's adapter loading) accepts both layouts.
+register_checkpoint_conversion_mapping(
+    "stamp", get_checkpoint_conversion_mapping("Qwen2VLForConditionalGeneration"), overwrite=True
+)
 
 
 @dataclass

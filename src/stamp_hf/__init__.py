@@ -27,6 +27,9 @@ STAMPProcessor.register_for_auto_class()
 PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=STAMPSegmentationPipeline, pt_model=AutoModel,
                                     type="multimodal")
 
+from .convert import CheckpointError, convert_checkpoint, load_checkpoint  # noqa: E402
+from .hub import push_folder, render_model_card  # noqa: E402
+
 __all__ = [
     "STAMP_TOKENS",
     "STAMPConfig",
@@ -40,4 +43,9 @@ __all__ = [
     "SegmentAnythingRefiner",
     "TransformersSamRefiner",
     "sam_refiner",
+    "CheckpointError",
+    "convert_checkpoint",
+    "load_checkpoint",
+    "push_folder",
+    "render_model_card",
 ]

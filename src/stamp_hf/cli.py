@@ -10,6 +10,8 @@ import sys
 COMMANDS = {
     "segment": "segment what a sentence describes in an image (masks, overlay, JSON)",
     "chat": "chat about an image, several turns on one cache; masks as overlays",
+    "convert": "convert a released STAMP checkpoint (full or LoRA) into a STAMP Hub folder",
+    "push": "publish a STAMP folder to the Hugging Face Hub with its model card",
 }
 
 

@@ -1,0 +1,325 @@
+"""Convert released STAMP checkpoints (the official code's layout) into STAMP Hub folders.
+
+Sources: a full fine-tune (config `model_type: qwen2_vl`, legacy or current Qwen2-VL keys, `classifier.*`, a tokenizer
+with the four STAMP tokens) or a PEFT LoRA adapter on a Qwen2-VL base (merged into the base with peft). Everything is
+checked before anything is written; the folder is built next to the destination and renamed into place at the end.
+"""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from transformers import AutoImageProcessor, AutoTokenizer
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+from .configuration_stamp import STAMP_TOKENS, STAMPConfig
+from .hub import render_model_card, save_for_hub
+from .modeling_stamp import STAMPModel
+from .processing_stamp import STAMPProcessor
+
+QWEN2_VL_TYPES = ("qwen2_vl", STAMPConfig.model_type)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+EMBED_KEYS = ("model.language_model.embed_tokens.weight", "model.embed_tokens.weight")
+REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class CheckpointError(ValueError):
+    """The source is not a checkpoint we can convert; the message names the file and the problem."""
+
+
+def load_checkpoint(
+    source,
+    base=None,
+    *,
+    allow_pickle: bool = False,
+    min_placeholders: int | None = None,
+    max_placeholders: int | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+) -> tuple[STAMPModel, STAMPProcessor]:
+    """Load a released STAMP checkpoint (see `convert_checkpoint`) as a STAMPModel and STAMPProcessor, in memory."""
+    model, processor, _ = _load(source, base, allow_pickle, min_placeholders, max_placeholders, revision, token)
+    return model, processor
+
+
+def convert_checkpoint(
+    source,
+    destination,
+    base=None,
+    *,
+    allow_pickle: bool = False,
+    min_placeholders: int | None = None,
+    max_placeholders: int | None = None,
+    max_shard_size="5GB",
+    repo_id: str | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+) -> Path:
+    """Convert `source` (a local folder or a Hub repo id; a full STAMP checkpoint or a LoRA adapter) into a STAMP Hub
+    folder at `destination` (new or empty): STAMPConfig with auto_map, sharded safetensors, the processor with the
+    STAMP tokens, the remote code and a model card. `base` overrides the adapter's base model. `min_placeholders` /
+    `max_placeholders` override the image-size bounds (default: the paper's 1024 / 1280). `repo_id` is the name the
+    card's usage snippet loads (default: the destination path; `stamp-hf push` renders the card again for its repo).
+
+    Pickled weights (.bin/.pt) are refused unless `allow_pickle=True`: loading them can run code.
+    """
+    destination = Path(destination)
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        raise CheckpointError(f"{destination} already exists and is not an empty folder; choose a new destination")
+    model, processor, base_model = _load(
+        source, base, allow_pickle, min_placeholders, max_placeholders, revision, token
+    )
+    card = render_model_card(
+        repo_id or str(destination),
+        base_model=base_model,
+        base_model_relation="finetune" if base_model else None,
+        converted_from=str(source) if _is_repo_id(source) else None,
+    )
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    try:
+        save_for_hub(model, processor, staging, card, max_shard_size=max_shard_size)
+        if destination.exists():
+            destination.rmdir()  # empty, checked above
+        os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return destination
+
+
+def _load(source, base, allow_pickle, min_placeholders, max_placeholders, revision, token):
+    """(model, processor, base model for the card: a Hub repo id or None) from a full checkpoint or a LoRA adapter."""
+    folder = _resolve(source, allow_pickle, revision, token)
+    placeholders = {"min_placeholders": min_placeholders, "max_placeholders": max_placeholders}
+    placeholders = {k: v for k, v in placeholders.items() if v is not None}
+    if (folder / "adapter_config.json").is_file():
+        model, tokenizer, base_model, base_folder = _load_lora(folder, base, allow_pickle, revision, token, placeholders)
+        image_processor = _image_processor([folder, base_folder])
+    else:
+        if base is not None:
+            raise CheckpointError(f"--base is for LoRA adapters, but {folder} has no adapter_config.json")
+        model, tokenizer = _load_full(folder, allow_pickle, placeholders)
+        image_processor = _image_processor([folder])
+        base_model = str(source) if _is_repo_id(source) else None
+    processor = STAMPProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        min_placeholders=model.config.min_placeholders,
+        max_placeholders=model.config.max_placeholders,
+    )
+    return model, processor, base_model
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+
+
+def _is_repo_id(source) -> bool:
+    return isinstance(source, str) and not Path(source).exists() and bool(REPO_ID.match(source))
+
+
+def _resolve(source, allow_pickle, revision, token) -> Path:
+    """A local folder as is; a repo id through the Hub cache (offline mode uses what is cached)."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if not _is_repo_id(source):
+        raise CheckpointError(f"{source} is neither a folder nor a Hub repo id (org/name)")
+    patterns = ["*.json", "*.txt", "*.jinja", "*.model", "*.safetensors"]
+    patterns += [f"*{suffix}" for suffix in PICKLE_SUFFIXES] if allow_pickle else []
+    try:
+        return Path(snapshot_download(source, revision=revision, token=token, allow_patterns=patterns))
+    except Exception as error:  # the Hub client's errors say what went wrong (not found, offline, gated)
+        raise CheckpointError(f"cannot fetch {source}: {error}".splitlines()[0]) from None
+
+
+def _read_config(folder: Path, name="config.json") -> dict:
+    path = folder / name
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder} is not a STAMP or Qwen2-VL checkpoint: it has no config.json or adapter_config.json"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+
+
+def _weight_shapes(folder: Path, allow_pickle: bool, prefix: str = "") -> dict[str, tuple] | None:
+    """{key: shape} of the safetensors weights in `folder` (without loading them); None if only pickled weights exist
+    and the user allowed them."""
+    files = sorted(folder.glob(f"{prefix}*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if not pickled:
+            raise CheckpointError(f"{folder} has no weights (no .safetensors file)")
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{folder} holds only pickled weights ({', '.join(pickled)}), which can run code when loaded; "
+                "re-save them as safetensors, or pass allow_pickle=True (--allow-pickle) if you trust the source"
+            )
+        return None
+    shapes = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def _stamp_config(config_dict: dict, folder: Path, placeholders: dict) -> STAMPConfig:
+    model_type = config_dict.get("model_type")
+    if model_type not in QWEN2_VL_TYPES:
+        raise CheckpointError(
+            f"{folder}/config.json has model_type {model_type!r}: STAMP checkpoints are Qwen2-VL ('qwen2_vl')"
+        )
+    settings = {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures", "auto_map")}
+    settings.pop("transformers_version", None)
+    settings.update(placeholders)
+    try:
+        return STAMPConfig(**settings)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{folder}/config.json is not a valid Qwen2-VL config: {error}".splitlines()[0]) from None
+
+
+def _tokenizer(folder: Path, rows: int):
+    """The source tokenizer; it must carry the four STAMP tokens, each with an embedding row."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as error:
+        raise CheckpointError(f"cannot load the tokenizer of {folder}: {error}".splitlines()[0]) from None
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in STAMP_TOKENS if token not in vocab]
+    if missing:
+        raise CheckpointError(
+            f"the tokenizer in {folder} lacks the STAMP token(s) {', '.join(missing)}; this is not a STAMP checkpoint"
+        )
+    if max(vocab.values()) >= rows:
+        token, token_id = max(vocab.items(), key=lambda item: item[1])
+        raise CheckpointError(
+            f"token ids and embedding rows disagree in {folder}: the tokenizer's {token} has id {token_id} but the "
+            f"embedding has only {rows} rows"
+        )
+    return tokenizer
+
+
+def _image_processor(folders):
+    for folder in folders:
+        if (folder / "preprocessor_config.json").is_file() or (folder / "processor_config.json").is_file():
+            try:
+                return AutoImageProcessor.from_pretrained(folder)
+            except Exception as error:
+                raise CheckpointError(f"cannot load the image processor of {folder}: {error}".splitlines()[0]) from None
+    raise CheckpointError(f"no image processor (preprocessor_config.json) in {', '.join(map(str, folders))}")
+
+
+def _check_loading(info: dict, folder: Path, allowed_missing: tuple = ()) -> None:
+    """Every weight of the model found in the checkpoint and nothing left over (`allowed_missing`: key prefixes)."""
+    problems = {
+        "missing": sorted(k for k in info["missing_keys"] if not allowed_missing or not k.startswith(allowed_missing)),
+        "unexpected": sorted(info["unexpected_keys"]),
+        "mismatched": sorted(str(m[0]) if isinstance(m, tuple) else str(m) for m in info["mismatched_keys"]),
+    }
+    details = [f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+               for kind, keys in problems.items() if keys]  # fmt: skip
+    if details:
+        raise CheckpointError(f"the weights in {folder} do not fit a Qwen2-VL model with its config: {'; '.join(details)}")
+
+
+# ---------------------------------------------------------------------------------------------------- full checkpoints
+
+
+def _load_full(folder: Path, allow_pickle: bool, placeholders: dict):
+    config = _stamp_config(_read_config(folder), folder, placeholders)
+    shapes = _weight_shapes(folder, allow_pickle)
+    text = config.text_config
+    if shapes is not None:
+        if "classifier.weight" not in shapes or "classifier.bias" not in shapes:
+            raise CheckpointError(
+                f"no classifier.weight / classifier.bias in the weights of {folder}: a plain Qwen2-VL checkpoint, not STAMP"
+            )
+        if shapes["classifier.weight"] != (1, text.hidden_size) or shapes["classifier.bias"] != (1,):
+            raise CheckpointError(
+                f"classifier in {folder} has shape {shapes['classifier.weight']}, expected (1, {text.hidden_size})"
+            )
+        embed = next((shapes[k] for k in EMBED_KEYS if k in shapes), None)
+        if embed is None:
+            raise CheckpointError(f"no token embedding ({' or '.join(EMBED_KEYS)}) in the weights of {folder}")
+        if embed[0] != text.vocab_size:
+            raise CheckpointError(
+                f"token ids and embedding rows disagree in {folder}: config vocab_size is {text.vocab_size} but the "
+                f"embedding has {embed[0]} rows"
+            )
+        if not config.tie_word_embeddings and "lm_head.weight" not in shapes:
+            raise CheckpointError(f"no lm_head.weight in {folder}, and config.json does not tie it to the embedding")
+    tokenizer = _tokenizer(folder, text.vocab_size)
+    config.set_stamp_token_ids(tokenizer)
+    model, info = STAMPModel.from_pretrained(
+        folder, config=config, dtype="auto", use_safetensors=shapes is not None, output_loading_info=True
+    )
+    _check_loading(info, folder)
+    return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------- LoRA adapters
+
+
+def _load_lora(folder: Path, base, allow_pickle, revision, token, placeholders):
+    try:
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+    except ImportError:
+        raise CheckpointError(f"{folder} is a LoRA adapter; merging it needs peft (pip install 'stamp-hf[train]')") from None
+
+    adapter_config = _read_config(folder, "adapter_config.json")
+    base = base or adapter_config.get("base_model_name_or_path")
+    if not base:
+        raise CheckpointError(f"{folder}/adapter_config.json names no base model; pass the base (--base)")
+    if adapter_config.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{folder} is a {adapter_config['peft_type']} adapter; only LoRA adapters are supported")
+    base_folder = _resolve(base, allow_pickle, revision, token)
+    config = _stamp_config(_read_config(base_folder), base_folder, placeholders)
+    base_shapes = _weight_shapes(base_folder, allow_pickle)
+
+    if not (folder / "adapter_model.safetensors").is_file():
+        _weight_shapes(folder, allow_pickle, prefix="adapter_model")  # refuses: no weights, or pickled ones not allowed
+    adapter = {_current_key(k): v for k, v in load_peft_weights(str(folder), device="cpu").items()}
+    if "classifier.weight" not in adapter or "classifier.bias" not in adapter:
+        raise CheckpointError(
+            f"the adapter in {folder} has no classifier weights (classifier in modules_to_save): not a STAMP adapter"
+        )
+    embed = next((adapter[k].shape for k in EMBED_KEYS if k in adapter), None)
+    rows = embed[0] if embed is not None else config.text_config.vocab_size
+    tokenizer = _tokenizer(folder if (folder / "tokenizer_config.json").is_file() else base_folder, rows)
+
+    model, info = STAMPModel.from_pretrained(
+        base_folder, config=config, dtype="auto", use_safetensors=base_shapes is not None, output_loading_info=True
+    )
+    _check_loading(info, base_folder, allowed_missing=("classifier.",))  # the base has no classifier: the adapter does
+    if rows != config.text_config.vocab_size:
+        model.resize_token_embeddings(rows)
+    model.config.set_stamp_token_ids(tokenizer)
+
+    lora_config = LoraConfig.from_pretrained(str(folder))
+    lora_config.inference_mode = True
+    peft_model = get_peft_model(model, lora_config)
+    result = set_peft_model_state_dict(peft_model, {"base_model.model." + k: v for k, v in adapter.items()})
+    if result.unexpected_keys:
+        raise CheckpointError(
+            f"the adapter in {folder} does not fit {base}: unexpected {', '.join(sorted(result.unexpected_keys)[:3])}"
+        )
+    return peft_model.merge_and_unload().eval(), tokenizer, str(base) if _is_repo_id(base) else None, base_folder
+
+
+def _current_key(key: str) -> str:
+    """An adapter key without peft's `base_model.model.` prefix, legacy Qwen2-VL names renamed with the same
+    transforms `STAMPModel.from_pretrained` applies to full checkpoints."""
+    key = key.removeprefix("base_model.model.")
+    for transform in get_checkpoint_conversion_mapping(STAMPConfig.model_type):
+        key, _ = transform.rename_source_key(key)
+    return key
