@@ -67,15 +67,15 @@ def expected_upload(model, processor, folder: Path) -> dict[str, bytes]:
 
 
 def check_hub_repo_files(files: dict[str, bytes], model):
-    """A fresh user needs: weights, config with auto_map (and custom_pipelines when a pipeline ships), remote code
-    byte-identical to the single source, processor, generation config, nothing pickled."""
+    """A fresh user needs: weights, config with auto_map and custom_pipelines, every remote-code file byte-identical
+    to the single source, processor, generation config, nothing pickled."""
     config = json.loads(files["config.json"])
     assert config["auto_map"]["AutoModel"] == "modeling_stamp.STAMPModel"
-    for name in ("configuration_stamp.py", "modeling_stamp.py", "processing_stamp.py"):
-        assert files[name] == (REPO_ROOT / name).read_bytes()
-    if "pipeline_stamp.py" in files:
-        assert files["pipeline_stamp.py"] == (REPO_ROOT / "pipeline_stamp.py").read_bytes()
-        assert "stamp-segmentation" in config["custom_pipelines"]
+    assert config["custom_pipelines"]["stamp-segmentation"]["impl"] == "pipeline_stamp.STAMPSegmentationPipeline"
+    assert REMOTE_CODE == ["configuration_stamp.py", "modeling_stamp.py", "pipeline_stamp.py", "processing_stamp.py",
+                           "sam_stamp.py"]
+    for name in REMOTE_CODE:
+        assert files[name] == (REPO_ROOT / name).read_bytes(), name
     assert json.loads(files["processor_config.json"])["auto_map"]["AutoProcessor"] == "processing_stamp.STAMPProcessor"
     assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"} <= files.keys()
     assert not [name for name in files if name.endswith((".bin", ".pt", ".pth", ".pkl"))]
@@ -206,10 +206,16 @@ def test_stamp_hf_push_uploads_one_commit_that_loads_by_repo_id(tiny, tmp_path, 
             logits = model(**inputs).logits
         assert (logits - torch.load({str(tmp_path / 'expected.pt')!r})).abs().max() <= 1e-5
         print("loaded by repo id", type(model).__name__, type(processor).__name__)
+        from transformers import pipeline
+        segmenter = pipeline("stamp-segmentation", model="stamp-org/stamp-tiny-ft", trust_remote_code=True)
+        result = segmenter(Image.open({str(tmp_path / 'image.png')!r}), "Please segment the cat.", max_new_tokens=4)
+        assert set(result) == {{"text", "masks"}}, result
+        print("pipeline", type(segmenter).__name__)
         """,
         tmp_path,
     )
     assert "loaded by repo id STAMPModel STAMPProcessor" in out
+    assert "pipeline STAMPSegmentationPipeline" in out
 
 
 @pytest.mark.parametrize(
