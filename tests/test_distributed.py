@@ -9,8 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from shapes_data import SHAPES, write_shapes_dataset
+from shapes_data import SHAPES, one_thread, write_shapes_dataset  # noqa: F401 (fixture)
 from stamp_hf.testing import tiny_stamp
+from stamp_hf.training import train
 
 
 
@@ -61,3 +62,22 @@ def test_two_processes_follow_the_loss_curve_of_one(base, tmp_path):
         one, two = [[entry[key] for entry in curves[p]] for p in (1, 2)]
         np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-5, err_msg=key)
     assert curves[1][-1]["loss"] < curves[1][0]["loss"]  # it learned, so equal curves are not equal constants
+
+
+def test_eval_under_two_processes_gives_the_summary_of_one(base, tmp_path):
+    checkpoint, data = base
+    train(dict(model=str(checkpoint), data=str(data), output_dir=str(tmp_path / "model"),
+               training=dict(learning_rate=3e-3, warmup_steps=0, num_train_epochs=20, per_device_train_batch_size=4,
+                             save_strategy="no", use_cpu=True)))
+    outputs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"eval{processes}"
+        result = launch(tmp_path, ["eval", "--model", str(tmp_path / "model"), "--data", str(data), "--output", str(out)],
+                        processes)
+        assert result.stdout.count("| STAMP | 8 |") == 1  # merged and printed once, by the main process
+        outputs[processes] = (json.loads((out / "summary.json").read_text()), (out / "results.jsonl").read_text())
+    assert outputs[2][0] == outputs[1][0]
+    assert outputs[2][1] == outputs[1][1]  # the same per-sample results, each sample once, in data order
+    ids = [json.loads(line)["id"] for line in outputs[2][1].splitlines()]
+    assert ids == [str(i) for i in range(8)]
+    assert not list((tmp_path / "eval2").glob("results.part*"))

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import run_isolated
-from shapes_data import SHAPES, shape_mask, write_shapes_dataset
+from shapes_data import one_thread, SHAPES, shape_mask, write_shapes_dataset  # noqa: F401 (fixture)
 from stamp_hf.cli import main as cli
 from stamp_hf.data import STAMPCollator, STAMPDataset
 from stamp_hf.testing import tiny_stamp
