@@ -134,36 +134,28 @@ def load_refer(
 ) -> list[EvalSample]:
     """The REFER layout (RefCOCO, RefCOCO+, RefCOCOg, RefCLEF): `root/refs(SPLIT_BY).p` + `root/instances.json`;
     images from `image_root` (COCO train2014). One sample per referring sentence, asked as `prompt`.format(sentence)."""
-    root = Path(root)
-    refs_file = root / f"refs({split_by}).p"
-    if not refs_file.is_file():
-        raise FileNotFoundError(f"{refs_file} not found")
-    refs = _read_pickle(refs_file, allow_pickle)
-    annotations, images = _coco(root)
-    image_root = Path(image_root) if image_root else root
-    samples = []
-    for ref in refs:
-        if ref["split"] != split:
-            continue
-        image = image_root / images[ref["image_id"]]["file_name"]
-        target = _mask_spec(annotations[ref["ann_id"]]["segmentation"])
-        for sentence in ref["sentences"]:
-            samples.append(EvalSample(f"{ref['ref_id']}_{sentence['sent_id']}", image, prompt.format(sentence["sent"]), [target]))
-    if not samples:
-        raise ValueError(f"{refs_file} has no references in split {split!r}")
-    return samples
+    refs_file = _refs_file(root, f"refs({split_by}).p")
+    return _reference_samples(refs_file, _read_pickle(refs_file, allow_pickle), split, image_root, prompt)
 
 
 def load_grefcoco(root, split: str, split_by: str = "unc", image_root=None, prompt: str = RES_PROMPT) -> list[EvalSample]:
     """gRefCOCO: `root/grefs(SPLIT_BY).json` + `root/instances.json`. A reference points at any number of objects
     (`ann_id` a list; `no_target` true and ann_id [-1] when nothing matches)."""
-    root = Path(root)
-    refs_file = root / f"grefs({split_by}).json"
+    refs_file = _refs_file(root, f"grefs({split_by}).json")
+    return _reference_samples(refs_file, json.loads(refs_file.read_text()), split, image_root, prompt)
+
+
+def _refs_file(root, name) -> Path:
+    refs_file = Path(root) / name
     if not refs_file.is_file():
         raise FileNotFoundError(f"{refs_file} not found")
-    refs = json.loads(refs_file.read_text())
-    annotations, images = _coco(root)
-    image_root = Path(image_root) if image_root else root
+    return refs_file
+
+
+def _reference_samples(refs_file: Path, refs: list, split: str, image_root, prompt: str) -> list[EvalSample]:
+    """One sample per sentence of each reference in `split`; the target is the union of its annotations' masks."""
+    annotations, images = _coco(refs_file.parent)
+    image_root = Path(image_root) if image_root else refs_file.parent
     samples = []
     for ref in refs:
         if ref["split"] != split:
@@ -172,7 +164,8 @@ def load_grefcoco(root, split: str, split_by: str = "unc", image_root=None, prom
         targets = [] if ref.get("no_target") else [_mask_spec(annotations[a]["segmentation"]) for a in ann_ids if a != -1]
         image = image_root / images[ref["image_id"]]["file_name"]
         for sentence in ref["sentences"]:
-            samples.append(EvalSample(f"{ref['ref_id']}_{sentence['sent_id']}", image, prompt.format(sentence["sent"]), targets))
+            sample_id = f"{ref['ref_id']}_{sentence['sent_id']}"
+            samples.append(EvalSample(sample_id, image, prompt.format(sentence["sent"]), targets))
     if not samples:
         raise ValueError(f"{refs_file} has no references in split {split!r}")
     return samples
