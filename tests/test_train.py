@@ -191,3 +191,21 @@ def test_shipped_recipes_parse_and_use_zero2():
         batch = config.training["per_device_train_batch_size"] * config.training["gradient_accumulation_steps"]
         assert batch * 8 == 96  # the paper's batch on 8 GPUs
     assert lora.training["learning_rate"] == 2e-5 and full.training["learning_rate"] == 3e-5
+
+
+def test_readme_data_and_config_examples_are_valid(tmp_path):
+    import re
+    from pathlib import Path
+
+    from stamp_hf.data import load_mask, read_records
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Fine-tuning and evaluation")[1].split("\n## ")[0]
+    (tmp_path / "data.jsonl").write_text(re.search(r"```jsonl\n(.*?)```", section, re.S).group(1))
+    records = read_records(tmp_path / "data.jsonl")
+    assert [len(r.masks) for r in records] == [1, 2, 1, 0, 1]
+    assert load_mask(records[1].masks[1], (320, 240), tmp_path, "readme").sum() == 80 * 100  # the RLE is real
+    (tmp_path / "train.yaml").write_text(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    config = TrainConfig.from_file(tmp_path / "train.yaml")
+    assert config.finetuning == "full" and config.training["num_train_epochs"] == 3
+    assert config.training_arguments().learning_rate == 3e-5
