@@ -75,6 +75,7 @@ def test_eval_under_two_processes_gives_the_summary_of_one(base, tmp_path):
         result = launch(tmp_path, ["eval", "--model", str(tmp_path / "model"), "--data", str(data), "--output", str(out)],
                         processes)
         assert result.stdout.count("| STAMP | 8 |") == 1  # merged and printed once, by the main process
+        assert f"| {8 // processes}/{8 // processes} " in result.stderr  # the main process's progress: its share
         outputs[processes] = (json.loads((out / "summary.json").read_text()), (out / "results.jsonl").read_text())
     assert outputs[2][0] == outputs[1][0]
     assert outputs[2][1] == outputs[1][1]  # the same per-sample results, each sample once, in data order

@@ -209,3 +209,30 @@ def test_readme_data_and_config_examples_are_valid(tmp_path):
     config = TrainConfig.from_file(tmp_path / "train.yaml")
     assert config.finetuning == "full" and config.training["num_train_epochs"] == 3
     assert config.training_arguments().learning_rate == 3e-5
+
+
+def test_training_resumes_from_its_last_checkpoint(base, tmp_path):
+    checkpoint, data = base
+    config = dict(model=str(checkpoint), data=str(data), output_dir=str(tmp_path / "out"),
+                  training=dict(FAST, max_steps=2, per_device_train_batch_size=2, save_strategy="steps", save_steps=2))
+    train(config)
+    state_file = tmp_path / "out" / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"][0]["loss"] = 123.0  # a mark that only a resumed run can carry
+    state_file.write_text(json.dumps(state))
+    trainer = train(dict(config, resume=True, training=dict(config["training"], max_steps=4)))
+    losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+    assert sorted(losses) == [1, 2, 3, 4] and losses[1] == 123.0  # steps 1-2 from the checkpoint, 3-4 trained now
+
+
+def test_gradient_accumulation_follows_the_curve_of_the_full_batch(base, tmp_path):
+    """Token-normalised L_text and per-<|seg|> L_mask are scaled so that 2 x 2 accumulated samples equal a batch of 4
+    (the samples have different lengths, so a per-micro-batch mean would differ)."""
+    checkpoint, data = base
+    curves = []
+    for per_device, accumulation in ((4, 1), (2, 2)):
+        trainer = train(dict(model=str(checkpoint), data=str(data), output_dir=str(tmp_path / f"out{accumulation}"),
+                             training=dict(FAST, max_steps=4, per_device_train_batch_size=per_device,
+                                           gradient_accumulation_steps=accumulation)))
+        curves.append([[e[k] for k in ("loss", "text_loss", "mask_loss")] for e in trainer.state.log_history if "loss" in e])
+    np.testing.assert_allclose(curves[1], curves[0], rtol=1e-4, atol=1e-5)

@@ -247,7 +247,7 @@ def evaluate(
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    state = PartialState()
+    state = PartialState(cpu=not _has_accelerator())  # cpu=True is what makes torchrun processes gloo peers on CPU
     output_dir = Path(output_dir)
     run_info = dict(run_info or {}, refine=refine is not None)
     if state.is_main_process:
@@ -320,6 +320,11 @@ def _evaluate_one(model, processor, sample: EvalSample, refine, max_new_tokens) 
             *intersection_union(refined_prediction, target, ignore), not target.any(), not refined_prediction.any()
         )
     return record
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def _union(masks, size) -> np.ndarray:
