@@ -137,7 +137,7 @@ def test_reasonseg_loader_reads_target_and_ignore_polygons(tmp_path):
         "shapes": [{"label": "target", "points": [[0, 0], [20, 0], [20, 10], [0, 10]], "shape_type": "polygon"},
                    {"label": "ignore", "points": [[30, 0], [50, 0], [50, 30], [30, 30]], "shape_type": "polygon"}],
     }))
-    (samples,) = [load_reasonseg(tmp_path / "ReasonSeg", "val")]
+    samples = load_reasonseg(tmp_path / "ReasonSeg", "val")
     assert len(samples) == 1 and samples[0].prompt == "the thing used to tell time Please respond with segmentation mask."
     from stamp_hf.evaluation import _sample_masks
 

@@ -13,7 +13,7 @@ from shapes_data import one_thread, SHAPES, shape_mask, write_shapes_dataset  # 
 from stamp_hf.cli import main as cli
 from stamp_hf.data import STAMPCollator, STAMPDataset
 from stamp_hf.testing import tiny_stamp
-from stamp_hf.training import STAMPTrainer, TrainConfig, apply_lora, train
+from stamp_hf.training import TrainConfig, apply_lora, train
 
 FAST = {"learning_rate": 3e-3, "warmup_steps": 0, "save_strategy": "no", "use_cpu": True, "logging_steps": 1, "seed": 0}
 
@@ -98,6 +98,7 @@ def test_lora_trains_the_paper_modules():
     assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (64, 128, 0.05)
     assert any("classifier.modules_to_save" in n for n in trainable)
     assert any("embed_tokens.token_adapter" in n for n in trainable)
+    assert not model.config.tie_word_embeddings and any("lm_head.token_adapter" in n for n in trainable)  # untied
     for part in ("visual.blocks.0.attn.qkv", "language_model.layers.0.self_attn.q_proj", "layers.1.mlp.down_proj"):
         assert any(part in n and "lora_A" in n for n in trainable), part
     # everything else is frozen: trainable parameters are a small share of the model

@@ -14,7 +14,7 @@ and the main process merges the results, each sample exactly once.
 import json
 import os
 import pickle
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
