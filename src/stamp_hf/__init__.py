@@ -8,10 +8,15 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_stamp import STAMP_TOKENS, STAMPConfig
+from .convert import CheckpointError, convert_checkpoint, load_checkpoint
+from .data import STAMPCollator, STAMPDataset
+from .evaluation import evaluate
+from .hub import push_folder, render_model_card
 from .modeling_stamp import STAMPGenerateOutput, STAMPModel, STAMPOutput
 from .pipeline_stamp import PIPELINE_TASK, STAMPSegmentationPipeline
 from .processing_stamp import STAMPProcessor
 from .sam_stamp import SegmentAnythingRefiner, TransformersSamRefiner, sam_refiner
+from .training import STAMPTrainer, TrainConfig, train
 from .vocab import add_stamp_tokens
 
 __version__ = "0.1.0"
@@ -27,8 +32,6 @@ STAMPProcessor.register_for_auto_class()
 PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=STAMPSegmentationPipeline, pt_model=AutoModel,
                                     type="multimodal")
 
-from .convert import CheckpointError, convert_checkpoint, load_checkpoint  # noqa: E402
-from .hub import push_folder, render_model_card  # noqa: E402
 
 __all__ = [
     "STAMP_TOKENS",
@@ -48,4 +51,10 @@ __all__ = [
     "load_checkpoint",
     "push_folder",
     "render_model_card",
+    "STAMPCollator",
+    "STAMPDataset",
+    "STAMPTrainer",
+    "TrainConfig",
+    "evaluate",
+    "train",
 ]

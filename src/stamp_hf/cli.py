@@ -12,6 +12,8 @@ COMMANDS = {
     "chat": "chat about an image, several turns on one cache; masks as overlays",
     "convert": "convert a released STAMP checkpoint (full or LoRA) into a STAMP Hub folder",
     "push": "publish a STAMP folder to the Hugging Face Hub with its model card",
+    "train": "fine-tune STAMP on JSON Lines data (full or LoRA) with transformers' Trainer",
+    "eval": "evaluate STAMP on referring segmentation data (cIoU, gIoU, N-acc, T-acc)",
 }
 
 
