@@ -7,7 +7,9 @@ import importlib
 import sys
 
 # name -> one-line help; the module stamp_hf.commands.<name> implements it
-COMMANDS = {}
+COMMANDS = {
+    "train": "fine-tune STAMP on JSON Lines data (full or LoRA) with transformers' Trainer",
+}
 
 
 class CommandError(Exception):

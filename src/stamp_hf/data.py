@@ -1,0 +1,277 @@
+"""The JSON Lines training format, its Dataset and its collator.
+
+One record per image::
+
+    {"image": "images/000001.png",
+     "messages": [{"role": "user", "content": "Please segment the small blue triangle."},
+                  {"role": "assistant", "content": "Sure, it is <|seg|>."}],
+     "masks": [{"png": "masks/000001_0.png"}]}
+
+Paths are relative to the .jsonl file (or absolute). `masks` holds one mask per `<|seg|>` of the assistant turns, in
+order, each `{"png": path}` (nonzero = foreground, image size), `{"polygons": [[x0, y0, x1, y1, ...], ...]}` (COCO
+polygons in pixels), `{"rle": {"size": [h, w], "counts": ...}}` (COCO RLE) or `{"empty": true}`; `[]` or absent for
+VQA records. The image goes at the start of the first user turn. `<|seg|>` in assistant turns is the control token;
+control tokens typed in user or system turns stay text.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.utils.chat_template_utils import encode_marked_chat, mark_control_tokens
+
+from .modeling_stamp import patch_grid_target
+
+SEG_TOKEN = "<|seg|>"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Record:
+    """One line of a .jsonl file, resolved: the image path, the conversation and the mask specifications."""
+
+    image: Path
+    messages: list[dict]
+    masks: list[dict]
+    root: Path  # the folder relative paths start from
+    where: str  # "file.jsonl:line", for error messages
+
+    def load_image(self) -> Image.Image:
+        try:
+            with Image.open(self.image) as image:
+                return image.convert("RGB")
+        except OSError as error:
+            raise OSError(f"{self.where}: cannot read image {self.image}: {error}") from None
+
+    def load_masks(self, size: tuple[int, int]) -> list[np.ndarray]:
+        """The ground-truth masks as boolean (height, width) arrays; `size` is the image's (width, height)."""
+        return [load_mask(spec, size, self.root, f"{self.where} mask {k}") for k, spec in enumerate(self.masks)]
+
+
+def read_records(path) -> list[Record]:
+    """Parse and check a .jsonl file: every line a record, every `<|seg|>` with its mask. Errors name file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    records = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+            records.append(_parse_record(raw, path.parent, where))
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def _parse_record(raw, root: Path, where: str) -> Record:
+    if not isinstance(raw, dict) or "image" not in raw or "messages" not in raw:
+        raise ValueError(f"{where}: a record needs 'image' and 'messages'")
+    messages = raw["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list")
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"{where}: each message needs a role of 'system', 'user' or 'assistant'")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"{where}: message content must be a string")
+    if not any(m["role"] == "user" for m in messages):
+        raise ValueError(f"{where}: the conversation has no user turn to put the image in")
+    masks = raw.get("masks") or []
+    segs = sum(m["content"].count(SEG_TOKEN) for m in messages if m["role"] == "assistant")
+    if segs != len(masks):
+        raise ValueError(f"{where}: {segs} {SEG_TOKEN} in the assistant turns but {len(masks)} masks")
+    image = Path(raw["image"])
+    image = image if image.is_absolute() else root / image
+    return Record(image=image, messages=messages, masks=masks, root=root, where=where)
+
+
+def load_mask(spec: dict, size: tuple[int, int], root: Path, where: str) -> np.ndarray:
+    """One MASK of the format as a boolean (height, width) array for an image of `size` = (width, height)."""
+    width, height = size
+    if not isinstance(spec, dict) or len(spec.keys() & {"png", "polygons", "rle", "empty"}) != 1:
+        raise ValueError(f"{where}: a mask is one of {{'png': ...}}, {{'polygons': ...}}, {{'rle': ...}}, {{'empty': true}}")
+    if "empty" in spec:
+        return np.zeros((height, width), dtype=bool)
+    if "png" in spec:
+        file = Path(spec["png"])
+        file = file if file.is_absolute() else root / file
+        try:
+            with Image.open(file) as png:
+                mask = np.asarray(png.convert("L")) != 0
+        except OSError as error:
+            raise OSError(f"{where}: cannot read mask {file}: {error}") from None
+        if mask.shape != (height, width):
+            raise ValueError(
+                f"{where}: mask {file} is {mask.shape[1]}x{mask.shape[0]} but the image is {width}x{height}"
+            )
+        return mask
+    mask_utils = _pycocotools(where)
+    if "polygons" in spec:
+        polygons = spec["polygons"]
+        if not isinstance(polygons, list) or not polygons or any(
+            not isinstance(p, list) or len(p) < 6 or len(p) % 2 for p in polygons
+        ):
+            raise ValueError(f"{where}: 'polygons' must be a list of [x0, y0, x1, y1, ...] lists of >= 3 points")
+        rle = mask_utils.merge(mask_utils.frPyObjects([[float(v) for v in p] for p in polygons], height, width))
+    else:
+        rle = spec["rle"]
+        if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+            raise ValueError(f"{where}: 'rle' needs 'size' [h, w] and 'counts'")
+        if list(rle["size"]) != [height, width]:
+            raise ValueError(f"{where}: RLE size {list(rle['size'])} but the image is [{height}, {width}] (h, w)")
+        if isinstance(rle["counts"], list):  # uncompressed
+            rle = mask_utils.frPyObjects(rle, height, width)
+        elif isinstance(rle["counts"], str):
+            rle = dict(rle, counts=rle["counts"].encode())
+    return mask_utils.decode(rle).astype(bool)
+
+
+def _pycocotools(where):
+    try:
+        from pycocotools import mask as mask_utils
+    except ImportError:
+        raise ImportError(f"{where}: polygon and RLE masks need pycocotools (pip install 'stamp-hf[train]')") from None
+    return mask_utils
+
+
+# ---------------------------------------------------------------------------------------------------- encoding
+
+
+def encode_conversation(processor, image: Image.Image, messages: list[dict]) -> dict:
+    """
+    Tokenize a conversation for training: the image at the start of the first user turn, the processor's chat template,
+    user/system text sanitized (typed control tokens stay text), assistant text trusted (`<|seg|>` is the token).
+
+    Returns input_ids, labels (the token ids on every assistant turn and its end-of-turn tokens, IGNORE_INDEX
+    elsewhere), mm_token_type_ids (1 on image slots), pixel_values and image_grid_thw.
+    """
+    tokenizer = processor.tokenizer
+    image_inputs = processor.image_processor(images=[image], return_tensors="pt")
+    grid = image_inputs["image_grid_thw"][0]
+    conversation = _template_messages(messages, _control_tokens_re(tokenizer))
+
+    def tokens(turns, add_generation_prompt=False):
+        text = processor.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return text, encode_marked_chat(tokenizer, text)
+
+    full_text, input_ids = tokens(conversation)
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for k, message in enumerate(conversation):
+        if message["role"] != "assistant":
+            continue
+        spans = []
+        for turns, prompt in ((conversation[:k], True), (conversation[: k + 1], False)):
+            text, ids = tokens(turns, prompt)
+            if not full_text.startswith(text) or input_ids[: len(ids)] != ids:
+                raise ValueError("the chat template does not render a conversation as the sum of its turns")
+            spans.append(len(ids))
+        labels[spans[0] : spans[1]] = input_ids[spans[0] : spans[1]]
+
+    # the one image slot becomes N placeholders, N from the image's patch grid
+    slots = [i for i, t in enumerate(input_ids) if t == processor.image_token_id]
+    if len(slots) != 1:
+        raise ValueError(f"expected one image slot in the rendered conversation, found {len(slots)}")
+    n = processor.num_placeholders(grid)
+    (slot,) = slots
+    input_ids = input_ids[:slot] + [processor.image_token_id] * n + input_ids[slot + 1 :]
+    labels = labels[:slot] + [IGNORE_INDEX] * n + labels[slot + 1 :]
+    input_ids = torch.tensor(input_ids)
+    return {
+        "input_ids": input_ids,
+        "labels": torch.tensor(labels),
+        "mm_token_type_ids": (input_ids == processor.image_token_id).long(),
+        "pixel_values": image_inputs["pixel_values"],
+        "image_grid_thw": image_inputs["image_grid_thw"],
+    }
+
+
+def _control_tokens_re(tokenizer) -> re.Pattern:
+    tokens = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens)) or "(?!)")
+
+
+def _template_messages(messages, control_tokens_re) -> list[dict]:
+    """Chat-template messages: image slot first in the first user turn; user/system strings marked as plain text."""
+    out, image_placed = [], False
+    for message in messages:
+        content = message["content"]
+        if message["role"] != "assistant":
+            content = mark_control_tokens(content, control_tokens_re)
+        if message["role"] == "user" and not image_placed:
+            content = [{"type": "image"}, {"type": "text", "text": content}]
+            image_placed = True
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- dataset
+
+
+class STAMPDataset(torch.utils.data.Dataset):
+    """
+    A .jsonl file of the training format, encoded on access: each item is what `STAMPModel.forward` takes for one
+    sample, with `mask_labels` already on the image's patch grid ((num_seg, h, w), area-resized, thresholded at 0.5).
+    """
+
+    def __init__(self, path, processor):
+        self.path = Path(path)
+        self.records = read_records(self.path)
+        self.processor = processor
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index) -> dict:
+        record = self.records[index]
+        image = record.load_image()
+        masks = record.load_masks(image.size)
+        try:
+            item = encode_conversation(self.processor, image, record.messages)
+        except ValueError as error:
+            raise ValueError(f"{record.where}: {error}") from None
+        grid = self.processor.mask_grid(item["image_grid_thw"][0])
+        item["mask_labels"] = torch.stack([patch_grid_target(torch.from_numpy(m), grid) for m in masks]) if masks else (
+            torch.zeros(0, *grid)
+        )
+        return item
+
+
+class STAMPCollator:
+    """Pads a list of `STAMPDataset` items into one batch (right padding); images of any sizes are concatenated as
+    Qwen2-VL takes them (pixel_values rows + one image_grid_thw row per image); mask_labels stay one tensor per sample."""
+
+    def __init__(self, processor):
+        self.pad_token_id = processor.tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before training")
+
+    def __call__(self, items: list[dict]) -> dict:
+        length = max(len(item["input_ids"]) for item in items)
+
+        def pad(key, value):
+            return torch.stack([torch.nn.functional.pad(i[key], (0, length - len(i[key])), value=value) for i in items])
+
+        return {
+            "input_ids": pad("input_ids", self.pad_token_id),
+            "attention_mask": torch.stack(
+                [torch.arange(length) < len(item["input_ids"]) for item in items]
+            ).long(),
+            "labels": pad("labels", IGNORE_INDEX),
+            "mm_token_type_ids": pad("mm_token_type_ids", 0),
+            "pixel_values": torch.cat([item["pixel_values"] for item in items]),
+            "image_grid_thw": torch.cat([item["image_grid_thw"] for item in items]),
+            "mask_labels": [item["mask_labels"] for item in items],
+        }
+
+
+__all__ = ["Record", "STAMPCollator", "STAMPDataset", "encode_conversation", "load_mask", "read_records"]

@@ -1,0 +1,263 @@
+"""Fine-tuning STAMP with transformers' Trainer: L = L_text + L_mask, both logged; full fine-tuning or LoRA (peft).
+
+The config file (YAML or JSON) of `stamp-hf train CONFIG` / `train(config)`:
+
+    model: org/stamp-2b             # a STAMP checkpoint (folder or Hub id); the processor is read from it too
+    data: data/train.jsonl          # the JSON Lines training format (stamp_hf.data)
+    output_dir: runs/stamp-2b-ft    # checkpoints, then the final model (a plain STAMP checkpoint, also after LoRA)
+    finetuning: full                # full | lora
+    lora: {rank: 64, alpha: 128, dropout: 0.05}   # the paper's LoRA (7B): all linear layers; classifier and the
+                                    # STAMP token rows trained in full
+    mask_loss_weights: null         # [bce, dice]; null keeps the checkpoint's; "official" = [0.3, 0.7]
+    resume: false                   # true: from the last checkpoint in output_dir; or a checkpoint folder
+    training:                       # any transformers.TrainingArguments field; the paper's values are the defaults
+      num_train_epochs: 3
+      per_device_train_batch_size: 4
+
+Multi-process: run the same command under `accelerate launch` or `torchrun`; add `deepspeed: configs/ds_zero2.json`
+under `training` for the paper's ZeRO-2 setup on GPUs.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
+
+from .data import STAMPCollator, STAMPDataset
+
+# The paper's optimisation settings (Table S1); batch size 96 = devices x per_device x gradient_accumulation.
+PAPER_TRAINING_ARGUMENTS = {
+    "learning_rate": 3e-5,
+    "lr_scheduler_type": "linear",
+    "warmup_steps": 0.03,  # a float < 1 is a fraction of the total steps: 3% warm-up
+    "weight_decay": 0.0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "max_grad_norm": 1.0,
+    "num_train_epochs": 3,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "activation_checkpointing": True,  # gradient checkpointing
+    "activation_checkpointing_kwargs": {"use_reentrant": False},
+    "logging_steps": 10,
+    "save_strategy": "epoch",
+    "save_total_limit": 2,
+    "report_to": "none",
+    "remove_unused_columns": False,  # mask_labels is not a tensor column
+}
+OFFICIAL_MASK_LOSS_WEIGHTS = (0.3, 0.7)  # BCE, Dice: the released training code's weights (the paper writes 1 + 1)
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 64
+    alpha: int = 128
+    dropout: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    """What `stamp-hf train` reads from its config file; see the module docstring for the file format."""
+
+    model: str
+    data: str
+    output_dir: str
+    finetuning: str = "full"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    mask_loss_weights: list | str | None = None
+    resume: bool | str = False
+    dtype: str = "float32"  # the weights the optimizer updates; mixed precision comes from training.bf16
+    trust_remote_code: bool = False
+    training: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.finetuning not in ("full", "lora"):
+            raise ValueError(f"finetuning must be 'full' or 'lora', got {self.finetuning!r}")
+        if isinstance(self.lora, dict):
+            unknown = set(self.lora) - {f.name for f in fields(LoraSettings)}
+            if unknown:
+                raise ValueError(f"unknown lora setting(s) {sorted(unknown)}; known: rank, alpha, dropout")
+            self.lora = LoraSettings(**self.lora)
+        if self.mask_loss_weights == "official":
+            self.mask_loss_weights = list(OFFICIAL_MASK_LOSS_WEIGHTS)
+        elif self.mask_loss_weights is not None and (
+            not isinstance(self.mask_loss_weights, (list, tuple)) or len(self.mask_loss_weights) != 2
+        ):
+            raise ValueError(f"mask_loss_weights must be [bce, dice], 'official' or null, got {self.mask_loss_weights!r}")
+        known = {f.name for f in fields(TrainingArguments)}
+        unknown = sorted(set(self.training) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}: 'training' takes TrainingArguments fields")
+        if "output_dir" in self.training:
+            raise ValueError("set output_dir at the top level of the config, not under 'training'")
+
+    @classmethod
+    def from_file(cls, path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such config file: {path}")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            try:
+                raw = yaml.safe_load(text)
+            except yaml.YAMLError as error:
+                raise ValueError(f"{path}: not valid YAML ({error})") from None
+        else:
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the config must be a mapping of settings")
+        missing = [name for name in ("model", "data", "output_dir") if name not in raw]
+        if missing:
+            raise ValueError(f"{path}: missing required setting(s) {missing}")
+        unknown = sorted(set(raw) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{path}: unknown setting(s) {unknown}")
+        # relative paths in the file are relative to the file, so a config runs from any directory
+        for key in ("data", "output_dir"):
+            raw[key] = str((path.parent / raw[key]).resolve()) if not Path(raw[key]).is_absolute() else raw[key]
+        model = path.parent / raw["model"]
+        if not Path(raw["model"]).is_absolute() and model.exists():
+            raw["model"] = str(model.resolve())
+        return cls(**raw)
+
+    def training_arguments(self) -> TrainingArguments:
+        settings = dict(PAPER_TRAINING_ARGUMENTS)
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            settings["bf16"] = True
+        settings.update(self.training)
+        return TrainingArguments(output_dir=self.output_dir, **settings)
+
+
+class STAMPTrainer(Trainer):
+    """Trainer on STAMPModel's loss L_text + L_mask that also logs the two parts as `text_loss` and `mask_loss`.
+
+    L_text is normalised by the number of label tokens in the whole (accumulated, all-process) batch, as Trainer does
+    for causal LMs; L_mask is the mean over the `<|seg|>` of each micro-batch, averaged over accumulation and processes.
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._parts = None
+        self._parts_logged_at = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+            inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
+        outputs = model(**inputs)
+        steps = self.current_gradient_accumulation_steps if model.training else 1
+        text = outputs.text_loss if outputs.text_loss is not None else outputs.mask_loss.new_zeros(())
+        if "num_items_in_batch" in inputs:  # a sum over this batch / the tokens of all processes and micro-batches
+            if self.args.average_tokens_across_devices:
+                text = text * self.accelerator.num_processes  # DDP averages the gradients of the processes
+        else:
+            text = text / steps
+        mask = outputs.mask_loss / steps
+        if model.training:
+            parts = torch.stack([text.detach(), mask.detach()])
+            self._parts = parts if self._parts is None else self._parts + parts
+        loss = text + mask
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, start_time=None):
+        if "loss" in logs and self._parts is not None:
+            steps = max(self.state.global_step - self._parts_logged_at, 1)
+            text, mask = (self.accelerator.gather(self._parts[None]).mean(0) / steps).tolist()
+            logs = {**logs, "text_loss": text, "mask_loss": mask}
+            self._parts, self._parts_logged_at = None, self.state.global_step
+        super().log(logs, start_time)
+
+
+def apply_lora(model, settings: LoraSettings | None = None):
+    """The paper's LoRA: adapters on every linear layer (language model and vision tower); the mask classifier and the
+    embedding rows (and untied lm_head rows) of the STAMP tokens trained in full, so `<|seg|>` can be learned."""
+    from peft import LoraConfig, get_peft_model
+
+    settings = settings or LoraSettings()
+    stamp_ids = [getattr(model.config, f"{name}_token_id") for name in ("seg", "mask", "yes", "no")]
+    trainable_rows = {"embed_tokens": stamp_ids}
+    if not model.config.tie_word_embeddings:
+        trainable_rows["lm_head"] = stamp_ids
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules="all-linear",
+        exclude_modules=["classifier"],
+        modules_to_save=["classifier"],
+        trainable_token_indices=trainable_rows,
+    )
+    return get_peft_model(model, config)
+
+
+def merge_and_save(model, processor, folder) -> Path:
+    """Save a plain STAMP checkpoint (safetensors + config + processor + remote code): LoRA weights merged in."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def train(config: TrainConfig | dict | str | Path) -> STAMPTrainer:
+    """Fine-tune a STAMP checkpoint as `config` says (a TrainConfig, a dict of its fields, or a config file) and save
+    the result to `config.output_dir` as a plain STAMP checkpoint. Returns the Trainer (its `state.log_history` holds
+    loss, text_loss and mask_loss per logging step)."""
+    if isinstance(config, (str, Path)):
+        config = TrainConfig.from_file(config)
+    elif isinstance(config, dict):
+        config = TrainConfig(**config)
+    output_dir = Path(config.output_dir)
+    if (output_dir / "config.json").exists() and not config.resume:
+        raise FileExistsError(f"{output_dir} already holds a model; choose another output_dir or set resume: true")
+    args = config.training_arguments()
+
+    processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+    model = AutoModel.from_pretrained(
+        config.model, dtype=getattr(torch, config.dtype), trust_remote_code=config.trust_remote_code
+    )
+    if getattr(model.config, "model_type", None) != "stamp":
+        raise ValueError(f"{config.model} is not a STAMP checkpoint (model_type {model.config.model_type!r})")
+    if config.mask_loss_weights is not None:
+        model.config.bce_loss_weight, model.config.dice_loss_weight = (float(w) for w in config.mask_loss_weights)
+    if config.finetuning == "lora":
+        model = apply_lora(model, config.lora)
+
+    trainer = STAMPTrainer(
+        model=model,
+        args=args,
+        train_dataset=STAMPDataset(config.data, processor),
+        data_collator=STAMPCollator(processor),
+    )
+    trainer.train(resume_from_checkpoint=config.resume or None)
+    if trainer.is_world_process_zero():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if config.finetuning == "lora":  # keep the adapter too: small, and loadable on the base checkpoint
+            model.save_pretrained(output_dir / "adapter")
+        merge_and_save(model, processor, output_dir)
+        (output_dir / "stamp_train_config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+    trainer.accelerator.wait_for_everyone()
+    return trainer
+
+
+__all__ = [
+    "OFFICIAL_MASK_LOSS_WEIGHTS",
+    "PAPER_TRAINING_ARGUMENTS",
+    "LoraSettings",
+    "STAMPTrainer",
+    "TrainConfig",
+    "apply_lora",
+    "merge_and_save",
+    "train",
+]

@@ -1,0 +1,55 @@
+"""A tiny segmentation dataset written in the training format: coloured rectangles on cell-aligned positions, with
+exact masks, so a model can learn them in a few steps."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# (height, width), shape box (top, left, bottom, right) in pixels on the 28 px patch grid, colour name, RGB
+SHAPES = [
+    ((112, 112), (28, 28, 84, 84), "red", (220, 30, 30)),
+    ((84, 140), (0, 84, 56, 140), "blue", (30, 30, 220)),
+    ((140, 84), (84, 0, 140, 56), "green", (30, 180, 30)),
+    ((112, 168), (28, 0, 112, 56), "yellow", (230, 210, 20)),
+]
+
+
+def shape_mask(size, box):
+    mask = np.zeros(size, dtype=bool)
+    top, left, bottom, right = box
+    mask[top:bottom, left:right] = True
+    return mask
+
+
+def write_shapes_dataset(folder, mask_format="png", shapes=SHAPES) -> Path:
+    """Write images/, masks/ and data.jsonl under `folder`; returns the .jsonl path."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(exist_ok=True)
+    lines = []
+    for k, (size, box, name, rgb) in enumerate(shapes):
+        image = np.full((*size, 3), 245, dtype=np.uint8)
+        mask = shape_mask(size, box)
+        image[mask] = rgb
+        Image.fromarray(image).save(folder / "images" / f"{k}.png")
+        top, left, bottom, right = box
+        if mask_format == "png":
+            Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "masks" / f"{k}.png")
+            spec = {"png": f"masks/{k}.png"}
+        else:  # polygon with vertices on pixel corners: pycocotools fills exactly the box
+            spec = {"polygons": [[left, top, right, top, right, bottom, left, bottom]]}
+        lines.append(
+            {
+                "image": f"images/{k}.png",
+                "messages": [
+                    {"role": "user", "content": f"Please segment the {name} square."},
+                    {"role": "assistant", "content": "Sure, it is <|seg|>."},
+                ],
+                "masks": [spec],
+            }
+        )
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path

@@ -1,0 +1,174 @@
+"""Training through transformers' Trainer: a tiny model overfits tiny data, LoRA merges into a plain checkpoint,
+activation checkpointing changes nothing but memory, and `stamp-hf train` reads its config file."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import run_isolated
+from shapes_data import SHAPES, shape_mask, write_shapes_dataset
+from stamp_hf.cli import main as cli
+from stamp_hf.data import STAMPCollator, STAMPDataset
+from stamp_hf.testing import tiny_stamp
+from stamp_hf.training import STAMPTrainer, TrainConfig, apply_lora, train
+
+FAST = {"learning_rate": 3e-3, "warmup_steps": 0, "save_strategy": "no", "use_cpu": True, "logging_steps": 1, "seed": 0}
+
+
+@pytest.fixture
+def base(tmp_path):
+    """A tiny random STAMP checkpoint on disk and the shapes data set."""
+    model, processor = tiny_stamp(seed=0)
+    model.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    return tmp_path / "base", write_shapes_dataset(tmp_path / "data")
+
+
+def iou(a, b):
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
+def test_tiny_model_overfits_tiny_data_through_stamp_hf_train(base, tmp_path):
+    checkpoint, data = base
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        f"model: {checkpoint}\ndata: {data}\noutput_dir: out\n"
+        f"training: {json.dumps(dict(FAST, num_train_epochs=60, per_device_train_batch_size=4))}\n"
+    )
+    assert cli(["train", str(config)]) == 0
+    out = tmp_path / "out"  # relative to the config file
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    dataset = STAMPDataset(data, processor)
+    batch = STAMPCollator(processor)([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        outputs = model(**batch)
+    sizes = [size for size, *_ in SHAPES]
+    masks = processor.post_process_masks(outputs.mask_logits, target_sizes=sizes)
+    for (size, box, *_), (mask,) in zip(SHAPES, masks):
+        assert iou(mask.numpy(), shape_mask(size, box)) > 0.9
+    # the text loss fell: the trained model's L_text (and L_mask) on these samples is far below the untrained one
+    first = tiny_stamp(seed=0)[0]
+    with torch.no_grad():
+        start = first(**batch)
+    assert outputs.text_loss < 0.2 * start.text_loss
+    assert outputs.mask_loss < 0.2 * start.mask_loss
+
+
+def test_trainer_logs_text_and_mask_loss_and_their_sum(base, tmp_path):
+    checkpoint, data = base
+    trainer = train(dict(model=str(checkpoint), data=str(data), output_dir=str(tmp_path / "out"),
+                         mask_loss_weights="official", training=dict(FAST, max_steps=4, per_device_train_batch_size=2)))
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(steps) == 4
+    for entry in steps:
+        assert entry["text_loss"] > 0 and entry["mask_loss"] > 0
+        assert entry["loss"] == pytest.approx(entry["text_loss"] + entry["mask_loss"], rel=1e-5)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    # the output folder holds a plain checkpoint, and a second run there is refused instead of overwriting it
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (saved["bce_loss_weight"], saved["dice_loss_weight"]) == (0.3, 0.7)
+    with pytest.raises(FileExistsError, match="already holds a model"):
+        train(dict(model=str(checkpoint), data=str(data), output_dir=str(tmp_path / "out")))
+
+
+def test_activation_checkpointing_gives_the_same_training(base, tmp_path):
+    checkpoint, data = base
+    curves = []
+    for checkpointing in (False, True):
+        trainer = train(dict(model=str(checkpoint), data=str(data), output_dir=str(tmp_path / f"out{checkpointing}"),
+                             training=dict(FAST, max_steps=3, per_device_train_batch_size=2,
+                                           activation_checkpointing=checkpointing)))
+        assert trainer.model.is_activation_checkpointing == checkpointing
+        curves.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-5)
+
+
+def test_lora_trains_the_paper_modules():
+    model, _ = tiny_stamp(seed=0)
+    peft_model = apply_lora(model)
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    lora = peft_model.peft_config["default"]
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (64, 128, 0.05)
+    assert any("classifier.modules_to_save" in n for n in trainable)
+    assert any("embed_tokens.token_adapter" in n for n in trainable)
+    for part in ("visual.blocks.0.attn.qkv", "language_model.layers.0.self_attn.q_proj", "layers.1.mlp.down_proj"):
+        assert any(part in n and "lora_A" in n for n in trainable), part
+    # everything else is frozen: trainable parameters are a small share of the model
+    total = sum(p.numel() for p in peft_model.parameters())
+    assert not any("lora" in n for n in trainable if "classifier" in n)
+    assert sum(p.numel() for n, p in peft_model.named_parameters() if n in trainable) < total
+
+
+def test_lora_merges_into_a_plain_checkpoint_with_the_adapter_outputs(base, tmp_path):
+    checkpoint, data = base
+    train(dict(model=str(checkpoint), data=str(data), output_dir=str(tmp_path / "out"), finetuning="lora",
+               training=dict(FAST, max_steps=5, per_device_train_batch_size=2)))
+    merged = tmp_path / "out"
+    # the unmerged adapter on the base checkpoint, in this process
+    from peft import PeftModel
+    from transformers import AutoModel, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(merged)
+    dataset = STAMPDataset(data, processor)
+    batch = STAMPCollator(processor)([dataset[0], dataset[1]])
+    tensors = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "batch.safetensors")
+    adapter = PeftModel.from_pretrained(AutoModel.from_pretrained(checkpoint), merged / "adapter").eval()
+    base_model = AutoModel.from_pretrained(checkpoint).eval()
+    with torch.no_grad():
+        want = adapter(**batch)
+        before = base_model(**batch)
+    # the merged checkpoint, in a fresh interpreter without stamp_hf (Hub remote code only)
+    run_isolated(
+        f"""
+        import torch
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(merged)!r}, trust_remote_code=True).eval()
+        assert type(model).__name__ == "STAMPModel", type(model)
+        batch = load_file({str(tmp_path / "batch.safetensors")!r})
+        with torch.no_grad():
+            out = model(**batch, mask_labels=[torch.zeros(1, 1, 1)] * 2)
+        grids = {{f"mask{{i}}": row[0].contiguous() for i, row in enumerate(out.mask_logits)}}
+        save_file(dict(grids, logits=out.logits.contiguous()), {str(tmp_path / "merged.safetensors")!r})
+        """,
+        tmp_path,
+    )
+    got = load_file(tmp_path / "merged.safetensors")
+    torch.testing.assert_close(got["logits"], want.logits, atol=1e-4, rtol=1e-4)
+    for i in range(2):
+        torch.testing.assert_close(got[f"mask{i}"], want.mask_logits[i][0], atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(got[f"mask{i}"], before.mask_logits[i][0], atol=1e-3)  # the adapter did change them
+
+
+def test_config_errors_are_one_line(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    cases = {
+        "model: m\ndata: d\n": "missing required setting(s) ['output_dir']",
+        "model: m\ndata: d\noutput_dir: o\nepochs: 3\n": "unknown setting(s) ['epochs']",
+        "model: m\ndata: d\noutput_dir: o\ntraining: {lr: 1}\n": "unknown training setting(s) ['lr']",
+        "model: m\ndata: d\noutput_dir: o\nfinetuning: qlora\n": "finetuning must be 'full' or 'lora'",
+    }
+    for text, message in cases.items():
+        config.write_text(text)
+        assert cli(["train", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert cli(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such config file" in capsys.readouterr().err
+
+
+def test_paper_defaults_and_official_loss_weights():
+    config = TrainConfig(model="m", data="d", output_dir="/tmp/x", mask_loss_weights="official")
+    args = config.training_arguments()
+    assert (args.learning_rate, args.lr_scheduler_type.value, args.warmup_steps) == (3e-5, "linear", 0.03)
+    assert (args.weight_decay, args.max_grad_norm, args.adam_beta1, args.adam_beta2) == (0.0, 1.0, 0.9, 0.999)
+    assert config.mask_loss_weights == [0.3, 0.7]
+    assert (config.lora.rank, config.lora.alpha, config.lora.dropout) == (64, 128, 0.05)
