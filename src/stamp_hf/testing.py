@@ -87,7 +87,12 @@ def tiny_tokenizer(vocab_size: int = 512, corpus=None) -> Qwen2Tokenizer:
 
 
 def tiny_processor(
-    tokenizer=None, min_placeholders: int = 4, max_placeholders: int = 64, backend=None, patch_size: int = 14
+    tokenizer=None,
+    min_placeholders: int = 4,
+    max_placeholders: int = 64,
+    backend=None,
+    patch_size: int = 14,
+    merge_size: int = 2,
 ) -> STAMPProcessor:
     """A STAMPProcessor whose image backend ("torchvision" or "pil") is the one `AutoProcessor.from_pretrained` picks
     on this machine unless told otherwise, so a saved and reloaded processor gives the same pixels."""
@@ -99,7 +104,7 @@ def tiny_processor(
     else:
         image_processor_class = Qwen2VLImageProcessorPil
     return STAMPProcessor(
-        image_processor=image_processor_class(patch_size=patch_size),
+        image_processor=image_processor_class(patch_size=patch_size, merge_size=merge_size),
         tokenizer=tokenizer,
         min_placeholders=min_placeholders,
         max_placeholders=max_placeholders,
@@ -113,6 +118,7 @@ def tiny_config(
     vision_depth: int = 2,
     vision_embed_dim: int = 32,
     patch_size: int = 14,
+    merge_size: int = 2,
     **overrides,
 ) -> STAMPConfig:
     """A STAMPConfig with Qwen2-VL's structure at toy size; token ids read from `tokenizer`."""
@@ -140,6 +146,7 @@ def tiny_config(
             num_heads=2,
             mlp_ratio=2,
             patch_size=patch_size,
+            spatial_merge_size=merge_size,
         ),
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
@@ -154,11 +161,19 @@ def tiny_config(
     return config
 
 
-def tiny_stamp(seed: int = 0, attn_implementation: str = "sdpa", **config_overrides) -> tuple[STAMPModel, STAMPProcessor]:
+def tiny_stamp(
+    seed: int = 0, attn_implementation: str = "sdpa", tokenizer=None, **config_overrides
+) -> tuple[STAMPModel, STAMPProcessor]:
     """A random tiny STAMP model and its processor, ready for `generate_with_masks` and `save_pretrained`."""
-    tokenizer = tiny_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
     config = tiny_config(tokenizer, **config_overrides)
-    processor = tiny_processor(tokenizer, config.min_placeholders, config.max_placeholders)
+    processor = tiny_processor(
+        tokenizer,
+        config.min_placeholders,
+        config.max_placeholders,
+        patch_size=config.vision_config.patch_size,
+        merge_size=config.vision_config.spatial_merge_size,
+    )
     torch.manual_seed(seed)
     config._attn_implementation = attn_implementation
     model = STAMPModel(config).eval()
