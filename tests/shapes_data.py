@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 # (height, width), shape box (top, left, bottom, right) in pixels on the 28 px patch grid, colour name, RGB
@@ -53,3 +55,13 @@ def write_shapes_dataset(folder, mask_format="png", shapes=SHAPES) -> Path:
     path = folder / "data.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread; on shared cores several OpenMP threads spin against each other
+    (tens of times slower). Import this fixture into a test module to use it there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

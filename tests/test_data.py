@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shapes_data import SHAPES, shape_mask, write_shapes_dataset
+from shapes_data import one_thread, SHAPES, shape_mask, write_shapes_dataset  # noqa: F401 (fixture)
 from stamp_hf.data import IGNORE_INDEX, STAMPCollator, STAMPDataset, encode_conversation, load_mask, read_records
 
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import run_isolated
-from shapes_data import SHAPES, shape_mask, write_shapes_dataset
+from shapes_data import one_thread, SHAPES, shape_mask, write_shapes_dataset  # noqa: F401 (fixture)
 from stamp_hf.cli import main as cli
 from stamp_hf.data import STAMPCollator, STAMPDataset
 from stamp_hf.testing import tiny_stamp
@@ -172,3 +172,22 @@ def test_paper_defaults_and_official_loss_weights():
     assert (args.weight_decay, args.max_grad_norm, args.adam_beta1, args.adam_beta2) == (0.0, 1.0, 0.9, 0.999)
     assert config.mask_loss_weights == [0.3, 0.7]
     assert (config.lora.rank, config.lora.alpha, config.lora.dropout) == (64, 128, 0.05)
+
+
+def test_shipped_recipes_parse_and_use_zero2():
+    from pathlib import Path
+
+    configs = Path(__file__).parent.parent / "configs"
+    zero2 = json.loads((configs / "ds_zero2.json").read_text())
+    assert zero2["zero_optimization"]["stage"] == 2
+    # batch, accumulation and clipping come from TrainingArguments ("auto"), so the YAML is the one source
+    assert all(zero2[k] == "auto" for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                             "gradient_clipping"))
+    full = TrainConfig.from_file(configs / "stamp-2b-refcoco.yaml")
+    lora = TrainConfig.from_file(configs / "stamp-7b-lora.yaml")
+    assert full.finetuning == "full" and lora.finetuning == "lora"
+    for config in (full, lora):
+        assert config.training["deepspeed"] == str((configs / "ds_zero2.json").resolve())
+        batch = config.training["per_device_train_batch_size"] * config.training["gradient_accumulation_steps"]
+        assert batch * 8 == 96  # the paper's batch on 8 GPUs
+    assert lora.training["learning_rate"] == 2e-5 and full.training["learning_rate"] == 3e-5

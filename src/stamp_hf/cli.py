@@ -9,6 +9,7 @@ import sys
 # name -> one-line help; the module stamp_hf.commands.<name> implements it
 COMMANDS = {
     "train": "fine-tune STAMP on JSON Lines data (full or LoRA) with transformers' Trainer",
+    "eval": "evaluate STAMP on referring segmentation data (cIoU, gIoU, N-acc, T-acc)",
 }
 
 

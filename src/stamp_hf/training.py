@@ -122,9 +122,13 @@ class TrainConfig:
         # relative paths in the file are relative to the file, so a config runs from any directory
         for key in ("data", "output_dir"):
             raw[key] = str((path.parent / raw[key]).resolve()) if not Path(raw[key]).is_absolute() else raw[key]
-        model = path.parent / raw["model"]
-        if not Path(raw["model"]).is_absolute() and model.exists():
-            raw["model"] = str(model.resolve())
+        def beside_config(value):  # a model folder or DeepSpeed file next to the config; else a Hub id / as given
+            return str((path.parent / value).resolve()) if isinstance(value, str) and (path.parent / value).exists() else value
+
+        raw["model"] = beside_config(raw["model"])
+        training = raw.get("training") or {}
+        if "deepspeed" in training:
+            training["deepspeed"] = beside_config(training["deepspeed"])
         return cls(**raw)
 
     def training_arguments(self) -> TrainingArguments:
@@ -246,6 +250,7 @@ def train(config: TrainConfig | dict | str | Path) -> STAMPTrainer:
         if config.finetuning == "lora":  # keep the adapter too: small, and loadable on the base checkpoint
             model.save_pretrained(output_dir / "adapter")
         merge_and_save(model, processor, output_dir)
+        trainer.state.save_to_json(output_dir / "trainer_state.json")  # log_history: loss, text_loss, mask_loss
         (output_dir / "stamp_train_config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
     trainer.accelerator.wait_for_everyone()
     return trainer

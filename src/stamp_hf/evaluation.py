@@ -1,0 +1,370 @@
+"""Referring-segmentation evaluation: cIoU, gIoU, gRefCOCO N-acc / T-acc, on REFER, gRefCOCO, ReasonSeg or JSONL data.
+
+Protocol (as in LISA / GRES): the prediction for a sample is the union of the masks of every `<|seg|>` the model
+writes (none: an empty mask). Per sample, I and U are pixel counts at the original image size, pixels marked "ignore"
+left out. cIoU = sum(I) / sum(U) over all samples; gIoU = mean per-sample IoU, where a sample with an empty target
+scores 1 if the prediction is empty too and 0 otherwise. N-acc = share of no-target samples predicted empty; T-acc =
+share of target samples predicted non-empty.
+
+Results go to OUTPUT/results.jsonl (one line per sample), OUTPUT/summary.json and OUTPUT/summary.md. A run that is
+interrupted continues where it stopped; under `accelerate launch` / torchrun each process takes a share of the samples
+and the main process merges the results, each sample exactly once.
+"""
+
+import json
+import os
+import pickle
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import load_mask, read_records
+
+RES_PROMPT = "Please segment only the {} in the image."  # Prompt S1 of the paper
+REASON_PROMPT = "{} Please respond with segmentation mask."  # Prompt S2, for sentence queries
+
+
+@dataclass
+class EvalSample:
+    """One query: an image, the text of the user turn, and the target as masks of the training format (their union;
+    none = no target). `ignore` masks are pixels left out of I and U."""
+
+    id: str
+    image: Path
+    prompt: str
+    targets: list[dict] = field(default_factory=list)
+    ignore: list[dict] = field(default_factory=list)
+    root: Path = Path(".")
+
+
+# A refinement step (e.g. SAM): (image, (h, w) patch-logit grid, predicted bool mask at image size) -> refined mask.
+Refiner = Callable[[Image.Image, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+
+
+def intersection_union(prediction: np.ndarray, target: np.ndarray, ignore: np.ndarray | None = None) -> tuple[int, int]:
+    """Pixel counts of prediction & target and prediction | target, outside `ignore`."""
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {prediction.shape} and target {target.shape} differ in size")
+    keep = ~ignore if ignore is not None else np.ones_like(target, dtype=bool)
+    return int((prediction & target & keep).sum()), int(((prediction | target) & keep).sum())
+
+
+def sample_scores(intersection: int, union: int, target_empty: bool, prediction_empty: bool) -> dict:
+    """The per-sample numbers the summary is built from."""
+    if target_empty:
+        iou = 1.0 if prediction_empty else 0.0
+    else:
+        iou = intersection / union if union else 0.0
+    return {"intersection": intersection, "union": union, "iou": iou,
+            "target_empty": target_empty, "prediction_empty": prediction_empty}
+
+
+def summarize(scores: list[dict]) -> dict:
+    """cIoU, gIoU (in %), N-acc and T-acc (in %, None without such samples) and sample counts."""
+    if not scores:
+        raise ValueError("no results to summarize")
+    union = sum(s["union"] for s in scores)
+    no_target = [s for s in scores if s["target_empty"]]
+    target = [s for s in scores if not s["target_empty"]]
+    return {
+        "samples": len(scores),
+        "no_target_samples": len(no_target),
+        "cIoU": 100 * sum(s["intersection"] for s in scores) / union if union else 100.0,
+        "gIoU": 100 * sum(s["iou"] for s in scores) / len(scores),
+        "N-acc": 100 * sum(s["prediction_empty"] for s in no_target) / len(no_target) if no_target else None,
+        "T-acc": 100 * sum(not s["prediction_empty"] for s in target) / len(target) if target else None,
+    }
+
+
+def summary_table(summaries: dict[str, dict]) -> str:
+    """A Markdown table, one row per variant ("STAMP", "STAMP + refinement")."""
+    columns = ["samples", "cIoU", "gIoU", "N-acc", "T-acc"]
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, summary in summaries.items():
+        cells = [f"{summary[c]:.2f}" if isinstance(summary[c], float) else "-" if summary[c] is None else str(summary[c])
+                 for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- loaders
+
+
+def load_jsonl_samples(path) -> list[EvalSample]:
+    """Records of the training format: the first user turn is the query, the union of the masks is the target."""
+    samples = []
+    for number, record in enumerate(read_records(path)):
+        prompt = next(m["content"] for m in record.messages if m["role"] == "user")
+        targets = [spec for spec in record.masks if "empty" not in spec]
+        samples.append(EvalSample(str(number), record.image, prompt, targets, root=record.root))
+    return samples
+
+
+def _read_pickle(path: Path, allow_pickle: bool):
+    if not allow_pickle:
+        raise ValueError(
+            f"{path} is a pickle, and loading a pickle can run arbitrary code; pass allow_pickle=True "
+            "(--allow-pickle) only if you trust the file"
+        )
+    with path.open("rb") as f:
+        return pickle.load(f)
+
+
+def _coco(root: Path):
+    instances = root / "instances.json"
+    if not instances.is_file():
+        raise FileNotFoundError(f"{instances} not found: the REFER layout has it next to the refs file")
+    coco = json.loads(instances.read_text())
+    return {a["id"]: a for a in coco["annotations"]}, {i["id"]: i for i in coco["images"]}
+
+
+def _mask_spec(segmentation) -> dict:
+    return {"polygons": segmentation} if isinstance(segmentation, list) else {"rle": segmentation}
+
+
+def load_refer(
+    root, split: str, split_by: str = "unc", image_root=None, allow_pickle: bool = False, prompt: str = RES_PROMPT
+) -> list[EvalSample]:
+    """The REFER layout (RefCOCO, RefCOCO+, RefCOCOg, RefCLEF): `root/refs(SPLIT_BY).p` + `root/instances.json`;
+    images from `image_root` (COCO train2014). One sample per referring sentence, asked as `prompt`.format(sentence)."""
+    refs_file = _refs_file(root, f"refs({split_by}).p")
+    return _reference_samples(refs_file, _read_pickle(refs_file, allow_pickle), split, image_root, prompt)
+
+
+def load_grefcoco(root, split: str, split_by: str = "unc", image_root=None, prompt: str = RES_PROMPT) -> list[EvalSample]:
+    """gRefCOCO: `root/grefs(SPLIT_BY).json` + `root/instances.json`. A reference points at any number of objects
+    (`ann_id` a list; `no_target` true and ann_id [-1] when nothing matches)."""
+    refs_file = _refs_file(root, f"grefs({split_by}).json")
+    return _reference_samples(refs_file, json.loads(refs_file.read_text()), split, image_root, prompt)
+
+
+def _refs_file(root, name) -> Path:
+    refs_file = Path(root) / name
+    if not refs_file.is_file():
+        raise FileNotFoundError(f"{refs_file} not found")
+    return refs_file
+
+
+def _reference_samples(refs_file: Path, refs: list, split: str, image_root, prompt: str) -> list[EvalSample]:
+    """One sample per sentence of each reference in `split`; the target is the union of its annotations' masks."""
+    annotations, images = _coco(refs_file.parent)
+    image_root = Path(image_root) if image_root else refs_file.parent
+    samples = []
+    for ref in refs:
+        if ref["split"] != split:
+            continue
+        ann_ids = ref["ann_id"] if isinstance(ref["ann_id"], list) else [ref["ann_id"]]
+        targets = [] if ref.get("no_target") else [_mask_spec(annotations[a]["segmentation"]) for a in ann_ids if a != -1]
+        image = image_root / images[ref["image_id"]]["file_name"]
+        for sentence in ref["sentences"]:
+            sample_id = f"{ref['ref_id']}_{sentence['sent_id']}"
+            samples.append(EvalSample(sample_id, image, prompt.format(sentence["sent"]), targets))
+    if not samples:
+        raise ValueError(f"{refs_file} has no references in split {split!r}")
+    return samples
+
+
+def load_reasonseg(folder, split: str | None = None) -> list[EvalSample]:
+    """ReasonSeg (LISA): `folder[/split]/NAME.jpg` + `NAME.json` with {"text": [...], "is_sentence": bool, "shapes":
+    [{"label": "target" | "ignore", "points": [[x, y], ...]}]}. The first text is the query, as in LISA."""
+    folder = Path(folder) / split if split else Path(folder)
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"no ReasonSeg .json annotations in {folder}")
+    samples = []
+    for file in files:
+        annotation = json.loads(file.read_text())
+        image = next((file.with_suffix(s) for s in (".jpg", ".jpeg", ".png") if file.with_suffix(s).exists()), None)
+        if image is None:
+            raise FileNotFoundError(f"no image next to {file}")
+        polygons = {"target": [], "ignore": []}
+        for shape in annotation["shapes"]:
+            label = "ignore" if shape["label"].lower() == "ignore" else "target"
+            polygons[label].append({"polygons": [[float(v) for point in shape["points"] for v in point]]})
+        text = annotation["text"][0] if isinstance(annotation["text"], list) else annotation["text"]
+        prompt = REASON_PROMPT.format(text) if annotation.get("is_sentence") else RES_PROMPT.format(text)
+        samples.append(EvalSample(file.stem, image, prompt, polygons["target"], polygons["ignore"], root=folder))
+    return samples
+
+
+def load_samples(data, split=None, split_by="unc", image_root=None, allow_pickle=False, prompt=RES_PROMPT):
+    """Pick the loader from what `data` is: a .jsonl file, a REFER folder (refs(*).p), a gRefCOCO folder
+    (grefs(*).json) or a ReasonSeg folder (NAME.json + NAME.jpg, optionally in a split subfolder)."""
+    data = Path(data)
+    if data.is_file() and data.suffix == ".jsonl":
+        return load_jsonl_samples(data)
+    if not data.is_dir():
+        raise FileNotFoundError(f"no such data file or folder: {data}")
+    if any(data.glob("grefs(*).json")):
+        return load_grefcoco(data, split or "val", split_by, image_root, prompt)
+    if any(data.glob("refs(*).p")):
+        return load_refer(data, split or "val", split_by, image_root, allow_pickle, prompt)
+    return load_reasonseg(data, split)
+
+
+def _sample_masks(sample: EvalSample, size) -> tuple[np.ndarray, np.ndarray | None]:
+    """Union of the target masks and of the ignore regions at `size` = (width, height)."""
+
+    def union(specs):
+        mask = np.zeros((size[1], size[0]), dtype=bool)
+        for k, spec in enumerate(specs):
+            mask |= load_mask(spec, size, sample.root, f"sample {sample.id} mask {k}")
+        return mask
+
+    return union(sample.targets), union(sample.ignore) if sample.ignore else None
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    model,
+    processor,
+    samples: list[EvalSample],
+    output_dir,
+    run_info: dict | None = None,
+    refine: Refiner | None = None,
+    max_new_tokens: int = 64,
+    progress: bool = True,
+) -> dict:
+    """
+    Generate a response with masks for every sample, score it, and write results.jsonl, summary.json and
+    summary.md under `output_dir`. Samples already in the results there are skipped (resume). Under several processes
+    (accelerate launch / torchrun) each one takes every world_size-th remaining sample; the main process merges.
+
+    run_info: what identifies the run (model, data, split, ...); resuming a folder written with other run_info is
+    refused. refine: an optional refinement step (e.g. SAM); its results are scored and summarized alongside.
+    Returns {"STAMP": summary, ["STAMP + refinement": summary]}.
+    """
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    state = PartialState()
+    output_dir = Path(output_dir)
+    run_info = dict(run_info or {}, refine=refine is not None)
+    if state.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _check_run_info(output_dir / "run.json", run_info)
+    state.wait_for_everyone()
+
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise ValueError("sample ids are not unique")
+    done = _read_results(output_dir)
+    remaining = [s for s in samples if s.id not in done]
+    state.wait_for_everyone()  # every process has the same view of what is done before anyone writes
+    mine = remaining[state.process_index :: state.num_processes]
+    model = model.to(state.device).eval()
+    part = output_dir / f"results.part{state.process_index}.{os.getpid()}.jsonl"
+    with part.open("a", encoding="utf-8") as out:
+        bar = tqdm(mine, desc="eval", disable=not (progress and state.is_main_process), unit="sample")
+        for sample in bar:
+            out.write(json.dumps(_evaluate_one(model, processor, sample, refine, max_new_tokens)) + "\n")
+            out.flush()
+    state.wait_for_everyone()
+
+    if state.is_main_process:
+        results = _read_results(output_dir)
+        ordered = [results[i] for i in ids if i in results]
+        if len(ordered) != len(samples):
+            raise RuntimeError(f"{len(samples) - len(ordered)} samples have no result")
+        temporary = output_dir / "results.jsonl.tmp"
+        temporary.write_text("".join(json.dumps(r) + "\n" for r in ordered), encoding="utf-8")
+        temporary.replace(output_dir / "results.jsonl")
+        for leftover in output_dir.glob("results.part*.jsonl"):
+            leftover.unlink()
+        summaries = {"STAMP": summarize(ordered)}
+        if refine is not None:
+            summaries["STAMP + refinement"] = summarize([r["refined"] for r in ordered])
+        (output_dir / "summary.json").write_text(json.dumps(dict(summaries, run=run_info), indent=2))
+        table = summary_table(summaries)
+        (output_dir / "summary.md").write_text(table + "\n")
+        print(table)
+    state.wait_for_everyone()
+    summary = json.loads((output_dir / "summary.json").read_text())
+    summary.pop("run")
+    return summary
+
+
+def _evaluate_one(model, processor, sample: EvalSample, refine, max_new_tokens) -> dict:
+    try:
+        with Image.open(sample.image) as file:
+            image = file.convert("RGB")
+    except OSError as error:
+        raise OSError(f"sample {sample.id}: cannot read image {sample.image}: {error}") from None
+    target, ignore = _sample_masks(sample, image.size)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": sample.prompt}]}]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    ).to(model.device)
+    with torch.no_grad():
+        out = model.generate_with_masks(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    response = processor.decode(out.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=False)
+    grids = out.mask_logits[0]
+    masks = processor.post_process_masks([grids], target_sizes=[(image.height, image.width)])[0]
+    prediction = _union(masks, image.size)
+    record = {"id": sample.id, "prompt": sample.prompt, "response": response, "masks": len(masks),
+              **sample_scores(*intersection_union(prediction, target, ignore), not target.any(), not prediction.any())}
+    if refine is not None:
+        refined = [refine(image, grid, mask).cpu() for grid, mask in zip(grids, masks)]
+        refined_prediction = _union(refined, image.size)
+        record["refined"] = sample_scores(
+            *intersection_union(refined_prediction, target, ignore), not target.any(), not refined_prediction.any()
+        )
+    return record
+
+
+def _union(masks, size) -> np.ndarray:
+    prediction = np.zeros((size[1], size[0]), dtype=bool)
+    for mask in masks:
+        prediction |= np.asarray(mask.cpu(), dtype=bool)
+    return prediction
+
+
+def _read_results(output_dir: Path) -> dict:
+    """Results so far by sample id: the merged file, then every part file; a torn last line is ignored (redone)."""
+    results = {}
+    for file in [output_dir / "results.jsonl", *sorted(output_dir.glob("results.part*.jsonl"))]:
+        if not file.exists():
+            continue
+        for line in file.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            results.setdefault(record["id"], record)
+    return results
+
+
+def _check_run_info(path: Path, run_info: dict):
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != json.loads(json.dumps(run_info)):
+            raise ValueError(
+                f"{path.parent} holds results of another run ({previous}); choose another output folder"
+            )
+    else:
+        path.write_text(json.dumps(run_info, indent=2))
+
+
+__all__ = [
+    "EvalSample",
+    "Refiner",
+    "evaluate",
+    "intersection_union",
+    "load_grefcoco",
+    "load_jsonl_samples",
+    "load_reasonseg",
+    "load_refer",
+    "load_samples",
+    "sample_scores",
+    "summarize",
+    "summary_table",
+]
