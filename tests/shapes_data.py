@@ -17,6 +17,9 @@ SHAPES = [
     ((112, 168), (28, 0, 112, 56), "yellow", (230, 210, 20)),
 ]
 
+# The paper's answers (Prompt S2): different lengths, so token-normalised losses are put to the test
+ANSWERS = ["Sure, the segmentation result is <|seg|>.", "<|seg|>.", "Sure, <|seg|>.", "Sure, it is <|seg|>."]
+
 
 def shape_mask(size, box):
     mask = np.zeros(size, dtype=bool)
@@ -47,7 +50,7 @@ def write_shapes_dataset(folder, mask_format="png", shapes=SHAPES) -> Path:
                 "image": f"images/{k}.png",
                 "messages": [
                     {"role": "user", "content": f"Please segment the {name} square."},
-                    {"role": "assistant", "content": "Sure, it is <|seg|>."},
+                    {"role": "assistant", "content": ANSWERS[k % len(ANSWERS)]},
                 ],
                 "masks": [spec],
             }

@@ -166,3 +166,20 @@ def test_bad_records_name_the_file_line_and_problem(tmp_path, tiny):
     (tmp_path / "data.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match=r"data.jsonl:1: not valid JSON"):
         read_records(tmp_path / "data.jsonl")
+
+
+def test_vqa_records_mix_with_segmentation_records(tiny, tmp_path):
+    model, processor = tiny
+    Image.new("RGB", (56, 84)).save(tmp_path / "i.png")
+    question = {"role": "user", "content": "How many shapes are there?"}
+    records = [
+        {"image": "i.png", "messages": [question, {"role": "assistant", "content": "Three."}]},
+        {"image": "i.png", "messages": [question, {"role": "assistant", "content": "Three, <|seg|>."}],
+         "masks": [{"empty": True}]},
+    ]
+    dataset = STAMPDataset(write_jsonl(tmp_path / "data.jsonl", records), processor)
+    batch = STAMPCollator(processor)([dataset[0], dataset[1]])
+    assert [tuple(m.shape) for m in batch["mask_labels"]] == [(0, 3, 2), (1, 3, 2)]
+    assert not batch["mask_labels"][1].any()  # an empty mask is all background
+    out = model(**batch)
+    assert torch.isfinite(out.loss) and [len(m) for m in out.mask_logits] == [0, 1]

@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo, launched with torchrun) train and evaluate exactly like one process."""
+"""Two CPU processes (gloo, launched with torchrun) train and evaluate exactly like one process (the reference runs
+in the test process)."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from shapes_data import SHAPES, one_thread, write_shapes_dataset  # noqa: F401 (fixture)
+from stamp_hf.cli import main as cli
 from stamp_hf.testing import tiny_stamp
 from stamp_hf.training import train
 
@@ -48,15 +50,19 @@ def test_two_processes_follow_the_loss_curve_of_one(base, tmp_path):
         config = dict(
             model=str(checkpoint), data=str(data), output_dir=str(tmp_path / f"out{processes}"),
             training=dict(learning_rate=3e-3, warmup_steps=0, max_steps=6, per_device_train_batch_size=per_device,
-                          logging_steps=1, save_strategy="no", use_cpu=True, ddp_backend="gloo", seed=0),
+                          logging_steps=1, save_strategy="no", use_cpu=True, seed=0),
         )
-        (tmp_path / "train.json").write_text(json.dumps(config))
-        result = launch(tmp_path, ["train", str(tmp_path / "train.json")], processes)
+        if processes == 1:  # the reference, in this process
+            train(config)
+        else:
+            config["training"]["ddp_backend"] = "gloo"
+            (tmp_path / "train.json").write_text(json.dumps(config))
+            result = launch(tmp_path, ["train", str(tmp_path / "train.json")], processes)
+            assert result.stdout.count("'text_loss'") == 6  # printed by the main process only
         state = json.loads((tmp_path / f"out{processes}" / "trainer_state.json").read_text())
         curves[processes] = [entry for entry in state["log_history"] if "loss" in entry]
         assert state["train_batch_size"] == per_device
         assert state["epoch"] == 3.0  # 6 steps of a global batch of 4 over 8 samples: both processes took part
-        assert result.stdout.count("'text_loss'") == 6  # printed by the main process only
     assert len(curves[1]) == len(curves[2]) == 6
     for key in ("loss", "text_loss", "mask_loss"):
         one, two = [[entry[key] for entry in curves[p]] for p in (1, 2)]
@@ -64,7 +70,7 @@ def test_two_processes_follow_the_loss_curve_of_one(base, tmp_path):
     assert curves[1][-1]["loss"] < curves[1][0]["loss"]  # it learned, so equal curves are not equal constants
 
 
-def test_eval_under_two_processes_gives_the_summary_of_one(base, tmp_path):
+def test_eval_under_two_processes_gives_the_summary_of_one(base, tmp_path, capsys):
     checkpoint, data = base
     train(dict(model=str(checkpoint), data=str(data), output_dir=str(tmp_path / "model"),
                training=dict(learning_rate=3e-3, warmup_steps=0, num_train_epochs=20, per_device_train_batch_size=4,
@@ -72,9 +78,15 @@ def test_eval_under_two_processes_gives_the_summary_of_one(base, tmp_path):
     outputs = {}
     for processes in (1, 2):
         out = tmp_path / f"eval{processes}"
-        result = launch(tmp_path, ["eval", "--model", str(tmp_path / "model"), "--data", str(data), "--output", str(out)],
-                        processes)
-        assert result.stdout.count("| STAMP | 8 |") == 1  # merged and printed once, by the main process
+        args = ["eval", "--model", str(tmp_path / "model"), "--data", str(data), "--output", str(out)]
+        if processes == 1:  # the reference, in this process
+            assert cli(args) == 0
+            stdout, stderr = capsys.readouterr()
+        else:
+            result = launch(tmp_path, args, processes)
+            stdout, stderr = result.stdout, result.stderr
+        assert stdout.count("| STAMP | 8 |") == 1  # merged and printed once, by the main process
+        assert f"| {8 // processes}/{8 // processes} " in stderr  # the main process's progress bar: its share
         outputs[processes] = (json.loads((out / "summary.json").read_text()), (out / "results.jsonl").read_text())
     assert outputs[2][0] == outputs[1][0]
     assert outputs[2][1] == outputs[1][1]  # the same per-sample results, each sample once, in data order

@@ -6,7 +6,6 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from shapes_data import one_thread, SHAPES, write_shapes_dataset  # noqa: F401 (fixture)
@@ -138,7 +137,7 @@ def test_reasonseg_loader_reads_target_and_ignore_polygons(tmp_path):
         "shapes": [{"label": "target", "points": [[0, 0], [20, 0], [20, 10], [0, 10]], "shape_type": "polygon"},
                    {"label": "ignore", "points": [[30, 0], [50, 0], [50, 30], [30, 30]], "shape_type": "polygon"}],
     }))
-    (samples,) = [load_reasonseg(tmp_path / "ReasonSeg", "val")]
+    samples = load_reasonseg(tmp_path / "ReasonSeg", "val")
     assert len(samples) == 1 and samples[0].prompt == "the thing used to tell time Please respond with segmentation mask."
     from stamp_hf.evaluation import _sample_masks
 
@@ -231,15 +230,48 @@ def test_refinement_hook_is_scored_alongside(trained, tmp_path):
     samples = load_samples(data)[:2]
     calls = []
 
-    def everything(image, grid, mask):  # a "refinement" whose result we know: the whole image
-        calls.append((image.size, tuple(grid.shape), tuple(mask.shape)))
-        return torch.ones_like(mask)
+    def everything(image, mask):  # a "refinement" whose result we know: the whole image
+        calls.append((image.size, mask.shape, mask.dtype))
+        return np.ones_like(mask)
 
     summary = evaluate(model, processor, samples, tmp_path / "out", refine=everything, progress=False)
-    assert calls == [((112, 112), (4, 4), (112, 112)), ((140, 84), (3, 5), (84, 140))]
+    assert calls == [((112, 112), (112, 112), bool), ((140, 84), (84, 140), bool)]
     areas = [(b[2] - b[0]) * (b[3] - b[1]) for _, b, *_ in SHAPES[:2]]
     pixels = [h * w for (h, w), *_ in SHAPES[:2]]
     refined = summary["STAMP + refinement"]
     assert refined["cIoU"] == pytest.approx(100 * sum(areas) / sum(pixels))
     assert refined["gIoU"] == pytest.approx(100 * np.mean([a / p for a, p in zip(areas, pixels)]))
     assert summary["STAMP"]["cIoU"] > 90
+
+
+def test_eval_command_scores_sam_refined_masks_alongside(trained, tmp_path, capsys):
+    sam_stamp = pytest.importorskip("stamp_hf.sam_stamp")  # SAM refinement lives in stamp_hf.sam_stamp
+    from stamp_hf.testing import tiny_sam
+
+    model_path, data = trained
+    sam, sam_processor = tiny_sam()
+    sam.save_pretrained(tmp_path / "sam")
+    sam_processor.save_pretrained(tmp_path / "sam")
+    out = tmp_path / "out"
+    args = ["eval", "--model", str(model_path), "--data", str(data), "--output", str(out), "--limit", "2"]
+    assert cli(args + ["--refine-sam", str(tmp_path / "sam")]) == 0
+    assert "| STAMP + refinement | 2 |" in capsys.readouterr().out
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    # each refined score is that of the refiner applied to the model's own mask, recomputed here
+    from transformers import AutoModel, AutoProcessor
+
+    stamp, processor = AutoModel.from_pretrained(model_path), AutoProcessor.from_pretrained(model_path)
+    refiner = sam_stamp.TransformersSamRefiner(sam, sam_processor)
+    for sample, result in zip(load_samples(data)[:2], results):
+        image = Image.open(sample.image).convert("RGB")
+        inputs = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": sample.prompt}]}],
+            add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+        (mask,), = processor.post_process_masks(stamp.generate_with_masks(**inputs, max_new_tokens=64),
+                                                [(image.height, image.width)])
+        from stamp_hf.evaluation import _sample_masks
+
+        target, _ = _sample_masks(sample, image.size)
+        refined = refiner.refine(image, mask.numpy())
+        assert (result["refined"]["intersection"], result["refined"]["union"]) == intersection_union(refined, target)
+        assert result["refined"] != {k: result[k] for k in result["refined"]}  # the random SAM changed the mask

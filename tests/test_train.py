@@ -13,7 +13,7 @@ from shapes_data import one_thread, SHAPES, shape_mask, write_shapes_dataset  # 
 from stamp_hf.cli import main as cli
 from stamp_hf.data import STAMPCollator, STAMPDataset
 from stamp_hf.testing import tiny_stamp
-from stamp_hf.training import STAMPTrainer, TrainConfig, apply_lora, train
+from stamp_hf.training import TrainConfig, apply_lora, train
 
 FAST = {"learning_rate": 3e-3, "warmup_steps": 0, "save_strategy": "no", "use_cpu": True, "logging_steps": 1, "seed": 0}
 
@@ -98,6 +98,7 @@ def test_lora_trains_the_paper_modules():
     assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (64, 128, 0.05)
     assert any("classifier.modules_to_save" in n for n in trainable)
     assert any("embed_tokens.token_adapter" in n for n in trainable)
+    assert not model.config.tie_word_embeddings and any("lm_head.token_adapter" in n for n in trainable)  # untied
     for part in ("visual.blocks.0.attn.qkv", "language_model.layers.0.self_attn.q_proj", "layers.1.mlp.down_proj"):
         assert any(part in n and "lora_A" in n for n in trainable), part
     # everything else is frozen: trainable parameters are a small share of the model
@@ -191,3 +192,48 @@ def test_shipped_recipes_parse_and_use_zero2():
         batch = config.training["per_device_train_batch_size"] * config.training["gradient_accumulation_steps"]
         assert batch * 8 == 96  # the paper's batch on 8 GPUs
     assert lora.training["learning_rate"] == 2e-5 and full.training["learning_rate"] == 3e-5
+
+
+def test_readme_data_and_config_examples_are_valid(tmp_path):
+    import re
+    from pathlib import Path
+
+    from stamp_hf.data import load_mask, read_records
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Fine-tuning and evaluation")[1].split("\n## ")[0]
+    (tmp_path / "data.jsonl").write_text(re.search(r"```jsonl\n(.*?)```", section, re.S).group(1))
+    records = read_records(tmp_path / "data.jsonl")
+    assert [len(r.masks) for r in records] == [1, 2, 1, 0, 1]
+    assert load_mask(records[1].masks[1], (320, 240), tmp_path, "readme").sum() == 80 * 100  # the RLE is real
+    (tmp_path / "train.yaml").write_text(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    config = TrainConfig.from_file(tmp_path / "train.yaml")
+    assert config.finetuning == "full" and config.training["num_train_epochs"] == 3
+    assert config.training_arguments().learning_rate == 3e-5
+
+
+def test_training_resumes_from_its_last_checkpoint(base, tmp_path):
+    checkpoint, data = base
+    config = dict(model=str(checkpoint), data=str(data), output_dir=str(tmp_path / "out"),
+                  training=dict(FAST, max_steps=2, per_device_train_batch_size=2, save_strategy="steps", save_steps=2))
+    train(config)
+    state_file = tmp_path / "out" / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"][0]["loss"] = 123.0  # a mark that only a resumed run can carry
+    state_file.write_text(json.dumps(state))
+    trainer = train(dict(config, resume=True, training=dict(config["training"], max_steps=4)))
+    losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+    assert sorted(losses) == [1, 2, 3, 4] and losses[1] == 123.0  # steps 1-2 from the checkpoint, 3-4 trained now
+
+
+def test_gradient_accumulation_follows_the_curve_of_the_full_batch(base, tmp_path):
+    """Token-normalised L_text and per-<|seg|> L_mask are scaled so that 2 x 2 accumulated samples equal a batch of 4
+    (the samples have different lengths, so a per-micro-batch mean would differ)."""
+    checkpoint, data = base
+    curves = []
+    for per_device, accumulation in ((4, 1), (2, 2)):
+        trainer = train(dict(model=str(checkpoint), data=str(data), output_dir=str(tmp_path / f"out{accumulation}"),
+                             training=dict(FAST, max_steps=4, per_device_train_batch_size=per_device,
+                                           gradient_accumulation_steps=accumulation)))
+        curves.append([[e[k] for k in ("loss", "text_loss", "mask_loss")] for e in trainer.state.log_history if "loss" in e])
+    np.testing.assert_allclose(curves[1], curves[0], rtol=1e-4, atol=1e-5)

@@ -10,6 +10,9 @@ from .configuration_stamp import STAMP_TOKENS, STAMPConfig
 from .modeling_stamp import STAMPGenerateOutput, STAMPModel, STAMPOutput
 from .processing_stamp import STAMPProcessor
 from .vocab import add_stamp_tokens
+from .data import STAMPCollator, STAMPDataset
+from .evaluation import evaluate
+from .training import STAMPTrainer, TrainConfig, train
 
 __version__ = "0.1.0"
 
@@ -30,4 +33,10 @@ __all__ = [
     "STAMPOutput",
     "STAMPProcessor",
     "add_stamp_tokens",
+    "STAMPCollator",
+    "STAMPDataset",
+    "STAMPTrainer",
+    "TrainConfig",
+    "evaluate",
+    "train",
 ]

@@ -14,7 +14,7 @@ and the main process merges the results, each sample exactly once.
 import json
 import os
 import pickle
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -41,8 +41,9 @@ class EvalSample:
     root: Path = Path(".")
 
 
-# A refinement step (e.g. SAM): (image, (h, w) patch-logit grid, predicted bool mask at image size) -> refined mask.
-Refiner = Callable[[Image.Image, torch.Tensor, torch.Tensor], torch.Tensor]
+# A refinement step (e.g. SAM): (image, predicted (H, W) bool mask) -> refined (H, W) bool mask; the `refine` method
+# of a SAM refiner fits as is.
+Refiner = Callable[[Image.Image, np.ndarray], np.ndarray]
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -246,7 +247,7 @@ def evaluate(
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    state = PartialState()
+    state = PartialState(cpu=not _has_accelerator())  # cpu=True is what makes torchrun processes gloo peers on CPU
     output_dir = Path(output_dir)
     run_info = dict(run_info or {}, refine=refine is not None)
     if state.is_main_process:
@@ -313,12 +314,17 @@ def _evaluate_one(model, processor, sample: EvalSample, refine, max_new_tokens) 
     record = {"id": sample.id, "prompt": sample.prompt, "response": response, "masks": len(masks),
               **sample_scores(*intersection_union(prediction, target, ignore), not target.any(), not prediction.any())}
     if refine is not None:
-        refined = [refine(image, grid, mask).cpu() for grid, mask in zip(grids, masks)]
+        refined = [torch.as_tensor(np.asarray(refine(image, mask.cpu().numpy()), dtype=bool)) for mask in masks]
         refined_prediction = _union(refined, image.size)
         record["refined"] = sample_scores(
             *intersection_union(refined_prediction, target, ignore), not target.any(), not refined_prediction.any()
         )
     return record
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
 
 
 def _union(masks, size) -> np.ndarray:

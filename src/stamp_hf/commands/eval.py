@@ -3,6 +3,7 @@
 DATA is a .jsonl file of the training format, a REFER folder (refs(unc).p + instances.json), a gRefCOCO folder
 (grefs(unc).json + instances.json) or a ReasonSeg folder (NAME.json + NAME.jpg). Per-sample results go to
 OUTPUT/results.jsonl, the summary table to OUTPUT/summary.md and summary.json; rerunning the same command resumes.
+With --refine-sam, SAM-refined masks are scored too and reported in a second row.
 Run it under `accelerate launch` or `torchrun` to split the samples over several processes."""
 
 from pathlib import Path
@@ -22,6 +23,8 @@ def add_arguments(parser):
                         "(loading a pickle can run code: only for files you trust)")
     parser.add_argument("--prompt", default=None, help="question template for REFER / gRefCOCO, '{}' = the "
                         "expression (default: 'Please segment only the {} in the image.')")
+    parser.add_argument("--refine-sam", metavar="CKPT", default=None, help="also score masks refined with SAM: a "
+                        "Hub id / folder (transformers SamModel) or a .pth file (segment-anything)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
     parser.add_argument("--dtype", default="auto", help="weights dtype: auto, float32, bfloat16, float16")
@@ -45,7 +48,12 @@ def run(args) -> int:
         raise CommandError(f"unknown --dtype {args.dtype!r}")
     model = AutoModel.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    refine = None
+    if args.refine_sam:
+        from stamp_hf.sam_stamp import sam_refiner
+
+        refine = sam_refiner(args.refine_sam).refine
     run_info = {"model": args.model, "data": str(args.data.resolve()), "split": args.split, "split_by": args.split_by,
-                "prompt": prompt, "max_new_tokens": args.max_new_tokens, "limit": args.limit}
-    evaluate(model, processor, samples, args.output, run_info=run_info, max_new_tokens=args.max_new_tokens)
+                "prompt": prompt, "max_new_tokens": args.max_new_tokens, "limit": args.limit, "refine_sam": args.refine_sam}
+    evaluate(model, processor, samples, args.output, run_info, refine, args.max_new_tokens)
     return 0
