@@ -4,6 +4,7 @@ From a clean checkout (CPU is enough):
 
     .venv/bin/python benchmarks/demo_model.py                 # data, 3 variants x 3 seeds, prints the table
     .venv/bin/python benchmarks/demo_model.py --ship demo_model   # also trains the demo model (longer) and writes it
+    .venv/bin/python benchmarks/demo_model.py --table-only        # the table of the runs done so far
 
 Each run starts from a randomly initialised demo STAMP (stamp_hf.demo) and trains with stamp_hf.training.train, the
 same path as `stamp-hf train`, for the same number of steps. Variants (the paper's Table 6 rows):
@@ -100,8 +101,9 @@ def spread(values) -> str:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| variant | seeds | cIoU | gIoU | VQA exact | `<|seg|>` on seg requests | no `<|seg|>` on VQA | train time (min) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | seeds | cIoU | cIoU per seed | gIoU | VQA exact | `<|seg|>` on seg requests | no `<|seg|>` on VQA "
+        "| train time (min) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, (title, _) in VARIANTS.items():
         rows = [r for r in results if r["variant"] == variant]
@@ -109,7 +111,8 @@ def table(results: list[dict]) -> str:
             continue
         pick = lambda key: [r[key] for r in rows]  # noqa: E731
         lines.append(
-            f"| {title} | {','.join(str(s) for s in pick('seed'))} | {spread(pick('cIoU'))} | {spread(pick('gIoU'))} "
+            f"| {title} | {','.join(str(s) for s in pick('seed'))} | {spread(pick('cIoU'))} "
+            f"| {' / '.join(f'{v:.1f}' for v in pick('cIoU'))} | {spread(pick('gIoU'))} "
             f"| {spread(pick('vqa_exact'))} | {spread(pick('seg_rate'))} | {spread(pick('no_seg_rate'))} "
             f"| {spread([t / 60 for t in pick('train_seconds')])} |"
         )
@@ -127,6 +130,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest on shared CPUs)")
     parser.add_argument("--ship", type=Path, help="train the demo model (stamp, seed 0, --ship-steps) and write it here")
     parser.add_argument("--ship-steps", type=int, default=600)
+    parser.add_argument("--table-only", action="store_true", help="train nothing: the table of the runs already done")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -139,6 +143,10 @@ def main(argv=None):
     results = []
     for variant in args.variants:
         for seed in args.seeds:
+            done = args.out / "runs" / f"{variant}-{seed}" / "result.json"
+            if args.table_only and not done.exists():
+                print(f"-- {variant} seed {seed}: not run", flush=True)
+                continue
             print(f"== {variant} seed {seed}", flush=True)
             result = run_one(args.out, data, variant, seed, args.steps, tokenizer)
             print(json.dumps(result), flush=True)
@@ -153,7 +161,7 @@ def main(argv=None):
         print(f"== demo model: stamp seed 0, {args.ship_steps} steps", flush=True)
         shipped = run_one(args.out, data, "stamp", 0, args.ship_steps, tokenizer, prefix="ship-")
         print(json.dumps(shipped), flush=True)
-        write_demo_card(args.out / "runs" / "ship-stamp-0" / "model", args.ship, shipped, table(results), baseline)
+        write_demo_card(args.out / "runs" / "ship-stamp-0" / "model", args.ship, shipped, table(results), args.steps, baseline)
         print(f"\ndemo model written to {args.ship}")
 
 

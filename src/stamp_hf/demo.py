@@ -168,7 +168,7 @@ has seen only synthetic shapes. Use a real checkpoint (`--model org/stamp-2b`) f
 | answers with `<|seg|>` on segmentation requests / without on VQA | {seg_rate:.1f} % / {no_seg_rate:.1f} % |
 | training time | {minutes:.1f} min on {threads} CPU thread(s) |
 
-The paper's Table 6 ablation at this scale (same budget, mean ± std over seeds):
+The paper's Table 6 ablation at this scale (every run {ablation_steps} steps of batch 8, mean ± std over seeds):
 
 {table}
 
@@ -184,7 +184,7 @@ processor = AutoProcessor.from_pretrained("demo_model", trust_remote_code=True)
 """
 
 
-def write_demo_card(model_folder, target, result: dict, ablation_table: str, baseline: dict) -> Path:
+def write_demo_card(model_folder, target, result: dict, ablation_table: str, ablation_steps: int, baseline: dict) -> Path:
     """Copy a trained demo model to `target` (refused if it exists) and write its model card (README.md); `baseline`
     is `all_shapes_baseline` on the same test split."""
     model_folder, target = Path(model_folder), Path(target)
@@ -212,6 +212,7 @@ def write_demo_card(model_folder, target, result: dict, ablation_table: str, bas
             minutes=result["train_seconds"] / 60,
             threads=result["threads"],
             table=ablation_table,
+            ablation_steps=ablation_steps,
             baseline_cIoU=baseline["cIoU"],
             baseline_gIoU=baseline["gIoU"],
             verdict=(
