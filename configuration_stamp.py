@@ -26,6 +26,12 @@ class STAMPConfig(Qwen2VLConfig):
         A patch is foreground when its logit exceeds this value (0.0 in the paper).
     bce_loss_weight / dice_loss_weight (`float`):
         L_mask = bce_loss_weight * BCE + dice_loss_weight * Dice over the patch logits.
+    placeholder_attention (`str`):
+        "bidirectional" (the paper): each placeholder sees all placeholders of its `<|seg|>`. "causal": only those
+        before it (the paper's "w/o A_hyb" ablation).
+    fuse_patch_features (`bool`):
+        True (the paper): placeholder j is embed(`<|mask|>`) + merged patch feature j. False: embed(`<|mask|>`) alone
+        (the paper's "w/o E_mask" ablation).
     """
 
     model_type = "stamp"
@@ -43,6 +49,8 @@ class STAMPConfig(Qwen2VLConfig):
     mask_threshold: float = 0.0
     bce_loss_weight: float = 1.0
     dice_loss_weight: float = 1.0
+    placeholder_attention: str = "bidirectional"
+    fuse_patch_features: bool = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -50,6 +58,10 @@ class STAMPConfig(Qwen2VLConfig):
             raise ValueError(
                 f"placeholder bounds must satisfy 0 < min_placeholders <= max_placeholders, "
                 f"got {self.min_placeholders} and {self.max_placeholders}"
+            )
+        if self.placeholder_attention not in ("bidirectional", "causal"):
+            raise ValueError(
+                f"placeholder_attention must be 'bidirectional' or 'causal', got {self.placeholder_attention!r}"
             )
 
     def set_stamp_token_ids(self, tokenizer) -> None:

@@ -350,6 +350,7 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
         seq_len = cached + text_len
         device, dtype = text_embeds.device, text_embeds.dtype
         mask_embed = self.get_input_embeddings().weight[self._token_id("mask")]
+        fuse, causal_placeholders = self.config.fuse_patch_features, self.config.placeholder_attention == "causal"
 
         rows = [[q for q in queries if q.row == r] for r in range(batch)]
         sizes = [[self._num_placeholders(image_grid_thw[q.image]) for q in row] for row in rows]
@@ -367,10 +368,12 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
             start = 0
             for query, n in zip(row_queries, row_sizes):
                 block = slice(start, start + n)
-                placeholder_embeds[r, block] = mask_embed + features[query.image].to(dtype)
+                placeholder_embeds[r, block] = mask_embed + (features[query.image].to(dtype) if fuse else 0)
                 placeholder_positions[:, r, block] = query.position + 1 + torch.arange(n, device=device)
                 allowed[r, text_len + start : text_len + start + n, : query.index + 1] = key_valid[r, : query.index + 1]
-                allowed[r, text_len + start : text_len + start + n, seq_len + start : seq_len + start + n] = True
+                allowed[r, text_len + start : text_len + start + n, seq_len + start : seq_len + start + n] = (
+                    torch.ones(n, n, dtype=torch.bool, device=device).tril() if causal_placeholders else True
+                )
                 start += n
             # padding slots (this row has fewer placeholders than the widest) only see themselves
             pad = torch.arange(start, width, device=device)

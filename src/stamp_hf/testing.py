@@ -67,15 +67,16 @@ class ForceTokens(LogitsProcessor):
         return scores
 
 
-def tiny_tokenizer(vocab_size: int = 512) -> Qwen2Tokenizer:
-    """A Qwen2-style byte-level BPE tokenizer: Qwen2-VL's special tokens after a small learned vocabulary, then the
-    four STAMP tokens, in the same order as the real Qwen2-VL / STAMP vocabularies."""
+def tiny_tokenizer(vocab_size: int = 512, corpus=None) -> Qwen2Tokenizer:
+    """A Qwen2-style byte-level BPE tokenizer: Qwen2-VL's special tokens after a small vocabulary learned on `corpus`
+    (texts; a few chat sentences by default), then the four STAMP tokens, in the same order as the real Qwen2-VL /
+    STAMP vocabularies."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    bpe.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    bpe.train_from_iterator(_CORPUS * 4 if corpus is None else corpus, trainer=trainer)
     merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
     tokenizer = Qwen2Tokenizer(
         vocab=bpe.get_vocab(), merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
@@ -85,7 +86,14 @@ def tiny_tokenizer(vocab_size: int = 512) -> Qwen2Tokenizer:
     return tokenizer
 
 
-def tiny_processor(tokenizer=None, min_placeholders: int = 4, max_placeholders: int = 64, backend=None) -> STAMPProcessor:
+def tiny_processor(
+    tokenizer=None,
+    min_placeholders: int = 4,
+    max_placeholders: int = 64,
+    backend=None,
+    patch_size: int = 14,
+    merge_size: int = 2,
+) -> STAMPProcessor:
     """A STAMPProcessor whose image backend ("torchvision" or "pil") is the one `AutoProcessor.from_pretrained` picks
     on this machine unless told otherwise, so a saved and reloaded processor gives the same pixels."""
     tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
@@ -96,16 +104,27 @@ def tiny_processor(tokenizer=None, min_placeholders: int = 4, max_placeholders: 
     else:
         image_processor_class = Qwen2VLImageProcessorPil
     return STAMPProcessor(
-        image_processor=image_processor_class(),
+        image_processor=image_processor_class(patch_size=patch_size, merge_size=merge_size),
         tokenizer=tokenizer,
         min_placeholders=min_placeholders,
         max_placeholders=max_placeholders,
     )
 
 
-def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 2, vision_depth: int = 2, **overrides) -> STAMPConfig:
+def tiny_config(
+    tokenizer,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vision_depth: int = 2,
+    vision_embed_dim: int = 32,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    **overrides,
+) -> STAMPConfig:
     """A STAMPConfig with Qwen2-VL's structure at toy size; token ids read from `tokenizer`."""
     ids = tokenizer.convert_tokens_to_ids
+    half_head = hidden_size // 4 // 2  # M-RoPE splits half the head dim 1/4, 3/8, 3/8 (t, h, w), as Qwen2-VL does
+    mrope_section = [half_head // 4, 3 * half_head // 8, half_head - half_head // 4 - 3 * half_head // 8]
     settings = dict(
         text_config=dict(
             vocab_size=len(tokenizer),
@@ -115,13 +134,19 @@ def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 2, vision_de
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
             bos_token_id=ids("<|endoftext|>"),
             eos_token_id=ids("<|im_end|>"),
             pad_token_id=ids("<|endoftext|>"),
         ),
         vision_config=dict(
-            depth=vision_depth, embed_dim=32, hidden_size=hidden_size, num_heads=2, mlp_ratio=2, patch_size=14
+            depth=vision_depth,
+            embed_dim=vision_embed_dim,
+            hidden_size=hidden_size,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=patch_size,
+            spatial_merge_size=merge_size,
         ),
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
@@ -136,11 +161,19 @@ def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 2, vision_de
     return config
 
 
-def tiny_stamp(seed: int = 0, attn_implementation: str = "sdpa", **config_overrides) -> tuple[STAMPModel, STAMPProcessor]:
+def tiny_stamp(
+    seed: int = 0, attn_implementation: str = "sdpa", tokenizer=None, **config_overrides
+) -> tuple[STAMPModel, STAMPProcessor]:
     """A random tiny STAMP model and its processor, ready for `generate_with_masks` and `save_pretrained`."""
-    tokenizer = tiny_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
     config = tiny_config(tokenizer, **config_overrides)
-    processor = tiny_processor(tokenizer, config.min_placeholders, config.max_placeholders)
+    processor = tiny_processor(
+        tokenizer,
+        config.min_placeholders,
+        config.max_placeholders,
+        patch_size=config.vision_config.patch_size,
+        merge_size=config.vision_config.spatial_merge_size,
+    )
     torch.manual_seed(seed)
     config._attn_implementation = attn_implementation
     model = STAMPModel(config).eval()

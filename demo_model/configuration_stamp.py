@@ -1,0 +1,81 @@
+"""STAMPConfig: a Qwen2-VL configuration plus the settings of STAMP's all-mask head.
+
+Hub remote code: imports only transformers (and huggingface_hub, which it ships with).
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLConfig
+
+# Appended in this order after the Qwen2-VL vocabulary by the released checkpoints.
+STAMP_TOKENS = ("<|seg|>", "<|mask|>", "<|yes|>", "<|no|>")
+
+
+@strict
+class STAMPConfig(Qwen2VLConfig):
+    r"""
+    Everything of [`Qwen2VLConfig`] (``text_config``, ``vision_config``, image token ids) plus:
+
+    seg_token / mask_token / yes_token / no_token (`str`):
+        The STAMP vocabulary additions. ``<|seg|>`` asks for a mask, ``<|mask|>`` is the phase-2 placeholder.
+    seg_token_id / mask_token_id / yes_token_id / no_token_id (`int`):
+        Their ids, read from the tokenizer with [`STAMPConfig.set_stamp_token_ids`], never assumed.
+    min_placeholders / max_placeholders (`int`):
+        Bounds on N, the number of merged image patches (= mask placeholders per ``<|seg|>``). The processor
+        derives its min/max pixels from them. The paper uses 1024 to 1280.
+    mask_threshold (`float`):
+        A patch is foreground when its logit exceeds this value (0.0 in the paper).
+    bce_loss_weight / dice_loss_weight (`float`):
+        L_mask = bce_loss_weight * BCE + dice_loss_weight * Dice over the patch logits.
+    placeholder_attention (`str`):
+        "bidirectional" (the paper): each placeholder sees all placeholders of its `<|seg|>`. "causal": only those
+        before it (the paper's "w/o A_hyb" ablation).
+    fuse_patch_features (`bool`):
+        True (the paper): placeholder j is embed(`<|mask|>`) + merged patch feature j. False: embed(`<|mask|>`) alone
+        (the paper's "w/o E_mask" ablation).
+    """
+
+    model_type = "stamp"
+
+    seg_token: str = STAMP_TOKENS[0]
+    mask_token: str = STAMP_TOKENS[1]
+    yes_token: str = STAMP_TOKENS[2]
+    no_token: str = STAMP_TOKENS[3]
+    seg_token_id: int | None = None
+    mask_token_id: int | None = None
+    yes_token_id: int | None = None
+    no_token_id: int | None = None
+    min_placeholders: int = 1024
+    max_placeholders: int = 1280
+    mask_threshold: float = 0.0
+    bce_loss_weight: float = 1.0
+    dice_loss_weight: float = 1.0
+    placeholder_attention: str = "bidirectional"
+    fuse_patch_features: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if not 0 < self.min_placeholders <= self.max_placeholders:
+            raise ValueError(
+                f"placeholder bounds must satisfy 0 < min_placeholders <= max_placeholders, "
+                f"got {self.min_placeholders} and {self.max_placeholders}"
+            )
+        if self.placeholder_attention not in ("bidirectional", "causal"):
+            raise ValueError(
+                f"placeholder_attention must be 'bidirectional' or 'causal', got {self.placeholder_attention!r}"
+            )
+
+    def set_stamp_token_ids(self, tokenizer) -> None:
+        """Read the ids of the four STAMP tokens from `tokenizer`; fail if it does not know one of them."""
+        unknown = tokenizer.unk_token_id
+        for name in ("seg", "mask", "yes", "no"):
+            token = getattr(self, f"{name}_token")
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or (token_id == unknown and token != tokenizer.unk_token):
+                raise ValueError(
+                    f"the tokenizer has no {token!r} token; add the STAMP tokens {STAMP_TOKENS} "
+                    "(stamp_hf.add_stamp_tokens) and resize the embeddings first"
+                )
+            setattr(self, f"{name}_token_id", token_id)
+
+
+__all__ = ["STAMPConfig", "STAMP_TOKENS"]

@@ -1,0 +1,504 @@
+"""STAMPModel: transformers' Qwen2-VL with STAMP's all-mask prediction head.
+
+Phase 1 is ordinary generation. Phase 2 decodes every `<|seg|>` of a response in one language-model forward on the
+phase-1 cache: each `<|seg|>` gets N `<|mask|>` placeholders (N = merged patches of its image), placeholder j embedded
+as embed(`<|mask|>`) + merged image feature j, positioned right after its `<|seg|>`, attending causally to the history
+up to and including that `<|seg|>` and bidirectionally to its own N placeholders. A Linear(hidden, 1) classifier on the
+final-norm hidden states gives one logit per patch.
+
+Hub remote code: imports only torch, transformers and the other `*_stamp.py` files.
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput, logging
+
+from .configuration_stamp import STAMPConfig
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class STAMPOutput(ModelOutput):
+    """
+    loss: text_loss + mask_loss (whichever were computed).
+    text_loss: next-token cross-entropy on `labels`.
+    mask_loss: bce_loss_weight * BCE + dice_loss_weight * Dice over the patch logits of every `<|seg|>`.
+    logits: (batch, seq_len, vocab) language-model logits.
+    mask_logits: a list per sample of (h, w) patch-logit grids, one per `<|seg|>` in the sequence.
+    """
+
+    loss: torch.FloatTensor | None = None
+    text_loss: torch.FloatTensor | None = None
+    mask_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    mask_logits: list[list[torch.FloatTensor]] | None = None
+    cache: Cache | None = None
+
+
+@dataclass
+class STAMPGenerateOutput(ModelOutput):
+    """
+    sequences: (batch, seq_len) prompt + response ids, as `generate` returns them.
+    seg_positions: a list per sample of the indices in `sequences` of each `<|seg|>` of the response.
+    mask_logits: a list per sample of (h, w) patch-logit grids, one per `<|seg|>`; foreground is logit > 0.
+    cache: the key/value cache of the whole of `sequences` (the state phase 1 left it in, plus the last token),
+        ready for a follow-up turn.
+    scores / logits: as `generate` returns them when asked (`output_scores`, `output_logits`).
+    """
+
+    sequences: torch.LongTensor | None = None
+    seg_positions: list[list[int]] | None = None
+    mask_logits: list[list[torch.FloatTensor]] | None = None
+    cache: Cache | None = None
+    scores: tuple | None = None
+    logits: tuple | None = None
+
+
+@dataclass
+class _SegQuery:
+    """One `<|seg|>` to decode: its row, its index in the sequence, its M-RoPE position and the image it masks."""
+
+    row: int
+    index: int
+    position: int
+    image: int
+
+
+class STAMPModel(Qwen2VLForConditionalGeneration):
+    config_class = STAMPConfig
+    config: STAMPConfig
+
+    def __init__(self, config: STAMPConfig):
+        super().__init__(config)
+        self.classifier = nn.Linear(config.text_config.hidden_size, 1)
+        self.post_init()
+
+    # ------------------------------------------------------------------ training / teacher-forced forward
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict | None = None,
+        mask_labels: list | None = None,
+        **kwargs,
+    ):
+        r"""
+        Without `mask_labels` this is Qwen2-VL's forward (generation uses it): `loss` is L_text when `labels` are given.
+
+        mask_labels (`list`, one entry per sample): for each `<|seg|>` of the sample, in order, a binary
+            ground-truth mask of any resolution (a (num_seg, H, W) tensor or a list of (H, W) tensors). It is resized
+            to the patch grid of the `<|seg|>`'s image by area and thresholded at 0.5. The sequence then runs once with
+            every `<|seg|>`'s placeholders appended (the hybrid mask keeps text tokens causal and blind to them), and
+            the output carries `mask_logits`, `text_loss`, `mask_loss` and `loss` = their sum.
+        """
+        if mask_labels is None:
+            return super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                pixel_values=pixel_values,
+                pixel_values_videos=pixel_values_videos,
+                image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw,
+                mm_token_type_ids=mm_token_type_ids,
+                logits_to_keep=logits_to_keep,
+                mm_encoder_outputs=mm_encoder_outputs,
+                **kwargs,
+            )
+        if input_ids is None:
+            raise ValueError("mask_labels need input_ids: the <|seg|> tokens are found in them")
+        text_hidden, mask_logits = self._teacher_forced(
+            input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, mm_encoder_outputs
+        )
+        logits = self.lm_head(text_hidden)
+        text_loss = None
+        if labels is not None:
+            text_loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        mask_loss = self.mask_loss(mask_logits, mask_labels)
+        loss = mask_loss if text_loss is None else text_loss + mask_loss
+        return STAMPOutput(loss=loss, text_loss=text_loss, mask_loss=mask_loss, logits=logits, mask_logits=mask_logits)
+
+    def mask_loss(self, mask_logits: list[list[torch.Tensor]], mask_labels: list) -> torch.Tensor:
+        """Mean over all `<|seg|>` of bce_loss_weight * BCE + dice_loss_weight * Dice, on the patch grid."""
+        losses = []
+        for row, (logits_row, labels_row) in enumerate(zip(mask_logits, mask_labels, strict=True)):
+            if len(logits_row) != len(labels_row):
+                raise ValueError(
+                    f"sample {row} has {len(logits_row)} <|seg|> tokens but {len(labels_row)} mask labels"
+                )
+            for logits, target in zip(logits_row, labels_row):
+                target = patch_grid_target(target, logits.shape).to(logits.device)
+                bce = F.binary_cross_entropy_with_logits(logits.float(), target)
+                probs = logits.float().sigmoid().flatten()
+                target = target.flatten()
+                dice = 1 - (2 * (probs * target).sum() + 1) / (probs.sum() + target.sum() + 1)
+                losses.append(self.config.bce_loss_weight * bce + self.config.dice_loss_weight * dice)
+        if not losses:  # no <|seg|> in the batch: a zero that still reaches the classifier (DDP needs every grad)
+            return self.classifier.weight.sum() * 0.0
+        return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def predict_masks(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        **unused,
+    ) -> list[list[torch.Tensor]]:
+        """Teacher-forced: the (h, w) mask logits of every `<|seg|>` already in the sequence, a list per sample."""
+        _, mask_logits = self._teacher_forced(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
+        return mask_logits
+
+    def _teacher_forced(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, encoded=None):
+        """One no-cache forward of the full sequence plus the placeholders of every `<|seg|>` in it."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        features = self._image_features(pixel_values, image_grid_thw, encoded)
+        embeds = self.get_input_embeddings()(input_ids)
+        if features:
+            image_slots = (input_ids == self.config.image_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(image_slots, torch.cat(features).to(embeds.dtype))
+        if mm_token_type_ids is None:
+            mm_token_type_ids = self._mm_token_type_ids(input_ids)
+        positions = self.model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, None, attention_mask)[0]
+        seg_indices = [torch.nonzero(row == self._token_id("seg")).flatten().tolist() for row in input_ids]
+        queries = self._seg_queries(seg_indices, positions, mm_token_type_ids, self._images_per_row(mm_token_type_ids))
+        return self._decode_placeholders(
+            embeds, positions, attention_mask.bool(), queries, features, image_grid_thw, cache=None
+        )
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def generate_with_masks(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        max_placeholders_per_forward: int | None = None,
+        **generate_kwargs,
+    ) -> STAMPGenerateOutput:
+        """
+        Phase 1: `generate` with whatever arguments it takes (GenerationConfig, max_new_tokens, logits_processor,
+        streamer, sampling, ...). Phase 2: the masks of every `<|seg|>` of the response, in one language-model forward
+        on the phase-1 cache (split into forwards of at most `max_placeholders_per_forward` placeholders, whole
+        `<|seg|>` blocks at a time, only if given, to bound memory). The vision tower runs once per image.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if mm_token_type_ids is None:
+            mm_token_type_ids = self._mm_token_type_ids(input_ids)
+        features = self._image_features(pixel_values, image_grid_thw)
+        encoded = None
+        if features:
+            encoded = {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
+        for key in ("return_dict_in_generate", "use_cache"):
+            if generate_kwargs.pop(key, True) is not True:
+                logger.warning(f"generate_with_masks needs {key}=True; ignoring the value given")
+        phase1 = self.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            mm_encoder_outputs=encoded,
+            return_dict_in_generate=True,
+            use_cache=True,
+            **generate_kwargs,
+        )
+        sequences = phase1.sequences
+        repeats = sequences.shape[0] // input_ids.shape[0]  # num_return_sequences
+        new_len = sequences.shape[1] - input_ids.shape[1]
+        full_attention = torch.cat(
+            [attention_mask.repeat_interleave(repeats, 0), attention_mask.new_ones(sequences.shape[0], new_len)], 1
+        )
+        full_types = torch.cat(
+            [mm_token_type_ids.repeat_interleave(repeats, 0), mm_token_type_ids.new_zeros(sequences.shape[0], new_len)], 1
+        )
+        # images in the order of the (possibly repeated) rows
+        row_images = [i for row in range(sequences.shape[0]) for i in self._images_per_row(mm_token_type_ids)[row // repeats]]
+        masks = self.decode_masks(
+            sequences,
+            phase1.cache,
+            image_features=[features[i] for i in row_images],
+            image_grid_thw=image_grid_thw[row_images] if row_images else None,
+            attention_mask=full_attention,
+            mm_token_type_ids=full_types,
+            response_start=input_ids.shape[1],
+            max_placeholders_per_forward=max_placeholders_per_forward,
+        )
+        return STAMPGenerateOutput(
+            sequences=sequences,
+            seg_positions=masks.seg_positions,
+            mask_logits=masks.mask_logits,
+            cache=masks.cache,
+            scores=getattr(phase1, "scores", None),
+            logits=getattr(phase1, "logits", None),
+        )
+
+    @torch.no_grad()
+    def decode_masks(
+        self,
+        sequences: torch.LongTensor,
+        cache: Cache,
+        image_features: list[torch.Tensor],
+        image_grid_thw: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        response_start: int = 0,
+        max_placeholders_per_forward: int | None = None,
+    ) -> STAMPGenerateOutput:
+        """
+        Phase 2 alone: the masks of every `<|seg|>` at index >= `response_start` of `sequences`, read from `cache`,
+        which holds the keys/values of (a prefix of) `sequences`; the tokens it lacks are run in the same forward and
+        kept, the placeholders are dropped again, so the cache ends up covering exactly `sequences`.
+
+        image_features / image_grid_thw: the merged features (N_i, hidden) and grids of the images of `sequences`,
+        row by row in order (as `get_image_features` returns them); no vision forward happens here.
+        """
+        if cache is None or cache.get_seq_length() == 0:
+            raise ValueError("phase 2 reads the phase-1 cache, but the cache is empty (use_cache must stay on)")
+        if cache.layers[0].keys.shape[0] != sequences.shape[0]:
+            raise ValueError(
+                "the cache does not line up with the sequences (beam search keeps every beam); use greedy decoding "
+                "or sampling (num_return_sequences works), or predict_masks on the sequences"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(sequences)
+        if mm_token_type_ids is None:
+            mm_token_type_ids = self._mm_token_type_ids(sequences)
+        positions = self.model.get_rope_index(sequences, mm_token_type_ids, image_grid_thw, None, attention_mask)[0]
+        seg_indices = [
+            (torch.nonzero(row[response_start:] == self._token_id("seg")).flatten() + response_start).tolist()
+            for row in sequences
+        ]
+        queries = self._seg_queries(seg_indices, positions, mm_token_type_ids, self._images_per_row(mm_token_type_ids))
+
+        # Tokens the cache lacks (generate never feeds back the last one) go into the same forward as the placeholders.
+        cached = cache.get_seq_length()
+        embeds = self.get_input_embeddings()(sequences[:, cached:])
+        mask_logits = [[] for _ in range(sequences.shape[0])]
+        sizes = lambda query: self._num_placeholders(image_grid_thw[query.image])  # noqa: E731
+        for chunk in _chunks(queries, max_placeholders_per_forward, sizes):
+            _, chunk_logits = self._decode_placeholders(
+                embeds, positions[:, :, cached:], attention_mask.bool(), chunk, image_features, image_grid_thw, cache
+            )
+            embeds = embeds[:, :0]  # the missing tokens are in the cache after the first forward
+            cached = cache.get_seq_length()
+            for row, grids in enumerate(chunk_logits):
+                mask_logits[row].extend(grids)
+        return STAMPGenerateOutput(sequences=sequences, seg_positions=seg_indices, mask_logits=mask_logits, cache=cache)
+
+    # ------------------------------------------------------------------ phase 2, shared by every path
+
+    def _decode_placeholders(self, text_embeds, text_positions, key_valid, queries, features, image_grid_thw, cache):
+        """
+        One language-model forward of `text_embeds` (tokens not yet in `cache`) followed by the placeholders of
+        `queries`. Returns the text tokens' final hidden states and a list per row of (h, w) mask-logit grids.
+
+        text_embeds: (batch, T, hidden); text_positions: (3, batch, T); key_valid: (batch, cached + T) padding mask of
+        the whole sequence; the cache, if any, is cropped back to cached + T afterwards.
+        """
+        batch, text_len, hidden = text_embeds.shape
+        cached = cache.get_seq_length() if cache is not None else 0
+        seq_len = cached + text_len
+        device, dtype = text_embeds.device, text_embeds.dtype
+        mask_embed = self.get_input_embeddings().weight[self._token_id("mask")]
+        fuse, causal_placeholders = self.config.fuse_patch_features, self.config.placeholder_attention == "causal"
+
+        rows = [[q for q in queries if q.row == r] for r in range(batch)]
+        sizes = [[self._num_placeholders(image_grid_thw[q.image]) for q in row] for row in rows]
+        width = max((sum(s) for s in sizes), default=0)
+        total = text_len + width
+
+        placeholder_embeds = text_embeds.new_zeros(batch, width, hidden)
+        placeholder_positions = text_positions.new_zeros(3, batch, width)
+        # allowed[b, i, j]: query i (text, then placeholders) may attend to key j (cache, text, placeholders)
+        allowed = torch.zeros(batch, total, seq_len + width, dtype=torch.bool, device=device)
+        text_rows = torch.arange(cached, seq_len, device=device)
+        causal = text_rows[:, None] >= torch.arange(seq_len, device=device)[None, :]
+        allowed[:, :text_len, :seq_len] = causal[None] & key_valid[:, None, :seq_len]
+        for r, (row_queries, row_sizes) in enumerate(zip(rows, sizes)):
+            start = 0
+            for query, n in zip(row_queries, row_sizes):
+                block = slice(start, start + n)
+                placeholder_embeds[r, block] = mask_embed + (features[query.image].to(dtype) if fuse else 0)
+                placeholder_positions[:, r, block] = query.position + 1 + torch.arange(n, device=device)
+                allowed[r, text_len + start : text_len + start + n, : query.index + 1] = key_valid[r, : query.index + 1]
+                allowed[r, text_len + start : text_len + start + n, seq_len + start : seq_len + start + n] = (
+                    torch.ones(n, n, dtype=torch.bool, device=device).tril() if causal_placeholders else True
+                )
+                start += n
+            # padding slots (this row has fewer placeholders than the widest) only see themselves
+            pad = torch.arange(start, width, device=device)
+            allowed[r, text_len + pad, seq_len + pad] = True
+        # a query must see something: left-padding text rows see themselves (their output is never used)
+        diagonal = torch.arange(text_len, device=device)
+        allowed[:, diagonal, cached + diagonal] |= ~allowed[:, :text_len].any(-1)
+
+        inputs_embeds = torch.cat([text_embeds, placeholder_embeds], 1)
+        position_ids = torch.cat([text_positions, placeholder_positions], 2)
+        with self._mask_capable_attention():
+            attention = self._attention_mask(allowed[:, None], dtype)
+            outputs = self.model.language_model(
+                inputs_embeds=inputs_embeds,
+                position_ids=position_ids,
+                attention_mask={"full_attention": attention, "sliding_attention": attention},
+                cache=cache,
+                use_cache=cache is not None,
+            )
+        if cache is not None:
+            cache.crop(-width) if width else None
+        hidden_states = outputs.last_hidden_state
+        patch_logits = self.classifier(hidden_states[:, text_len:]).squeeze(-1)  # (batch, width)
+        mask_logits = []
+        for r, (row_queries, row_sizes) in enumerate(zip(rows, sizes)):
+            grids = patch_logits[r].split(row_sizes + [width - sum(row_sizes)])[: len(row_sizes)]
+            mask_logits.append(
+                [g.reshape(self._mask_grid(image_grid_thw[q.image])) for g, q in zip(grids, row_queries)]
+            )
+        return hidden_states[:, :text_len], mask_logits
+
+    def _attention_mask(self, allowed: torch.Tensor, dtype) -> torch.Tensor:
+        """sdpa and flex take a boolean mask; eager needs an additive one (a boolean mask is silently wrong there)."""
+        if self.config.text_config._attn_implementation == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    @contextlib.contextmanager
+    def _mask_capable_attention(self):
+        """Flash-attention takes no 4D mask: run phase 2 with sdpa (same weights, same result) and say so."""
+        text_config = self.config.text_config
+        original = text_config._attn_implementation
+        if original is None or "flash" not in original:
+            yield
+            return
+        logger.warning_once(f"{original} cannot take STAMP's hybrid attention mask; phase 2 runs with sdpa")
+        text_config._attn_implementation = "sdpa"
+        try:
+            yield
+        finally:
+            text_config._attn_implementation = original
+
+    # ------------------------------------------------------------------ helpers
+
+    def _token_id(self, name: str) -> int:
+        token_id = getattr(self.config, f"{name}_token_id")
+        if token_id is None:
+            raise ValueError(
+                f"config.{name}_token_id is not set: call config.set_stamp_token_ids(tokenizer) after adding the "
+                "STAMP tokens to the tokenizer"
+            )
+        return token_id
+
+    def _image_features(self, pixel_values, image_grid_thw, encoded=None) -> list[torch.Tensor]:
+        """Merged patch features, one (N_i, hidden) tensor per image; the vision tower runs here and only here."""
+        if encoded is not None and encoded.get("image") is not None:
+            return list(encoded["image"].pooler_output)
+        if pixel_values is None:
+            return []
+        if image_grid_thw is None:
+            raise ValueError("pixel_values were given without image_grid_thw; pass the processor's outputs unchanged")
+        return list(self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output)
+
+    def _mm_token_type_ids(self, input_ids):
+        types = torch.zeros_like(input_ids, dtype=torch.int)
+        types[input_ids == self.config.image_token_id] = 1
+        types[input_ids == self.config.video_token_id] = 2
+        return types
+
+    @staticmethod
+    def _images_per_row(mm_token_type_ids) -> list[list[int]]:
+        """Global indices (into image_grid_thw) of the images of each row, in order: one per run of image tokens."""
+        rows, next_image = [], 0
+        for row in mm_token_type_ids:
+            is_image = (row == 1).int()
+            starts = int((is_image[1:] > is_image[:-1]).sum() + is_image[0])
+            rows.append(list(range(next_image, next_image + starts)))
+            next_image += starts
+        return rows
+
+    @staticmethod
+    def _seg_queries(seg_indices, positions, mm_token_type_ids, image_rows) -> list[_SegQuery]:
+        """Pair each `<|seg|>` with the last image before it (its mask is predicted on that image's patch grid)."""
+        queries = []
+        for row, indices in enumerate(seg_indices):
+            if not indices:
+                continue
+            is_image = mm_token_type_ids[row] == 1
+            image_starts = torch.nonzero(is_image & ~torch.cat([is_image.new_zeros(1), is_image[:-1]])).flatten()
+            for index in indices:
+                seen = int((image_starts < index).sum())
+                if seen == 0:
+                    raise ValueError(
+                        f"<|seg|> at position {index} of sample {row} has no image before it: STAMP predicts a mask "
+                        "over the patches of an image, so the conversation must contain one"
+                    )
+                queries.append(_SegQuery(row, index, int(positions[0, row, index]), image_rows[row][seen - 1]))
+        return queries
+
+    def _num_placeholders(self, grid_thw) -> int:
+        return int(grid_thw.prod()) // self.config.vision_config.spatial_merge_size**2
+
+    def _mask_grid(self, grid_thw) -> tuple[int, int]:
+        merge = self.config.vision_config.spatial_merge_size
+        return int(grid_thw[1]) // merge, int(grid_thw[2]) // merge
+
+
+def patch_grid_target(mask, grid_shape) -> torch.Tensor:
+    """A binary mask of any size on the (h, w) patch grid: the foreground fraction of each cell, thresholded at 0.5."""
+    mask = torch.as_tensor(mask).float()
+    if mask.ndim != 2:
+        raise ValueError(f"a mask label must be a 2D (height, width) array, got shape {tuple(mask.shape)}")
+    if tuple(mask.shape) == tuple(grid_shape):
+        return (mask >= 0.5).float()
+    fraction = F.interpolate(mask[None, None], size=tuple(grid_shape), mode="area")[0, 0]
+    return (fraction >= 0.5).float()
+
+
+def _chunks(queries, limit, size):
+    """Split `queries` into runs of at most `limit` placeholders (whole `<|seg|>` blocks; all at once if None)."""
+    if limit is None:
+        yield queries
+        return
+    chunk, used = [], 0
+    for query in queries:
+        n = size(query)
+        if chunk and used + n > limit:
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(query)
+        used += n
+    yield chunk
+
+
+__all__ = ["STAMPModel", "STAMPOutput", "STAMPGenerateOutput", "patch_grid_target"]

@@ -1,0 +1,79 @@
+"""The demo model shipped in demo_model/: complete, small, safe to load, loadable without stamp_hf, and still as good as
+measured when it was trained (a regression floor on 50 generated test samples no training run ever saw)."""
+
+import json
+from pathlib import Path
+
+from conftest import run_isolated
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "demo_model"
+# Measured on these 50 samples with the shipped model: cIoU 24.6 (see README, "Demo model and synthetic benchmark").
+# The floor sits below that measurement; the 75 the benchmark aims for is not reached by this model, so it is not used.
+CIOU_FLOOR = 20.0
+
+
+def test_demo_model_is_a_complete_small_safetensors_repo():
+    files = {p.name for p in DEMO.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "processor_config.json", "tokenizer.json"} <= files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
+    assert sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file()) <= 20 * 2**20
+    config = json.loads((DEMO / "config.json").read_text())
+    assert config["model_type"] == "stamp" and config["auto_map"]["AutoModel"] == "modeling_stamp.STAMPModel"
+    card = (DEMO / "README.md").read_text()
+    assert "Not the paper's STAMP-2B or STAMP-7B" in card and "synthetic" in card
+
+
+def test_demo_remote_code_is_the_repository_code_byte_for_byte():
+    shipped = sorted(p.name for p in DEMO.glob("*.py"))
+    assert {"configuration_stamp.py", "modeling_stamp.py", "processing_stamp.py"} <= set(shipped)
+    for name in shipped:
+        assert (DEMO / name).read_bytes() == (ROOT / name).read_bytes(), f"demo_model/{name} differs from {name}"
+
+
+def test_demo_model_loads_without_stamp_hf(tmp_path):
+    out = run_isolated(
+        f"""
+        from transformers import AutoModel, AutoProcessor
+        model = AutoModel.from_pretrained({str(DEMO)!r}, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained({str(DEMO)!r}, trust_remote_code=True)
+        print(type(model).__name__, type(processor).__name__, model.config.placeholder_attention)
+        """,
+        tmp_path,
+    )
+    assert out.split() == ["STAMPModel", "STAMPProcessor", "bidirectional"]
+
+
+def test_demo_model_segments_and_answers_on_unseen_samples(tmp_path):
+    from stamp_hf.demo import evaluate_demo
+    from stamp_hf.synthetic import write_split
+
+    # 50 samples of the test split, starting far past anything the benchmark evaluates or trains on
+    data = write_split(tmp_path, "test", 50, start=5_000_000)
+    metrics = evaluate_demo(DEMO, data, tmp_path / "eval")
+    assert metrics["segmentation_samples"] >= 20 and metrics["vqa_samples"] >= 5
+    assert metrics["cIoU"] >= CIOU_FLOOR, metrics
+    assert metrics["seg_rate"] == 100.0, metrics  # every segmentation request answered with a <|seg|>
+    assert metrics["no_seg_rate"] == 100.0, metrics  # no VQA answer with one
+
+
+def test_example_image_is_a_synthetic_test_scene():
+    from PIL import Image
+
+    from stamp_hf.synthetic import make_sample
+
+    with Image.open(ROOT / "examples" / "shapes.png") as image:
+        assert image.tobytes() == make_sample(200010097).image.tobytes()
+
+
+def test_demo_tokenizer_is_rebuilt_offline_exactly():
+    from transformers import AutoTokenizer
+
+    from stamp_hf.demo import demo_tokenizer
+
+    shipped = AutoTokenizer.from_pretrained(DEMO)
+    rebuilt = demo_tokenizer()
+    assert shipped.get_vocab() == rebuilt.get_vocab()
+    sentence = "Please segment the shape left of the big yellow triangle. <|seg|>"
+    assert shipped.encode(sentence) == rebuilt.encode(sentence)
+    assert rebuilt.convert_ids_to_tokens(rebuilt.encode(" triangle")) == ["Ġtriangle"]  # benchmark words are single tokens
