@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
@@ -23,6 +24,13 @@ from transformers.utils import ModelOutput, logging
 from .configuration_stamp import STAMPConfig
 
 logger = logging.get_logger(__name__)
+
+# Released STAMP checkpoints (and Qwen2-VL ones) carry the legacy Qwen2-VL keys (`model.layers.*`, `visual.*`).
+# transformers renames them for its own Qwen2-VL class only, not for a subclass defined outside it: give the "stamp"
+# model type the same renaming, so `from_pretrained` (and peft's adapter loading) accepts both layouts.
+register_checkpoint_conversion_mapping(
+    "stamp", get_checkpoint_conversion_mapping("Qwen2VLForConditionalGeneration"), overwrite=True
+)
 
 
 @dataclass
@@ -80,6 +88,15 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
         super().__init__(config)
         self.classifier = nn.Linear(config.text_config.hidden_size, 1)
         self.post_init()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also makes the folder a "stamp-segmentation" pipeline: config.custom_pipelines names the pipeline class,
+        and the relative import below makes transformers copy pipeline_stamp.py with this file on save (and fetch it
+        with this file on a remote-code load, so a model loaded from the Hub saves it again)."""
+        from .pipeline_stamp import PIPELINE_TASK, STAMPSegmentationPipeline
+
+        self.config.custom_pipelines = {PIPELINE_TASK: STAMPSegmentationPipeline.custom_pipeline_entry()}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     # ------------------------------------------------------------------ training / teacher-forced forward
 

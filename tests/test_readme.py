@@ -1,9 +1,12 @@
 """The README's usage example is examples/quickstart.py verbatim, and it runs as written."""
 
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,3 +32,18 @@ def test_quickstart_runs(tmp_path):
     assert "patch grid: (6, 10) -> mask: (200, 320)" in result.stdout
     assert ("reloaded: STAMPModel from ['configuration_stamp.py', 'modeling_stamp.py', 'pipeline_stamp.py', "
             "'processing_stamp.py', 'sam_stamp.py']") in result.stdout
+
+
+def test_readme_main_job_command_writes_an_overlay_with_the_bundled_demo_model(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"```bash\nbash \.ci/install && \.venv/bin/(stamp-hf segment [^\n]*)\n```", readme).group(1)
+    args = shlex.split(command)[1:]
+    assert "--model" not in args  # the bundled demo model is the default
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    script = Path(sys.executable).with_name("stamp-hf")
+    result = subprocess.run([str(script), *args], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    overlay = tmp_path / "overlay.png"
+    with Image.open(overlay) as image, Image.open(ROOT / "examples" / "shapes.png") as original:
+        assert image.size == original.size
+    assert "1 mask(s)" in result.stderr

@@ -8,12 +8,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..cli import CommandError
 
-DEFAULT_MODEL = None  # a released checkpoint becomes the default here once one exists
+# The small synthetic-shapes demo STAMP shipped with the package (see demo_model/README.md): `stamp-hf segment`
+# works offline out of the box; real checkpoints are one --model away.
+DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "demo_model")
 
 
 def add_model_arguments(parser):
     parser.add_argument("--model", default=DEFAULT_MODEL, required=DEFAULT_MODEL is None,
-                        help="STAMP checkpoint: a Hub repo id or a local folder")
+                        help="STAMP checkpoint: a Hub repo id or a local folder (default: the bundled synthetic-shapes demo "
+                        "model, not the paper's)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--refine-sam", metavar="CKPT", default=None,
                         help="refine masks with SAM: a Hub id / folder (transformers SamModel) or a .pth file "
