@@ -50,7 +50,20 @@ def mask_prompt(mask, prompt_size: int = SAM_MASK_PROMPT_SIZE) -> torch.Tensor:
     return F.pad(logits, (0, prompt_size - new_w, 0, prompt_size - new_h), value=-MASK_PROMPT_LOGIT)
 
 
-class TransformersSamRefiner:
+class _SamRefiner:
+    """One prediction, then REFINEMENT_ROUNDS rounds feeding SAM's low-res logits back, prompted from a coarse mask."""
+
+    @torch.no_grad()
+    def refine(self, image: Image.Image, mask, seed: int = 0) -> np.ndarray:
+        """A refined (H, W) boolean mask at the image's size; an empty coarse mask stays empty."""
+        mask = np.asarray(mask, dtype=bool)
+        if not mask.any():
+            return mask
+        points, labels = sample_points(mask, seed=seed)
+        return self._predict(image, mask, points, labels)
+
+
+class TransformersSamRefiner(_SamRefiner):
     """Refinement with transformers' `SamModel` + `SamProcessor` (e.g. facebook/sam-vit-huge)."""
 
     def __init__(self, model, processor):
@@ -63,13 +76,7 @@ class TransformersSamRefiner:
         model = SamModel.from_pretrained(name_or_path, use_safetensors=True, **kwargs)
         return cls(model, SamProcessor.from_pretrained(name_or_path))
 
-    @torch.no_grad()
-    def refine(self, image: Image.Image, mask, seed: int = 0) -> np.ndarray:
-        """A refined (H, W) boolean mask at the image's size; an empty coarse mask stays empty."""
-        mask = np.asarray(mask, dtype=bool)
-        if not mask.any():
-            return mask
-        points, labels = sample_points(mask, seed=seed)
+    def _predict(self, image: Image.Image, mask: np.ndarray, points, labels) -> np.ndarray:
         inputs = self.processor(
             images=image.convert("RGB"),
             input_points=[[points.tolist()]],
@@ -94,7 +101,7 @@ class TransformersSamRefiner:
         return masks[0][0, 0].numpy().astype(bool)
 
 
-class SegmentAnythingRefiner:
+class SegmentAnythingRefiner(_SamRefiner):
     """Refinement with the `segment-anything` package's `SamPredictor` (the original .pth checkpoints)."""
 
     def __init__(self, sam):
@@ -121,13 +128,7 @@ class SegmentAnythingRefiner:
         sam.load_state_dict(state_dict)
         return cls(sam)
 
-    @torch.no_grad()
-    def refine(self, image: Image.Image, mask, seed: int = 0) -> np.ndarray:
-        """A refined (H, W) boolean mask at the image's size; an empty coarse mask stays empty."""
-        mask = np.asarray(mask, dtype=bool)
-        if not mask.any():
-            return mask
-        points, labels = sample_points(mask, seed=seed)
+    def _predict(self, image: Image.Image, mask: np.ndarray, points, labels) -> np.ndarray:
         self.predictor.set_image(np.asarray(image.convert("RGB")))  # RGB uint8 HWC, as SamPredictor expects
         low_res = mask_prompt(mask)[0].numpy()  # (1, 256, 256)
         for _ in range(1 + REFINEMENT_ROUNDS):
