@@ -223,6 +223,8 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
         image_grid_thw: torch.LongTensor | None = None,
         mm_token_type_ids: torch.IntTensor | None = None,
         max_placeholders_per_forward: int | None = None,
+        image_features: list[torch.Tensor] | None = None,
+        cache: Cache | None = None,
         **generate_kwargs,
     ) -> STAMPGenerateOutput:
         """
@@ -230,15 +232,25 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
         streamer, sampling, ...). Phase 2: the masks of every `<|seg|>` of the response, in one language-model forward
         on the phase-1 cache (split into forwards of at most `max_placeholders_per_forward` placeholders, whole
         `<|seg|>` blocks at a time, only if given, to bound memory). The vision tower runs once per image.
+
+        A follow-up turn continues a conversation: `input_ids` = the whole conversation so far plus the new tokens,
+        `cache` = the cache a previous call returned (only the uncached tokens run), `image_features` = the merged
+        features kept from the first turn (as `get_image_features` gives them) instead of `pixel_values`, so the
+        image is not encoded again. The images must all lie in the cached part.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if mm_token_type_ids is None:
             mm_token_type_ids = self._mm_token_type_ids(input_ids)
-        features = self._image_features(pixel_values, image_grid_thw)
+        features = list(image_features) if image_features is not None else self._image_features(pixel_values, image_grid_thw)
+        continuing = cache is not None and cache.get_seq_length() > 0
         encoded = None
-        if features:
+        if features and not continuing:  # a continuation's image tokens are in the cache: nothing to scatter
             encoded = {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
+        if continuing:
+            # generate reuses the M-RoPE offset its last call left in model.rope_deltas, which may belong to another
+            # conversation: clear it so the positions are computed from this sequence
+            self.model.rope_deltas = None
         for key in ("return_dict_in_generate", "use_cache"):
             if generate_kwargs.pop(key, True) is not True:
                 logger.warning(f"generate_with_masks needs {key}=True; ignoring the value given")
@@ -248,6 +260,7 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
             image_grid_thw=image_grid_thw,
             mm_token_type_ids=mm_token_type_ids,
             mm_encoder_outputs=encoded,
+            cache=cache,
             return_dict_in_generate=True,
             use_cache=True,
             **generate_kwargs,

@@ -3,11 +3,10 @@
 Turn 1 encodes the image once and runs the prompt; every later turn appends only its own tokens (the closing of the
 previous answer and the new user message) to the cached sequence, so neither the image nor earlier turns are
 re-encoded, and a `<|seg|>` in a later answer attends to the whole conversation (it can segment something named
-earlier). Masks come from `model.decode_masks` on the same cache.
+earlier). Each turn is one `model.generate_with_masks` call on the conversation's cache.
 """
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .pipeline_stamp import _load_image, segmentation_result, split_by_sample
 
@@ -36,47 +35,29 @@ class Conversation:
     def ask(self, text: str, **generate_kwargs) -> dict:
         """The answer to `text` given everything said so far; generate arguments pass through."""
         model = self.model
-        device = model.device
         if self.sequences is None:
             content = [{"type": "image", "image": self.image}, {"type": "text", "text": text}]
             inputs = self.processor.apply_chat_template(
                 [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True,
                 return_dict=True, return_tensors="pt",
-            ).to(device)
+            ).to(model.device)
             self.image_grid_thw = inputs["image_grid_thw"]
             self.image_features = list(
                 model.model.get_image_features(inputs["pixel_values"], self.image_grid_thw, return_dict=True).pooler_output
             )
             input_ids, types = inputs["input_ids"], inputs["mm_token_type_ids"]
-            encoder_outputs = {"image": BaseModelOutputWithPooling(pooler_output=tuple(self.image_features))}
         else:
-            new_ids = self._follow_up_ids(text).to(device)
+            new_ids = self._follow_up_ids(text).to(model.device)
             input_ids = torch.cat([self.sequences, new_ids], 1)
             types = torch.cat([self.mm_token_type_ids, torch.zeros_like(new_ids, dtype=self.mm_token_type_ids.dtype)], 1)
-            encoder_outputs = None  # the image tokens are all in the cache already
-        # generate keeps the M-RoPE offset of its last call in model.model.rope_deltas; clear it so that this chat's
-        # positions are computed from its own sequence, whatever ran on the model in between
-        model.model.rope_deltas = None
-        for key in ("return_dict_in_generate", "use_cache", "cache"):
+        for key in ("cache", "image_features", "pixel_values"):
             generate_kwargs.pop(key, None)
-        phase1 = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            image_grid_thw=self.image_grid_thw,
-            mm_token_type_ids=types,
-            mm_encoder_outputs=encoder_outputs,
-            cache=self.cache,
-            return_dict_in_generate=True,
-            use_cache=True,
-            **generate_kwargs,
+        out = model.generate_with_masks(
+            input_ids=input_ids, image_grid_thw=self.image_grid_thw, mm_token_type_ids=types,
+            image_features=self.image_features, cache=self.cache, **generate_kwargs,
         )
-        sequences = phase1.sequences
-        self.mm_token_type_ids = torch.cat([types, types.new_zeros(1, sequences.shape[1] - input_ids.shape[1])], 1)
-        out = model.decode_masks(
-            sequences, phase1.cache, image_features=self.image_features, image_grid_thw=self.image_grid_thw,
-            mm_token_type_ids=self.mm_token_type_ids, response_start=input_ids.shape[1],
-        )
-        self.sequences, self.cache = sequences, out.cache
+        self.sequences, self.cache = out.sequences, out.cache
+        self.mm_token_type_ids = torch.cat([types, types.new_zeros(1, out.sequences.shape[1] - input_ids.shape[1])], 1)
         (sample,) = split_by_sample(model, out, input_ids.shape[1], [[self.image]])
         result = segmentation_result(model, self.processor, sample, self.threshold, self.refiner)
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": result["text"]}]
