@@ -26,6 +26,10 @@ class STAMPConfig(Qwen2VLConfig):
         A patch is foreground when its logit exceeds this value (0.0 in the paper).
     bce_loss_weight / dice_loss_weight (`float`):
         L_mask = bce_loss_weight * BCE + dice_loss_weight * Dice over the patch logits.
+    soft_mask_labels (`bool`):
+        False (the paper): a cell's target is 1 when at least half of it is foreground. True: the target is that
+        foreground fraction, so boundary cells learn intermediate logits and the bilinearly upsampled mask places
+        edges inside cells instead of on cell borders (sharper masks on coarse grids).
     placeholder_attention (`str`):
         "bidirectional" (the paper): each placeholder sees all placeholders of its `<|seg|>`. "causal": only those
         before it (the paper's "w/o A_hyb" ablation).
@@ -49,6 +53,7 @@ class STAMPConfig(Qwen2VLConfig):
     mask_threshold: float = 0.0
     bce_loss_weight: float = 1.0
     dice_loss_weight: float = 1.0
+    soft_mask_labels: bool = False
     placeholder_attention: str = "bidirectional"
     fuse_patch_features: bool = True
 

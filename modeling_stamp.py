@@ -124,9 +124,10 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
 
         mask_labels (`list`, one entry per sample): for each `<|seg|>` of the sample, in order, a binary
             ground-truth mask of any resolution (a (num_seg, H, W) tensor or a list of (H, W) tensors). It is resized
-            to the patch grid of the `<|seg|>`'s image by area and thresholded at 0.5. The sequence then runs once with
-            every `<|seg|>`'s placeholders appended (the hybrid mask keeps text tokens causal and blind to them), and
-            the output carries `mask_logits`, `text_loss`, `mask_loss` and `loss` = their sum.
+            to the patch grid of the `<|seg|>`'s image by area and thresholded at 0.5 (kept as the foreground fraction
+            with `config.soft_mask_labels`). The sequence then runs once with every `<|seg|>`'s placeholders appended
+            (the hybrid mask keeps text tokens causal and blind to them), and the output carries `mask_logits`,
+            `text_loss`, `mask_loss` and `loss` = their sum.
         """
         if mask_labels is None:
             return super().forward(
@@ -170,7 +171,8 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
                     f"sample {row} has {len(logits_row)} <|seg|> tokens but {len(labels_row)} mask labels"
                 )
             for logits, target in zip(logits_row, labels_row):
-                target = patch_grid_target(target, logits.shape).to(logits.device)
+                target = patch_grid_target(target, logits.shape, soft=self.config.soft_mask_labels)
+                target = target.to(logits.device)
                 bce = F.binary_cross_entropy_with_logits(logits.float(), target)
                 probs = logits.float().sigmoid().flatten()
                 target = target.flatten()
@@ -504,15 +506,15 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
         return int(grid_thw[1]) // merge, int(grid_thw[2]) // merge
 
 
-def patch_grid_target(mask, grid_shape) -> torch.Tensor:
-    """A binary mask of any size on the (h, w) patch grid: the foreground fraction of each cell, thresholded at 0.5."""
+def patch_grid_target(mask, grid_shape, soft: bool = False) -> torch.Tensor:
+    """A mask of any size on the (h, w) patch grid: the foreground fraction of each cell, thresholded at 0.5 unless
+    `soft`. A mask already on the grid may itself hold fractions (what the training dataset passes)."""
     mask = torch.as_tensor(mask).float()
     if mask.ndim != 2:
         raise ValueError(f"a mask label must be a 2D (height, width) array, got shape {tuple(mask.shape)}")
-    if tuple(mask.shape) == tuple(grid_shape):
-        return (mask >= 0.5).float()
-    fraction = F.interpolate(mask[None, None], size=tuple(grid_shape), mode="area")[0, 0]
-    return (fraction >= 0.5).float()
+    if tuple(mask.shape) != tuple(grid_shape):
+        mask = F.interpolate(mask[None, None], size=tuple(grid_shape), mode="area")[0, 0]
+    return mask.clamp(0, 1) if soft else (mask >= 0.5).float()
 
 
 def _chunks(queries, limit, size):

@@ -2,18 +2,20 @@
 
 From a clean checkout (CPU is enough):
 
-    .venv/bin/python benchmarks/demo_model.py                 # data, 3 variants x 3 seeds, prints the table
+    .venv/bin/python benchmarks/demo_model.py                     # data, 3 variants x 3 seeds, prints the table
     .venv/bin/python benchmarks/demo_model.py --ship demo_model   # also trains the demo model (longer) and writes it
     .venv/bin/python benchmarks/demo_model.py --table-only        # the table of the runs done so far
 
 Each run starts from a randomly initialised demo STAMP (stamp_hf.demo) and trains with stamp_hf.training.train, the
-same path as `stamp-hf train`, for the same number of steps. Variants (the paper's Table 6 rows):
+same path as `stamp-hf train`. Variants (the paper's Table 6 rows), each trained for the same number of steps:
   stamp     the paper's design: placeholders attend bidirectionally, each fused with its patch feature
   causal    "w/o A_hyb": placeholders attend causally among themselves
   nofusion  "w/o E_mask": placeholders are embed(<|mask|>) alone, no patch feature
+The ablation runs on 96 px scenes (a 12 x 12 mask grid: cheaper steps, so more of them per minute). The demo model
+trains in two stages with the same recipe: first on 96 px scenes, then on 128 px scenes (its 16 x 16 grid).
 Test metrics: cIoU / gIoU (stamp_hf.evaluation) on the test split's segmentation requests (referring, multi-object and
-no-object), and exact-answer accuracy on its VQA questions. Finished runs are kept under --out and not redone, so the
-variants can be trained in separate processes (--variants / --seeds) and the table printed afterwards.
+no-object), per request kind, and exact-answer accuracy on its VQA questions. Finished runs are kept under --out and
+not redone, so variants can be trained in separate processes (--variants / --seeds) and the table printed afterwards.
 """
 
 import argparse
@@ -26,8 +28,17 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoProcessor
 
-from stamp_hf.demo import all_shapes_baseline, build_demo_model, demo_tokenizer, evaluate_demo, write_demo_card
+from stamp_hf.demo import (
+    DEMO_IMAGE_SIZE,
+    all_shapes_baseline,
+    build_demo_model,
+    demo_tokenizer,
+    evaluate_demo,
+    grid_ceiling,
+    write_demo_card,
+)
 from stamp_hf.synthetic import write_dataset
 from stamp_hf.training import train
 
@@ -38,8 +49,9 @@ VARIANTS = {
 }
 TRAINING = dict(
     per_device_train_batch_size=8,
-    learning_rate=3e-4,
-    warmup_steps=0.03,
+    learning_rate=1e-3,
+    adam_beta2=0.95,
+    warmup_steps=0.05,
     lr_scheduler_type="cosine",
     weight_decay=0.0,
     max_grad_norm=1.0,
@@ -52,30 +64,32 @@ TRAINING = dict(
 )
 
 
-def run_one(out: Path, data: dict, variant: str, seed: int, steps: int, tokenizer, prefix: str = "") -> dict:
-    """Train one variant from seed `seed` and evaluate it; cached as out/runs/<prefix><variant>-<seed>/result.json."""
-    run = out / "runs" / f"{prefix}{variant}-{seed}"
+def run_one(out: Path, data_dir: Path, variant: str, seed: int, steps: int, tokenizer, name: str, init=None) -> dict:
+    """Train `variant` from seed `seed` (or go on from the model folder `init`) on data_dir/train.jsonl and evaluate
+    it on data_dir/test.jsonl; cached as out/runs/<name>/result.json."""
+    run = out / "runs" / name
     result_file = run / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
     if run.exists():
         shutil.rmtree(run)  # an interrupted run starts over
-    model, processor = build_demo_model(seed=seed, tokenizer=tokenizer, **VARIANTS[variant][1])
-    model.save_pretrained(run / "init")
-    processor.save_pretrained(run / "init")
+    if init is None:
+        model, processor = build_demo_model(seed=seed, tokenizer=tokenizer, **VARIANTS[variant][1])
+        model.save_pretrained(run / "init")
+        processor.save_pretrained(run / "init")
     start = time.perf_counter()
     trainer = train(
         dict(
-            model=str(run / "init"),
-            data=str(data["train"]),
+            model=str(init or run / "init"),
+            data=str(data_dir / "train.jsonl"),
             output_dir=str(run / "model"),
             trust_remote_code=True,
             training=dict(TRAINING, max_steps=steps, seed=seed),
         )
     )
     train_seconds = time.perf_counter() - start
-    shutil.rmtree(run / "init")
-    metrics = evaluate_demo(run / "model", data["test"], run / "eval")
+    shutil.rmtree(run / "init", ignore_errors=True)
+    metrics = evaluate_demo(run / "model", data_dir / "test.jsonl", run / "eval")
     result = dict(
         variant=variant,
         seed=seed,
@@ -119,49 +133,75 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def dataset(out: Path, image_size: int, train_samples: int, test_samples: int) -> Path:
+    """The synthetic splits at `image_size` under out/data/<image_size>px (written once)."""
+    folder = out / "data" / f"{image_size}px"
+    if not (folder / "test.jsonl").exists():
+        print(f"writing the synthetic data to {folder} ...", flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        write_dataset(folder, train=train_samples, val=0, test=test_samples, image_size=image_size)
+    return folder
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="data, runs and results go here")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per ablation run (batch 8)")
-    parser.add_argument("--train-samples", type=int, default=12000)
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per ablation run (batch 8)")
+    parser.add_argument("--ablation-image-size", type=int, default=96)
+    parser.add_argument("--train-samples", type=int, default=32000)
     parser.add_argument("--test-samples", type=int, default=300)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest on shared CPUs)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
     parser.add_argument("--ship", type=Path, help="train the demo model (stamp, seed 0, --ship-steps) and write it here")
-    parser.add_argument("--ship-steps", type=int, default=600)
+    parser.add_argument(
+        "--ship-steps", type=int, nargs=2, default=[3000, 600], metavar=("STEPS_96PX", "STEPS_128PX"),
+        help="the demo model's two stages: steps on 96 px scenes, then on 128 px scenes",
+    )
     parser.add_argument("--table-only", action="store_true", help="train nothing: the table of the runs already done")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    data_dir = args.out / "data"
-    if not (data_dir / "test.jsonl").exists():
-        print(f"writing the synthetic data to {data_dir} ...", flush=True)
-        write_dataset(data_dir, train=args.train_samples, val=0, test=args.test_samples)
-    data = {"train": data_dir / "train.jsonl", "test": data_dir / "test.jsonl"}
     tokenizer = demo_tokenizer()
+    ablation_data = dataset(args.out, args.ablation_image_size, args.train_samples, args.test_samples)
     results = []
     for variant in args.variants:
         for seed in args.seeds:
-            done = args.out / "runs" / f"{variant}-{seed}" / "result.json"
-            if args.table_only and not done.exists():
-                print(f"-- {variant} seed {seed}: not run", flush=True)
+            name = f"{variant}-{seed}"
+            if args.table_only and not (args.out / "runs" / name / "result.json").exists():
+                print(f"-- {name}: not run", flush=True)
                 continue
-            print(f"== {variant} seed {seed}", flush=True)
-            result = run_one(args.out, data, variant, seed, args.steps, tokenizer)
+            print(f"== {name}", flush=True)
+            result = run_one(args.out, ablation_data, variant, seed, args.steps, tokenizer, name)
             print(json.dumps(result), flush=True)
             results.append(result)
-    print(f"\nTest split: {args.test_samples} samples (seeds never used in training); {args.steps} steps of batch 8;")
+    print(f"\nAblation: {args.ablation_image_size} px scenes, test split of {args.test_samples} samples (seeds never "
+          f"used in training), {args.steps} steps of batch 8 per run")
     print(f"CPU: {os.cpu_count()} cores visible, {args.threads} torch thread(s) per run; Python {sys.version.split()[0]}\n")
     print(table(results))
-    baseline = all_shapes_baseline(data["test"])
+    baseline = all_shapes_baseline(ablation_data / "test.jsonl", args.ablation_image_size)
     print(f"\nLanguage-blind baseline (every shape masked, whatever the request): cIoU {baseline['cIoU']:.1f}, "
           f"gIoU {baseline['gIoU']:.1f}")
     if args.ship:
-        print(f"== demo model: stamp seed 0, {args.ship_steps} steps", flush=True)
-        shipped = run_one(args.out, data, "stamp", 0, args.ship_steps, tokenizer, prefix="ship-")
+        if args.ship.exists():
+            raise SystemExit(f"{args.ship} already exists; remove it first to replace the demo model")
+        low, high = args.ship_steps
+        print(f"== demo model: stamp seed 0, {low} steps at 96 px, then {high} steps at 128 px", flush=True)
+        stage1 = run_one(args.out, dataset(args.out, 96, args.train_samples, args.test_samples), "stamp", 0, low,
+                         tokenizer, "ship-96px")
+        ship_data = dataset(args.out, DEMO_IMAGE_SIZE, args.train_samples, args.test_samples)
+        stage2 = run_one(args.out, ship_data, "stamp", 0, high, tokenizer, "ship-128px",
+                         init=args.out / "runs" / "ship-96px" / "model")
+        shipped = dict(stage2, steps=f"{low} (96 px) + {high} (128 px)",
+                       train_seconds=stage1["train_seconds"] + stage2["train_seconds"])
         print(json.dumps(shipped), flush=True)
-        write_demo_card(args.out / "runs" / "ship-stamp-0" / "model", args.ship, shipped, table(results), args.steps, baseline)
+        model_folder = args.out / "runs" / "ship-128px" / "model"
+        processor = AutoProcessor.from_pretrained(model_folder, trust_remote_code=True)
+        ceilings = {name: grid_ceiling(ship_data / "test.jsonl", processor, soft=name == "soft") for name in ("binary", "soft")}
+        print("Best possible cIoU on the 16 x 16 grid: binary targets {:.1f}, fractions {:.1f}".format(
+            ceilings["binary"]["cIoU"], ceilings["soft"]["cIoU"]))
+        write_demo_card(model_folder, args.ship, shipped, table(results), args.steps,
+                        all_shapes_baseline(ship_data / "test.jsonl"), ceilings)
         print(f"\ndemo model written to {args.ship}")
 
 

@@ -8,9 +8,10 @@ from conftest import run_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo_model"
-# Measured on these 50 samples with the shipped model: cIoU 24.6 (see README, "Demo model and synthetic benchmark").
-# The floor sits below that measurement; the 75 the benchmark aims for is not reached by this model, so it is not used.
-CIOU_FLOOR = 20.0
+# Measured on these 50 samples with the shipped model: cIoU 45.9; a language-blind model that masks every shape gets
+# 31.5 there (see README, "Demo model and synthetic benchmark"). The floor sits below the measurement and above that
+# baseline; the 75 the benchmark aims for is not reached by this model, so it is not used.
+CIOU_FLOOR = 40.0
 
 
 def test_demo_model_is_a_complete_small_safetensors_repo():
@@ -47,7 +48,7 @@ def test_demo_model_loads_without_stamp_hf(tmp_path):
 
 
 def test_demo_model_segments_and_answers_on_unseen_samples(tmp_path):
-    from stamp_hf.demo import evaluate_demo
+    from stamp_hf.demo import all_shapes_baseline, evaluate_demo
     from stamp_hf.synthetic import write_split
 
     # 50 samples of the test split, starting far past anything the benchmark evaluates or trains on
@@ -55,6 +56,8 @@ def test_demo_model_segments_and_answers_on_unseen_samples(tmp_path):
     metrics = evaluate_demo(DEMO, data, tmp_path / "eval")
     assert metrics["segmentation_samples"] >= 20 and metrics["vqa_samples"] >= 5
     assert metrics["cIoU"] >= CIOU_FLOOR, metrics
+    assert metrics["cIoU"] > all_shapes_baseline(data)["cIoU"] + 5, metrics  # the masks follow the words
+    assert metrics["N-acc"] == 100.0, metrics  # no-object requests get an empty mask
     assert metrics["seg_rate"] == 100.0, metrics  # every segmentation request answered with a <|seg|>
     assert metrics["no_seg_rate"] == 100.0, metrics  # no VQA answer with one
 
@@ -79,3 +82,29 @@ def test_demo_tokenizer_is_rebuilt_offline_exactly():
     sentence = "Please segment the shape left of the big yellow triangle. <|seg|>"
     assert shipped.encode(sentence) == rebuilt.encode(sentence)
     assert rebuilt.convert_ids_to_tokens(rebuilt.encode(" triangle")) == ["Ġtriangle"]  # benchmark words are single tokens
+
+
+def test_request_kinds_cover_every_referring_phrase_the_generator_writes():
+    from stamp_hf.demo import request_kind
+    from stamp_hf.synthetic import make_sample
+
+    assert request_kind("refer", "Segment the shape left of the red circle.") == "relation"
+    assert request_kind("refer", "Where is the topmost star?") == "extreme"
+    assert request_kind("refer", "Show me the small blue triangle.") == "attribute"
+    assert request_kind("multi", "Segment all the green shapes.") == "multi"
+    kinds = {request_kind(s.task, s.messages[0]["content"]) for s in map(make_sample, range(300)) if s.task == "refer"}
+    assert kinds == {"attribute", "extreme", "relation"}
+
+
+def test_the_binary_patch_grid_caps_cIoU_below_what_fractions_allow(tmp_path):
+    """What the README states about the 16 x 16 grid: even a model that knows every true mask loses area at the
+    cell borders, and training on cell fractions (soft_mask_labels) lifts that cap."""
+    from transformers import AutoProcessor
+
+    from stamp_hf.demo import grid_ceiling
+    from stamp_hf.synthetic import write_split
+
+    data = write_split(tmp_path, "test", 40, start=6_000_000)
+    processor = AutoProcessor.from_pretrained(DEMO, trust_remote_code=True)
+    binary, soft = (grid_ceiling(data, processor, soft=s)["cIoU"] for s in (False, True))
+    assert 60 < binary < 85 and binary + 4 < soft < 95, (binary, soft)

@@ -46,4 +46,6 @@ def test_readme_main_job_command_writes_an_overlay_with_the_bundled_demo_model(t
     overlay = tmp_path / "overlay.png"
     with Image.open(overlay) as image, Image.open(ROOT / "examples" / "shapes.png") as original:
         assert image.size == original.size
+        with Image.open(ROOT / "docs" / "demo_overlay.png") as shown:  # the README shows what the command writes
+            assert image.tobytes() == shown.tobytes()
     assert "1 mask(s)" in result.stderr

@@ -84,3 +84,27 @@ def test_mismatched_mask_labels_are_a_clear_error(tiny):
         model(**batch, mask_labels=[torch.zeros(1, 90, 150)])
     with pytest.raises(ValueError, match="2D"):
         model(**batch, mask_labels=[[torch.zeros(3, 90, 150), torch.zeros(90, 150)]])
+
+
+def test_soft_mask_labels_train_on_each_cells_foreground_fraction(tiny):
+    model, processor = tiny
+    batch = teacher_forced_batch(model, processor, segs=1)
+    mask = torch.zeros(1, 90, 150)  # a 3 x 5 grid of 30 px cells after the processor's resize
+    mask[0, :15, :30] = 1  # half of cell (0, 0): 1 once thresholded (>= 0.5)
+    mask[0, 30:40, 30:60] = 1  # a third of cell (1, 1)
+    fraction = patch_grid_target(mask[0], (3, 5), soft=True)
+    assert fraction[0, 0] == pytest.approx(0.5) and fraction[1, 1] == pytest.approx(1 / 3)
+    assert patch_grid_target(mask[0], (3, 5))[1, 1] == 0 and patch_grid_target(mask[0], (3, 5))[0, 0] == 1
+    binary = model(**batch, mask_labels=[mask])
+    model.config.soft_mask_labels = True
+    try:
+        soft = model(**batch, mask_labels=[mask])
+    finally:
+        model.config.soft_mask_labels = False
+    logits = soft.mask_logits[0][0]
+    p = logits.sigmoid()
+    dice = 1 - (2 * (p * fraction).sum() + 1) / (p.sum() + fraction.sum() + 1)
+    torch.testing.assert_close(soft.mask_loss, F.binary_cross_entropy_with_logits(logits, fraction) + dice)
+    assert not torch.allclose(soft.mask_loss, binary.mask_loss)
+    # the training dataset hands the model fractions on the grid: thresholding them there gives the binary targets
+    torch.testing.assert_close(patch_grid_target(fraction, (3, 5)), patch_grid_target(mask[0], (3, 5)))

@@ -220,7 +220,8 @@ def _template_messages(messages, control_tokens_re) -> list[dict]:
 class STAMPDataset(torch.utils.data.Dataset):
     """
     A .jsonl file of the training format, encoded on access: each item is what `STAMPModel.forward` takes for one
-    sample, with `mask_labels` already on the image's patch grid ((num_seg, h, w), area-resized, thresholded at 0.5).
+    sample, with `mask_labels` already on the image's patch grid ((num_seg, h, w), each cell's foreground fraction;
+    the model thresholds it at 0.5 unless its config says `soft_mask_labels`).
     """
 
     def __init__(self, path, processor):
@@ -240,9 +241,8 @@ class STAMPDataset(torch.utils.data.Dataset):
         except ValueError as error:
             raise ValueError(f"{record.where}: {error}") from None
         grid = self.processor.mask_grid(item["image_grid_thw"][0])
-        item["mask_labels"] = torch.stack([patch_grid_target(torch.from_numpy(m), grid) for m in masks]) if masks else (
-            torch.zeros(0, *grid)
-        )
+        fractions = [patch_grid_target(torch.from_numpy(m), grid, soft=True) for m in masks]
+        item["mask_labels"] = torch.stack(fractions) if fractions else torch.zeros(0, *grid)
         return item
 
 

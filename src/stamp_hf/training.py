@@ -9,6 +9,7 @@ The config file (YAML or JSON) of `stamp-hf train CONFIG` / `train(config)`:
     lora: {rank: 64, alpha: 128, dropout: 0.05}   # the paper's LoRA (7B): all linear layers; classifier and the
                                     # STAMP token rows trained in full
     mask_loss_weights: null         # [bce, dice]; null keeps the checkpoint's; "official" = [0.3, 0.7]
+    soft_mask_labels: null          # true: targets are each cell's foreground fraction; null keeps the checkpoint's
     resume: false                   # true: from the last checkpoint in output_dir; or a checkpoint folder
     training:                       # any transformers.TrainingArguments field; the paper's values are the defaults
       num_train_epochs: 3
@@ -67,6 +68,7 @@ class TrainConfig:
     finetuning: str = "full"
     lora: LoraSettings = field(default_factory=LoraSettings)
     mask_loss_weights: list | str | None = None
+    soft_mask_labels: bool | None = None
     resume: bool | str = False
     dtype: str = "float32"  # the weights the optimizer updates; mixed precision comes from training.bf16
     trust_remote_code: bool = False
@@ -86,6 +88,8 @@ class TrainConfig:
             not isinstance(self.mask_loss_weights, (list, tuple)) or len(self.mask_loss_weights) != 2
         ):
             raise ValueError(f"mask_loss_weights must be [bce, dice], 'official' or null, got {self.mask_loss_weights!r}")
+        if self.soft_mask_labels not in (None, True, False):
+            raise ValueError(f"soft_mask_labels must be true, false or null, got {self.soft_mask_labels!r}")
         known = {f.name for f in fields(TrainingArguments)}
         unknown = sorted(set(self.training) - known)
         if unknown:
@@ -208,6 +212,7 @@ def merge_and_save(model, processor, folder) -> Path:
 
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
+    model.config.use_cache = True  # the Trainer turns it off while training; the checkpoint is for generation
     folder = Path(folder)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -235,6 +240,8 @@ def train(config: TrainConfig | dict | str | Path) -> STAMPTrainer:
         raise ValueError(f"{config.model} is not a STAMP checkpoint (model_type {model.config.model_type!r})")
     if config.mask_loss_weights is not None:
         model.config.bce_loss_weight, model.config.dice_loss_weight = (float(w) for w in config.mask_loss_weights)
+    if config.soft_mask_labels is not None:
+        model.config.soft_mask_labels = config.soft_mask_labels
     if config.finetuning == "lora":
         model = apply_lora(model, config.lora)
 
