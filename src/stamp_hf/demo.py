@@ -185,8 +185,8 @@ sentences, STAMP's `<|seg|>` / `<|mask|>` tokens and all-mask head), trained fro
 steps of batch 8 on CPU on stamp-hf's synthetic referring-segmentation data (`stamp_hf.synthetic`): coloured circles,
 squares, triangles, stars and diamonds on pale backgrounds, first at 96 x 96 px (cheaper steps), then at 128 x 128 px.
 Masks are predicted on a 16 x 16 patch grid (8 px cells) and upsampled; the mask loss was computed against each cell's
-foreground fraction (`soft_mask_labels`), so edges can fall inside cells. It exists so that `stamp-hf segment` and the examples run offline out of the box, and as
-a check that the package's STAMP trains end to end. {verdict}
+foreground fraction (`soft_mask_labels`), so edges can fall inside cells. It exists so that `stamp-hf segment` and
+the examples run offline out of the box, and as a check that the package's STAMP trains end to end. {verdict}
 
 **What it is not.** Not the paper's STAMP-2B or STAMP-7B, not initialised from Qwen2-VL, and not useful on natural
 images or for open dialogue: it knows only the benchmark's words (colours, shapes, sizes, positions, counting) and
