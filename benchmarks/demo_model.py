@@ -47,6 +47,7 @@ VARIANTS = {
     "causal": ("w/o A_hyb: causal placeholders", {"placeholder_attention": "causal"}),
     "nofusion": ("w/o E_mask: no patch-feature fusion", {"fuse_patch_features": False}),
 }
+LOW_RES = 96  # px: the ablation's scenes and the demo model's first stage (a 12 x 12 grid, cheaper steps)
 TRAINING = dict(
     per_device_train_batch_size=8,
     learning_rate=1e-3,
@@ -147,7 +148,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="data, runs and results go here")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per ablation run (batch 8)")
-    parser.add_argument("--ablation-image-size", type=int, default=96)
+    parser.add_argument("--ablation-image-size", type=int, default=LOW_RES)
     parser.add_argument("--train-samples", type=int, default=32000)
     parser.add_argument("--test-samples", type=int, default=300)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
@@ -187,7 +188,7 @@ def main(argv=None):
             raise SystemExit(f"{args.ship} already exists; remove it first to replace the demo model")
         low, high = args.ship_steps
         print(f"== demo model: stamp seed 0, {low} steps at 96 px, then {high} steps at 128 px", flush=True)
-        stage1 = run_one(args.out, dataset(args.out, 96, args.train_samples, args.test_samples), "stamp", 0, low,
+        stage1 = run_one(args.out, dataset(args.out, LOW_RES, args.train_samples, args.test_samples), "stamp", 0, low,
                          tokenizer, "ship-96px")
         ship_data = dataset(args.out, DEMO_IMAGE_SIZE, args.train_samples, args.test_samples)
         stage2 = run_one(args.out, ship_data, "stamp", 0, high, tokenizer, "ship-128px",
@@ -197,7 +198,9 @@ def main(argv=None):
         print(json.dumps(shipped), flush=True)
         model_folder = args.out / "runs" / "ship-128px" / "model"
         processor = AutoProcessor.from_pretrained(model_folder, trust_remote_code=True)
-        ceilings = {name: grid_ceiling(ship_data / "test.jsonl", processor, soft=name == "soft") for name in ("binary", "soft")}
+        ceilings = {
+            name: grid_ceiling(ship_data / "test.jsonl", processor, soft=name == "soft") for name in ("binary", "soft")
+        }
         print("Best possible cIoU on the 16 x 16 grid: binary targets {:.1f}, fractions {:.1f}".format(
             ceilings["binary"]["cIoU"], ceilings["soft"]["cIoU"]))
         write_demo_card(model_folder, args.ship, shipped, table(results), args.steps,
