@@ -22,6 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
 from .configuration_stamp import STAMPConfig
+from .pipeline_stamp import PIPELINE_TASK, STAMPSegmentationPipeline, register_pipeline
 
 logger = logging.get_logger(__name__)
 
@@ -91,10 +92,8 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also makes the folder a "stamp-segmentation" pipeline: config.custom_pipelines names the pipeline class,
-        and the relative import below makes transformers copy pipeline_stamp.py with this file on save (and fetch it
-        with this file on a remote-code load, so a model loaded from the Hub saves it again)."""
-        from .pipeline_stamp import PIPELINE_TASK, STAMPSegmentationPipeline
-
+        and the relative import of pipeline_stamp above makes transformers copy that file with this one on save (and
+        fetch it with this one on a remote-code load, so a model loaded from the Hub saves it again)."""
         self.config.custom_pipelines = {PIPELINE_TASK: STAMPSegmentationPipeline.custom_pipeline_entry()}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -532,5 +531,7 @@ def _chunks(queries, limit, size):
         used += n
     yield chunk
 
+
+register_pipeline()  # pipeline(PIPELINE_TASK, model=<a loaded STAMP>) works without importing stamp_hf
 
 __all__ = ["STAMPModel", "STAMPOutput", "STAMPGenerateOutput", "patch_grid_target"]

@@ -10,7 +10,7 @@ Hub remote code: imports only torch, transformers, PIL, numpy and the other `*_s
 import numpy as np
 import torch
 from PIL import Image
-from transformers import GenerationConfig, Pipeline
+from transformers import AutoModel, GenerationConfig, Pipeline
 from transformers.image_utils import load_image
 
 from .sam_stamp import sam_refiner
@@ -231,4 +231,24 @@ def _load_chat_images(messages, timeout=None):
     return loaded, images
 
 
-__all__ = ["DEFAULT_SAM_MODEL", "PIPELINE_TASK", "STAMPSegmentationPipeline", "segmentation_result", "split_by_sample"]
+def register_pipeline():
+    """Makes PIPELINE_TASK a task of this process. transformers reads `config.custom_pipelines` only when the model is
+    given by name, so `pipeline(PIPELINE_TASK, model=<a loaded STAMP>, processor=...)` needs the registry; the
+    modeling file calls this on import. A registration already made (by this package or another STAMP checkpoint's
+    remote code) is kept: the pipeline code is the same, and re-registering would warn on every load."""
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    if PIPELINE_TASK not in PIPELINE_REGISTRY.get_supported_tasks():
+        PIPELINE_REGISTRY.register_pipeline(
+            PIPELINE_TASK, pipeline_class=STAMPSegmentationPipeline, pt_model=AutoModel, type="multimodal"
+        )
+
+
+__all__ = [
+    "DEFAULT_SAM_MODEL",
+    "PIPELINE_TASK",
+    "STAMPSegmentationPipeline",
+    "register_pipeline",
+    "segmentation_result",
+    "split_by_sample",
+]

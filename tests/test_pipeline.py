@@ -126,7 +126,7 @@ def test_pipeline_from_folder_and_hub_cache_in_a_fresh_process(segmenting, tmp_p
         f"""
         import json, os, sys, numpy as np, torch
         from PIL import Image
-        from transformers import AutoModel, pipeline
+        from transformers import AutoModel, AutoProcessor, pipeline
 
         expected = torch.load({str(tmp_path / 'expected.pt')!r})
         image = Image.open({str(tmp_path / 'image.png')!r})
@@ -145,6 +145,15 @@ def test_pipeline_from_folder_and_hub_cache_in_a_fresh_process(segmenting, tmp_p
         saved = sorted(f for f in os.listdir("resaved") if f.endswith(".py"))
         print("resaved", saved, json.load(open("resaved/config.json"))["custom_pipelines"]["stamp-segmentation"]["impl"])
         print("stamp_hf importable:", sys.modules.get("stamp_hf", "absent"))
+
+        # a loaded model object: transformers reads custom_pipelines only for a name, so the task comes from the
+        # registration the remote modeling code makes on import
+        processor = AutoProcessor.from_pretrained("stamp-org/stamp-tiny", trust_remote_code=True)
+        pipe = pipeline("stamp-segmentation", model=model, processor=processor)
+        result = pipe(image, {PROMPT!r}, max_new_tokens=16)
+        for entry, want in zip(result["masks"], expected, strict=True):
+            assert np.array_equal(np.asarray(entry["mask"]) > 127, want.numpy())
+        print("pipeline from a model object", type(pipe).__module__.split(".")[0], result["text"])
         """,
         tmp_path,
     )
@@ -154,3 +163,4 @@ def test_pipeline_from_folder_and_hub_cache_in_a_fresh_process(segmenting, tmp_p
             "pipeline_stamp.STAMPSegmentationPipeline") in out
     assert (tmp_path / "resaved" / "pipeline_stamp.py").read_bytes() == (REPO_ROOT / "pipeline_stamp.py").read_bytes()
     assert "stamp_hf importable: None" in out
+    assert "pipeline from a model object transformers_modules  it is<|seg|><|seg|>" in out

@@ -1,11 +1,10 @@
 """stamp-hf: STAMP segmentation MLLM on transformers' Qwen2-VL.
 
 The model code lives in the top-level `*_stamp.py` files (the Hub remote code); this package reaches them through
-symlinks, so there is one copy. Importing it registers STAMP with the Auto classes.
+symlinks, so there is one copy. Importing it registers STAMP with the Auto classes and the pipeline registry.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
-from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_stamp import STAMP_TOKENS, STAMPConfig
 from .convert import CheckpointError, convert_checkpoint, load_checkpoint
@@ -29,8 +28,7 @@ AutoProcessor.register(STAMPConfig, STAMPProcessor, exist_ok=True)
 STAMPConfig.register_for_auto_class()
 STAMPModel.register_for_auto_class("AutoModel")
 STAMPProcessor.register_for_auto_class()
-PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=STAMPSegmentationPipeline, pt_model=AutoModel,
-                                    type="multimodal")
+# Importing modeling_stamp also registered the "stamp-segmentation" pipeline task (pipeline_stamp.register_pipeline).
 
 
 __all__ = [
