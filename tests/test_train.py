@@ -231,6 +231,33 @@ def test_training_resumes_from_its_last_checkpoint(base, tmp_path):
     assert sorted(losses) == [1, 2, 3, 4] and losses[1] == 123.0  # steps 1-2 from the checkpoint, 3-4 trained now
 
 
+def test_eval_data_gives_eval_loss_at_each_checkpoint_or_once_at_the_end(base, tmp_path):
+    checkpoint, data = base
+    config = tmp_path / "train.yaml"  # eval_data relative to the config file, like data
+    config.write_text(f"model: {checkpoint}\ndata: {data}\neval_data: {data.relative_to(tmp_path)}\noutput_dir: out\n"
+                      f"training: {json.dumps(dict(FAST, max_steps=4, per_device_train_batch_size=2))}\n")
+    assert TrainConfig.from_file(config).eval_data == str(data.resolve())
+    trainer = train(TrainConfig.from_file(config))  # save_strategy "no": one evaluation, after training
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert [entry["step"] for entry in evals] == [4]
+    trainer = train(dict(model=str(checkpoint), data=str(data), eval_data=str(data), output_dir=str(tmp_path / "o2"),
+                         training=dict(FAST, max_steps=4, per_device_train_batch_size=2, save_strategy="steps",
+                                       save_steps=2, per_device_eval_batch_size=2)))
+    evals = {entry["step"]: entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry}
+    assert sorted(evals) == [2, 4]
+    assert evals[4] < evals[2]  # evaluated on the training samples: the loss falls
+    # the evaluation loss is the trained model's own L_text + L_mask on those samples, batch by batch
+    from transformers import AutoProcessor
+
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    dataset = STAMPDataset(data, processor)
+    batches = [STAMPCollator(processor)([dataset[i], dataset[i + 1]]) for i in range(0, len(dataset), 2)]
+    with torch.no_grad():
+        losses = [model(**batch).loss.item() for batch in batches]
+    assert evals[4] == pytest.approx(np.mean(losses), rel=1e-4)
+
+
 def test_gradient_accumulation_follows_the_curve_of_the_full_batch(base, tmp_path):
     """Token-normalised L_text and per-<|seg|> L_mask are scaled so that 2 x 2 accumulated samples equal a batch of 4
     (the samples have different lengths, so a per-micro-batch mean would differ)."""

@@ -4,6 +4,7 @@ The config file (YAML or JSON) of `stamp-hf train CONFIG` / `train(config)`:
 
     model: org/stamp-2b             # a STAMP checkpoint (folder or Hub id); the processor is read from it too
     data: data/train.jsonl          # the JSON Lines training format (stamp_hf.data)
+    eval_data: data/val.jsonl       # optional, same format: eval_loss at every checkpoint (or once at the end)
     output_dir: runs/stamp-2b-ft    # checkpoints, then the final model (a plain STAMP checkpoint, also after LoRA)
     finetuning: full                # full | lora
     lora: {rank: 64, alpha: 128, dropout: 0.05}   # the paper's LoRA (7B): all linear layers; classifier and the
@@ -65,6 +66,7 @@ class TrainConfig:
     model: str
     data: str
     output_dir: str
+    eval_data: str | None = None
     finetuning: str = "full"
     lora: LoraSettings = field(default_factory=LoraSettings)
     mask_loss_weights: list | str | None = None
@@ -124,8 +126,9 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{path}: unknown setting(s) {unknown}")
         # relative paths in the file are relative to the file, so a config runs from any directory
-        for key in ("data", "output_dir"):
-            raw[key] = str((path.parent / raw[key]).resolve()) if not Path(raw[key]).is_absolute() else raw[key]
+        for key in ("data", "output_dir", "eval_data"):
+            if raw.get(key) is not None and not Path(raw[key]).is_absolute():
+                raw[key] = str((path.parent / raw[key]).resolve())
         def beside_config(value):  # a model folder or DeepSpeed file next to the config; else a Hub id / as given
             return str((path.parent / value).resolve()) if isinstance(value, str) and (path.parent / value).exists() else value
 
@@ -139,6 +142,13 @@ class TrainConfig:
         settings = dict(PAPER_TRAINING_ARGUMENTS)
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             settings["bf16"] = True
+        if self.eval_data is not None:
+            # eval_loss where checkpoints are saved ("no": once at the end, in train); the loss only, not the
+            # (tokens x vocabulary) logits of the whole evaluation set
+            settings["prediction_loss_only"] = True
+            settings["eval_strategy"] = self.training.get("save_strategy", settings["save_strategy"])
+            default_save_steps = TrainingArguments.__dataclass_fields__["save_steps"].default
+            settings["eval_steps"] = self.training.get("save_steps", default_save_steps)
         settings.update(self.training)
         return TrainingArguments(output_dir=self.output_dir, **settings)
 
@@ -249,9 +259,12 @@ def train(config: TrainConfig | dict | str | Path) -> STAMPTrainer:
         model=model,
         args=args,
         train_dataset=STAMPDataset(config.data, processor),
+        eval_dataset=STAMPDataset(config.eval_data, processor) if config.eval_data else None,
         data_collator=STAMPCollator(processor),
     )
     trainer.train(resume_from_checkpoint=config.resume or None)
+    if config.eval_data and args.eval_strategy == "no":
+        trainer.evaluate()
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
         if config.finetuning == "lora":  # keep the adapter too: small, and loadable on the base checkpoint
