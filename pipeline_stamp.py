@@ -111,16 +111,7 @@ class STAMPSegmentationPipeline(Pipeline):
         return {"inputs": dict(encoded), "images": [images]}
 
     def _collate(self, samples: list[dict]) -> dict:
-        """One batch from preprocessed samples: token tensors left-padded (generation continues on the right),
-        image patches and grids concatenated in order."""
-        length = max(s["inputs"]["input_ids"].shape[1] for s in samples)
-        padding = {"input_ids": self.processor.tokenizer.pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0}
-        batch = {}
-        for key, value in padding.items():
-            rows = [s["inputs"][key] for s in samples]
-            batch[key] = torch.cat([torch.nn.functional.pad(r, (length - r.shape[1], 0), value=value) for r in rows])
-        for key in ("pixel_values", "image_grid_thw"):
-            batch[key] = torch.cat([s["inputs"][key] for s in samples])
+        batch = left_padded_batch(self.processor, [s["inputs"] for s in samples])
         return {"inputs": batch, "images": [images for s in samples for images in s["images"]]}
 
     def _forward(self, model_inputs, **generate_kwargs):
@@ -154,6 +145,20 @@ class STAMPSegmentationPipeline(Pipeline):
     def _run_batch(self, samples, forward_params, postprocess_params):
         for sample in self.forward(self._collate(samples), **forward_params):
             yield self.postprocess(sample, **postprocess_params)
+
+
+def left_padded_batch(processor, encoded: list[dict]) -> dict:
+    """One generation batch from single-sample processor outputs (batch 1 each): token tensors left-padded, since
+    generation continues on the right; image patches and grids concatenated in order."""
+    length = max(e["input_ids"].shape[1] for e in encoded)
+    padding = {"input_ids": processor.tokenizer.pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0}
+    batch = {}
+    for key, value in padding.items():
+        batch[key] = torch.cat([torch.nn.functional.pad(e[key], (length - e[key].shape[1], 0), value=value)
+                                for e in encoded])
+    for key in ("pixel_values", "image_grid_thw"):
+        batch[key] = torch.cat([e[key] for e in encoded])
+    return batch
 
 
 def split_by_sample(model, out, prompt_length: int, images: list[list[Image.Image]]) -> list[dict]:
@@ -248,6 +253,7 @@ __all__ = [
     "DEFAULT_SAM_MODEL",
     "PIPELINE_TASK",
     "STAMPSegmentationPipeline",
+    "left_padded_batch",
     "register_pipeline",
     "segmentation_result",
     "split_by_sample",

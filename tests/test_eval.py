@@ -171,7 +171,8 @@ def trained(tmp_path_factory):
 
 def test_eval_command_scores_a_trained_model(trained, tmp_path, capsys):
     model, data = trained
-    assert cli(["eval", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "out")]) == 0
+    assert cli(["eval", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "out"),
+                "--batch-size", "2"]) == 0
     table = capsys.readouterr().out
     assert "| STAMP | 5 |" in table
     results = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
@@ -220,6 +221,19 @@ def test_eval_resumes_where_it_stopped(trained, tmp_path):
     assert summary["STAMP"]["samples"] == 5
     with pytest.raises(ValueError, match="holds results of another run"):
         evaluate(model, processor, samples, out, run_info={"run": 2}, progress=False)
+
+
+def test_batched_eval_gives_the_results_of_one_sample_at_a_time(trained, tmp_path):
+    model_path, data = trained
+    from transformers import AutoModel, AutoProcessor
+
+    model, processor = AutoModel.from_pretrained(model_path), AutoProcessor.from_pretrained(model_path)
+    samples = load_samples(data)  # images of several sizes: rows of different lengths, left-padded together
+    evaluate(model, processor, samples, tmp_path / "one", progress=False)
+    evaluate(model, processor, samples, tmp_path / "batched", progress=False, batch_size=3)
+    one, batched = ((tmp_path / name / "results.jsonl").read_text().splitlines() for name in ("one", "batched"))
+    assert len(one) == 5 and batched == one
+    assert all(json.loads(line)["response"].endswith("<|im_end|>") for line in one)  # no padding after the end
 
 
 def test_refinement_hook_is_scored_alongside(trained, tmp_path):

@@ -234,6 +234,7 @@ def evaluate(
     refine: Refiner | None = None,
     max_new_tokens: int = 64,
     progress: bool = True,
+    batch_size: int = 1,
 ) -> dict:
     """
     Generate a response with masks for every sample, score it, and write results.jsonl, summary.json and
@@ -242,6 +243,7 @@ def evaluate(
 
     run_info: what identifies the run (model, data, split, ...); resuming a folder written with other run_info is
     refused. refine: an optional refinement step (e.g. SAM); its results are scored and summarized alongside.
+    batch_size: samples generated together (left-padded); the results are those of one at a time.
     Returns {"STAMP": summary, ["STAMP + refinement": summary]}.
     """
     from accelerate import PartialState
@@ -265,10 +267,14 @@ def evaluate(
     model = model.to(state.device).eval()
     part = output_dir / f"results.part{state.process_index}.{os.getpid()}.jsonl"
     with part.open("a", encoding="utf-8") as out:
-        bar = tqdm(mine, desc="eval", disable=not (progress and state.is_main_process), unit="sample")
-        for sample in bar:
-            out.write(json.dumps(_evaluate_one(model, processor, sample, refine, max_new_tokens)) + "\n")
+        bar = tqdm(total=len(mine), desc="eval", disable=not (progress and state.is_main_process), unit="sample")
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
+            for record in _evaluate_batch(model, processor, chunk, refine, max_new_tokens):
+                out.write(json.dumps(record) + "\n")
             out.flush()
+            bar.update(len(chunk))
+        bar.close()
     state.wait_for_everyone()
 
     if state.is_main_process:
@@ -294,24 +300,41 @@ def evaluate(
     return summary
 
 
-def _evaluate_one(model, processor, sample: EvalSample, refine, max_new_tokens) -> dict:
-    try:
-        with Image.open(sample.image) as file:
-            image = file.convert("RGB")
-    except OSError as error:
-        raise OSError(f"sample {sample.id}: cannot read image {sample.image}: {error}") from None
-    target, ignore = _sample_masks(sample, image.size)
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": sample.prompt}]}]
-    inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    ).to(model.device)
+def _evaluate_batch(model, processor, samples: list[EvalSample], refine, max_new_tokens) -> list[dict]:
+    from .pipeline_stamp import _as_list, left_padded_batch
+
+    images, encoded = [], []
+    for sample in samples:
+        try:
+            with Image.open(sample.image) as file:
+                images.append(file.convert("RGB"))
+        except OSError as error:
+            raise OSError(f"sample {sample.id}: cannot read image {sample.image}: {error}") from None
+        content = [{"type": "image", "image": images[-1]}, {"type": "text", "text": sample.prompt}]
+        encoded.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                     tokenize=True, return_dict=True, return_tensors="pt"))
+    inputs = {key: value.to(model.device) for key, value in left_padded_batch(processor, encoded).items()}
     with torch.no_grad():
         out = model.generate_with_masks(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    response = processor.decode(out.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=False)
-    grids = out.mask_logits[0]
+    prompt_length = inputs["input_ids"].shape[1]
+    eos = set(_as_list(model.generation_config.eos_token_id))
+    return [_score(processor, sample, image, _until_eos(out.sequences[row, prompt_length:].tolist(), eos),
+                   out.mask_logits[row], refine)
+            for row, (sample, image) in enumerate(zip(samples, images))]
+
+
+def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """The response up to its first end token, included: a batch row that ended early goes on with padding."""
+    end = next((i for i, token in enumerate(tokens) if token in eos), len(tokens) - 1)
+    return tokens[: end + 1]
+
+
+def _score(processor, sample: EvalSample, image, response: list[int], grids, refine) -> dict:
+    target, ignore = _sample_masks(sample, image.size)
     masks = processor.post_process_masks([grids], target_sizes=[(image.height, image.width)])[0]
     prediction = _union(masks, image.size)
-    record = {"id": sample.id, "prompt": sample.prompt, "response": response, "masks": len(masks),
+    record = {"id": sample.id, "prompt": sample.prompt, "response": processor.decode(response, skip_special_tokens=False),
+              "masks": len(masks),
               **sample_scores(*intersection_union(prediction, target, ignore), not target.any(), not prediction.any())}
     if refine is not None:
         refined = [torch.as_tensor(np.asarray(refine(image, mask.cpu().numpy()), dtype=bool)) for mask in masks]

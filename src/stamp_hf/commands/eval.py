@@ -26,6 +26,7 @@ def add_arguments(parser):
     parser.add_argument("--refine-sam", metavar="CKPT", default=None, help="also score masks refined with SAM: a "
                         "Hub id / folder (transformers SamModel) or a .pth file (segment-anything)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=1, help="samples generated together (default 1)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
     parser.add_argument("--dtype", default="auto", help="weights dtype: auto, float32, bfloat16, float16")
     parser.add_argument("--trust-remote-code", action="store_true")
@@ -55,5 +56,7 @@ def run(args) -> int:
         refine = sam_refiner(args.refine_sam).refine
     run_info = {"model": args.model, "data": str(args.data.resolve()), "split": args.split, "split_by": args.split_by,
                 "prompt": prompt, "max_new_tokens": args.max_new_tokens, "limit": args.limit, "refine_sam": args.refine_sam}
-    evaluate(model, processor, samples, args.output, run_info, refine, args.max_new_tokens)
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
+    evaluate(model, processor, samples, args.output, run_info, refine, args.max_new_tokens, batch_size=args.batch_size)
     return 0
