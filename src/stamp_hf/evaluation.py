@@ -333,8 +333,8 @@ def _score(processor, sample: EvalSample, image, response: list[int], grids, ref
     target, ignore = _sample_masks(sample, image.size)
     masks = processor.post_process_masks([grids], target_sizes=[(image.height, image.width)])[0]
     prediction = _union(masks, image.size)
-    record = {"id": sample.id, "prompt": sample.prompt, "response": processor.decode(response, skip_special_tokens=False),
-              "masks": len(masks),
+    text = processor.decode(response, skip_special_tokens=False)
+    record = {"id": sample.id, "prompt": sample.prompt, "response": text, "masks": len(masks),
               **sample_scores(*intersection_union(prediction, target, ignore), not target.any(), not prediction.any())}
     if refine is not None:
         refined = [torch.as_tensor(np.asarray(refine(image, mask.cpu().numpy()), dtype=bool)) for mask in masks]
