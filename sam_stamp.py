@@ -119,12 +119,7 @@ class SegmentAnythingRefiner(_SamRefiner):
         except ImportError as error:
             raise ImportError("SAM refinement with a .pth checkpoint needs `pip install segment-anything`") from error
         state_dict = load_sam_state_dict(checkpoint)
-        if model_type is None:
-            width = state_dict["image_encoder.patch_embed.proj.weight"].shape[0]
-            model_type = {1280: "vit_h", 1024: "vit_l", 768: "vit_b"}.get(width)
-            if model_type is None:
-                raise ValueError(f"{checkpoint}: unknown SAM image encoder width {width}; pass model_type")
-        sam = sam_model_registry[model_type]()
+        sam = sam_model_registry[model_type or segment_anything_model_type(state_dict, checkpoint)]()
         sam.load_state_dict(state_dict)
         return cls(sam)
 
@@ -136,6 +131,18 @@ class SegmentAnythingRefiner(_SamRefiner):
                 point_coords=points, point_labels=labels, mask_input=low_res, multimask_output=False
             )
         return masks[0].astype(bool)
+
+
+def segment_anything_model_type(state_dict: dict, checkpoint: str = "the checkpoint") -> str:
+    """vit_h / vit_l / vit_b: the segment-anything variant whose image encoder width the weights have."""
+    weight = state_dict.get("image_encoder.patch_embed.proj.weight")
+    if weight is None:
+        raise ValueError(f"{checkpoint}: no image_encoder.patch_embed.proj.weight: not a segment-anything SAM")
+    width = weight.shape[0]
+    model_type = {1280: "vit_h", 1024: "vit_l", 768: "vit_b"}.get(width)
+    if model_type is None:
+        raise ValueError(f"{checkpoint}: unknown SAM image encoder width {width}; pass model_type")
+    return model_type
 
 
 def load_sam_state_dict(checkpoint: str) -> dict:
@@ -167,4 +174,5 @@ __all__ = [
     "mask_prompt",
     "sam_refiner",
     "sample_points",
+    "segment_anything_model_type",
 ]

@@ -14,6 +14,7 @@ from stamp_hf.sam_stamp import (
     mask_prompt,
     sam_refiner,
     sample_points,
+    segment_anything_model_type,
 )
 from stamp_hf.testing import tiny_sam, tiny_segment_anything
 
@@ -88,6 +89,34 @@ def test_pth_checkpoints_load_weights_only(tmp_path):
         load_sam_state_dict(tmp_path / "pickled.pth")
     with pytest.raises(ValueError, match="weights_only=True"):
         sam_refiner(str(tmp_path / "pickled.pth"))
+
+
+@pytest.mark.parametrize("model_type", ["vit_h", "vit_l", "vit_b"])
+def test_the_segment_anything_variant_is_read_from_full_size_weights(model_type):
+    from segment_anything import sam_model_registry
+
+    with torch.device("meta"):  # the real architectures, without allocating them
+        state_dict = sam_model_registry[model_type]().state_dict()
+    assert segment_anything_model_type(state_dict) == model_type
+    state_dict["image_encoder.patch_embed.proj.weight"] = torch.empty(512, 3, 16, 16, device="meta")
+    with pytest.raises(ValueError, match="unknown SAM image encoder width 512; pass model_type"):
+        segment_anything_model_type(state_dict, "sam.pth")
+
+
+def test_a_full_size_vit_b_pth_loads_as_a_refiner(tmp_path):
+    """The smallest real SAM (94 M parameters) through sam_refiner: variant guessed, every weight loaded."""
+    from segment_anything import sam_model_registry
+
+    with torch.device("meta"):
+        sam = sam_model_registry["vit_b"]()
+    sam = sam.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    state_dict = {k: torch.randn(v.shape, generator=generator).to(v.dtype) for k, v in sam.state_dict().items()}
+    torch.save(state_dict, tmp_path / "sam_vit_b.pth")
+    refiner = sam_refiner(str(tmp_path / "sam_vit_b.pth"))
+    assert isinstance(refiner, SegmentAnythingRefiner)
+    loaded = refiner.predictor.model.state_dict()
+    assert loaded.keys() == state_dict.keys() and all(torch.equal(loaded[k], state_dict[k]) for k in state_dict)
 
 
 def test_transformers_backend_loads_a_saved_sam_folder(tmp_path):
