@@ -189,9 +189,13 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
         mm_token_type_ids: torch.IntTensor | None = None,
-        **unused,
+        **training_targets,
     ) -> list[list[torch.Tensor]]:
-        """Teacher-forced: the (h, w) mask logits of every `<|seg|>` already in the sequence, a list per sample."""
+        """Teacher-forced: the (h, w) mask logits of every `<|seg|>` already in the sequence, a list per sample.
+        A training batch can be passed whole: its `labels` / `mask_labels` are ignored; any other key is an error."""
+        unknown = sorted(set(training_targets) - {"labels", "mask_labels"})
+        if unknown:
+            raise TypeError(f"predict_masks() got unexpected argument(s) {unknown}")
         _, mask_logits = self._teacher_forced(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
         return mask_logits
 

@@ -36,9 +36,11 @@ def test_loss_is_text_plus_mask_and_parts_are_reported(tiny):
     torch.testing.assert_close(out.text_loss, plain.loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.logits, plain.logits, atol=1e-5, rtol=1e-5)
     # the mask logits are those predict_masks gives
-    predicted = model.predict_masks(**{k: v for k, v in batch.items() if k != "labels"})
+    predicted = model.predict_masks(**batch, mask_labels=[masks])  # a training batch, passed whole
     for got, want in zip(out.mask_logits[0], predicted[0]):
         torch.testing.assert_close(got, want)
+    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['attention_masks'\]"):  # a typo is not ignored
+        model.predict_masks(**batch, attention_masks=batch["attention_mask"])
     # and the loss is BCE + Dice on the patch grid, recomputed here by hand
     expected = []
     for logits, mask in zip(out.mask_logits[0], masks):
