@@ -156,7 +156,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
     parser.add_argument("--ship", type=Path, help="train the demo model (stamp, seed 0, --ship-steps) and write it here")
     parser.add_argument(
-        "--ship-steps", type=int, nargs=2, default=[3000, 600], metavar=("STEPS_96PX", "STEPS_128PX"),
+        "--ship-steps", type=int, nargs=2, default=[3000, 8000], metavar=("STEPS_96PX", "STEPS_128PX"),
         help="the demo model's two stages: steps on 96 px scenes, then on 128 px scenes",
     )
     parser.add_argument("--table-only", action="store_true", help="train nothing: the table of the runs already done")
@@ -189,14 +189,17 @@ def main(argv=None):
         low, high = args.ship_steps
         print(f"== demo model: stamp seed 0, {low} steps at 96 px, then {high} steps at 128 px", flush=True)
         stage1 = run_one(args.out, dataset(args.out, LOW_RES, args.train_samples, args.test_samples), "stamp", 0, low,
-                         tokenizer, "ship-96px")
+                         tokenizer, f"ship-96px-{low}")
         ship_data = dataset(args.out, DEMO_IMAGE_SIZE, args.train_samples, args.test_samples)
-        stage2 = run_one(args.out, ship_data, "stamp", 0, high, tokenizer, "ship-128px",
-                         init=args.out / "runs" / "ship-96px" / "model")
+        stage2 = run_one(args.out, ship_data, "stamp", 0, high, tokenizer, f"ship-128px-{high}",
+                         init=args.out / "runs" / f"ship-96px-{low}" / "model")
+        threads = {stage1["threads"], stage2["threads"]}
         shipped = dict(stage2, steps=f"{low} (96 px) + {high} (128 px)",
-                       train_seconds=stage1["train_seconds"] + stage2["train_seconds"])
+                       train_seconds=stage1["train_seconds"] + stage2["train_seconds"],
+                       threads=stage2["threads"] if len(threads) == 1
+                       else f"{stage1['threads']} (96 px stage) / {stage2['threads']} (128 px stage)")
         print(json.dumps(shipped), flush=True)
-        model_folder = args.out / "runs" / "ship-128px" / "model"
+        model_folder = args.out / "runs" / f"ship-128px-{high}" / "model"
         processor = AutoProcessor.from_pretrained(model_folder, trust_remote_code=True)
         ceilings = {
             name: grid_ceiling(ship_data / "test.jsonl", processor, soft=name == "soft") for name in ("binary", "soft")

@@ -8,10 +8,10 @@ from conftest import run_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo_model"
-# Measured on these 50 samples with the shipped model: cIoU 45.9; a language-blind model that masks every shape gets
+# Measured on these 50 samples with the shipped model: cIoU 47.8; a language-blind model that masks every shape gets
 # 31.5 there (see README, "Demo model and synthetic benchmark"). The floor sits below the measurement and above that
 # baseline; the 75 the benchmark aims for is not reached by this model, so it is not used.
-CIOU_FLOOR = 40.0
+CIOU_FLOOR = 42.0
 
 
 def test_demo_model_is_a_complete_small_safetensors_repo():
