@@ -142,14 +142,13 @@ class TrainConfig:
         settings = dict(PAPER_TRAINING_ARGUMENTS)
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             settings["bf16"] = True
-        if self.eval_data is not None:
-            # eval_loss where checkpoints are saved ("no": once at the end, in train); the loss only, not the
-            # (tokens x vocabulary) logits of the whole evaluation set
-            settings["prediction_loss_only"] = True
-            settings["eval_strategy"] = self.training.get("save_strategy", settings["save_strategy"])
-            default_save_steps = TrainingArguments.__dataclass_fields__["save_steps"].default
-            settings["eval_steps"] = self.training.get("save_steps", default_save_steps)
         settings.update(self.training)
+        if self.eval_data is not None:
+            # unless set: eval_loss where checkpoints are saved ("no": once at the end, in train), and the loss only,
+            # not the (tokens x vocabulary) logits of the whole evaluation set
+            settings.setdefault("prediction_loss_only", True)
+            settings.setdefault("eval_strategy", settings["save_strategy"])
+            settings.setdefault("eval_steps", settings.get("save_steps", TrainingArguments.save_steps))
         return TrainingArguments(output_dir=self.output_dir, **settings)
 
 
