@@ -183,8 +183,7 @@ def segmentation_result(model, processor, sample: dict, threshold=None, refiner=
     threshold = model.config.mask_threshold if threshold is None else threshold
     tokenizer = processor.tokenizer
     response = sample["response"].tolist()
-    stops = set(_as_list(model.generation_config.eos_token_id)) | {tokenizer.pad_token_id}
-    end = next((i for i, token in enumerate(response) if token in stops), len(response))
+    end = response_end(model, tokenizer, response)
     masks, previous = [], 0
     for k, (offset, logits, image) in enumerate(zip(sample["seg_offsets"], sample["mask_logits"], sample["images"])):
         label = tokenizer.decode(response[previous:offset], skip_special_tokens=True).strip(" .,;:\n")
@@ -197,6 +196,13 @@ def segmentation_result(model, processor, sample: dict, threshold=None, refiner=
             mask = refiner.refine(image, mask, seed=seed + k)
         masks.append({"label": label, "score": score, "mask": Image.fromarray(mask.astype(np.uint8) * 255, "L")})
     return {"text": tokenizer.decode(response[:end], skip_special_tokens=False), "masks": masks}
+
+
+def response_end(model, tokenizer, response: list[int]) -> int:
+    """Index of the response's first end token (an end-of-turn id, or padding that a batch row gets after it ended);
+    len(response) if generation stopped at max_new_tokens."""
+    stops = set(_as_list(model.generation_config.eos_token_id)) | {tokenizer.pad_token_id}
+    return next((i for i, token in enumerate(response) if token in stops), len(response))
 
 
 def _is_chat(value) -> bool:
@@ -255,6 +261,7 @@ __all__ = [
     "STAMPSegmentationPipeline",
     "left_padded_batch",
     "register_pipeline",
+    "response_end",
     "segmentation_result",
     "split_by_sample",
 ]

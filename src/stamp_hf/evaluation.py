@@ -301,7 +301,7 @@ def evaluate(
 
 
 def _evaluate_batch(model, processor, samples: list[EvalSample], refine, max_new_tokens) -> list[dict]:
-    from .pipeline_stamp import _as_list, left_padded_batch
+    from .pipeline_stamp import left_padded_batch, response_end
 
     images, encoded = [], []
     for sample in samples:
@@ -316,17 +316,12 @@ def _evaluate_batch(model, processor, samples: list[EvalSample], refine, max_new
     inputs = {key: value.to(model.device) for key, value in left_padded_batch(processor, encoded).items()}
     with torch.no_grad():
         out = model.generate_with_masks(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    prompt_length = inputs["input_ids"].shape[1]
-    eos = set(_as_list(model.generation_config.eos_token_id))
-    return [_score(processor, sample, image, _until_eos(out.sequences[row, prompt_length:].tolist(), eos),
-                   out.mask_logits[row], refine)
-            for row, (sample, image) in enumerate(zip(samples, images))]
-
-
-def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
-    """The response up to its first end token, included: a batch row that ended early goes on with padding."""
-    end = next((i for i, token in enumerate(tokens) if token in eos), len(tokens) - 1)
-    return tokens[: end + 1]
+    records = []
+    for row, (sample, image) in enumerate(zip(samples, images)):
+        response = out.sequences[row, inputs["input_ids"].shape[1] :].tolist()
+        response = response[: response_end(model, processor.tokenizer, response) + 1]  # the end token kept, as written
+        records.append(_score(processor, sample, image, response, out.mask_logits[row], refine))
+    return records
 
 
 def _score(processor, sample: EvalSample, image, response: list[int], grids, refine) -> dict:
