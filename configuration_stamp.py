@@ -8,6 +8,7 @@ from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLConfig
 
 # Appended in this order after the Qwen2-VL vocabulary by the released checkpoints.
 STAMP_TOKENS = ("<|seg|>", "<|mask|>", "<|yes|>", "<|no|>")
+MASK_LOSS_RESOLUTIONS = ("patch", "image")
 
 
 @strict
@@ -26,10 +27,16 @@ class STAMPConfig(Qwen2VLConfig):
         A patch is foreground when its logit exceeds this value (0.0 in the paper).
     bce_loss_weight / dice_loss_weight (`float`):
         L_mask = bce_loss_weight * BCE + dice_loss_weight * Dice over the patch logits.
+    mask_loss_resolution (`str`):
+        Where L_mask compares prediction and ground truth. "patch" (the paper): the mask label is resized by area to
+        the patch grid. "image": the patch logits are upsampled bilinearly, exactly as `post_process_masks` does at
+        inference, to the mask label's own resolution (the training dataset passes it at the resolution of the image
+        the model sees), so training scores the masks that inference produces: edges can fall anywhere inside a cell
+        instead of being tied to its foreground fraction, and coarse grids give much finer masks.
     soft_mask_labels (`bool`):
-        False (the paper): a cell's target is 1 when at least half of it is foreground. True: the target is that
-        foreground fraction, so boundary cells learn intermediate logits and the bilinearly upsampled mask places
-        edges inside cells instead of on cell borders (sharper masks on coarse grids).
+        False (the paper): a target is 1 where at least half of its cell (patch, or pixel at "image" resolution) is
+        foreground. True: the target is that foreground fraction, so boundary cells learn intermediate logits and the
+        bilinearly upsampled mask places edges inside cells instead of on cell borders.
     placeholder_attention (`str`):
         "bidirectional" (the paper): each placeholder sees all placeholders of its `<|seg|>`. "causal": only those
         before it (the paper's "w/o A_hyb" ablation).
@@ -53,6 +60,7 @@ class STAMPConfig(Qwen2VLConfig):
     mask_threshold: float = 0.0
     bce_loss_weight: float = 1.0
     dice_loss_weight: float = 1.0
+    mask_loss_resolution: str = "patch"
     soft_mask_labels: bool = False
     placeholder_attention: str = "bidirectional"
     fuse_patch_features: bool = True
@@ -63,6 +71,10 @@ class STAMPConfig(Qwen2VLConfig):
             raise ValueError(
                 f"placeholder bounds must satisfy 0 < min_placeholders <= max_placeholders, "
                 f"got {self.min_placeholders} and {self.max_placeholders}"
+            )
+        if self.mask_loss_resolution not in MASK_LOSS_RESOLUTIONS:
+            raise ValueError(
+                f"mask_loss_resolution must be one of {MASK_LOSS_RESOLUTIONS}, got {self.mask_loss_resolution!r}"
             )
         if self.placeholder_attention not in ("bidirectional", "causal"):
             raise ValueError(
@@ -83,4 +95,4 @@ class STAMPConfig(Qwen2VLConfig):
             setattr(self, f"{name}_token_id", token_id)
 
 
-__all__ = ["STAMPConfig", "STAMP_TOKENS"]
+__all__ = ["MASK_LOSS_RESOLUTIONS", "STAMPConfig", "STAMP_TOKENS"]

@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_stamp import STAMPConfig
 from .pipeline_stamp import PIPELINE_TASK, STAMPSegmentationPipeline, register_pipeline
+from .processing_stamp import upsample_mask_logits
 
 logger = logging.get_logger(__name__)
 
@@ -123,8 +124,9 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
 
         mask_labels (`list`, one entry per sample): for each `<|seg|>` of the sample, in order, a binary
             ground-truth mask of any resolution (a (num_seg, H, W) tensor or a list of (H, W) tensors). It is resized
-            to the patch grid of the `<|seg|>`'s image by area and thresholded at 0.5 (kept as the foreground fraction
-            with `config.soft_mask_labels`). The sequence then runs once with every `<|seg|>`'s placeholders appended
+            to the patch grid of the `<|seg|>`'s image by area (or the logits are upsampled to it, with
+            `config.mask_loss_resolution="image"`) and thresholded at 0.5 (kept as the foreground fraction with
+            `config.soft_mask_labels`). The sequence then runs once with every `<|seg|>`'s placeholders appended
             (the hybrid mask keeps text tokens causal and blind to them), and the output carries `mask_logits`,
             `text_loss`, `mask_loss` and `loss` = their sum.
         """
@@ -169,17 +171,20 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
                 raise ValueError(
                     f"sample {row} has {len(logits_row)} <|seg|> tokens but {len(labels_row)} mask labels"
                 )
-            for logits, target in zip(logits_row, labels_row):
-                target = patch_grid_target(target, logits.shape, soft=self.config.soft_mask_labels)
-                target = target.to(logits.device)
-                bce = F.binary_cross_entropy_with_logits(logits.float(), target)
-                probs = logits.float().sigmoid().flatten()
-                target = target.flatten()
-                dice = 1 - (2 * (probs * target).sum() + 1) / (probs.sum() + target.sum() + 1)
-                losses.append(self.config.bce_loss_weight * bce + self.config.dice_loss_weight * dice)
+            for logits, label in zip(logits_row, labels_row):
+                logits, target = self._loss_pair(logits, label)
+                losses.append(bce_dice_loss(logits, target, self.config.bce_loss_weight, self.config.dice_loss_weight))
         if not losses:  # no <|seg|> in the batch: a zero that still reaches the classifier (DDP needs every grad)
             return self.classifier.weight.sum() * 0.0
         return torch.stack(losses).mean()
+
+    def _loss_pair(self, logits: torch.Tensor, label) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prediction, target) at the resolution config.mask_loss_resolution names, both float32."""
+        label = torch.as_tensor(label)
+        if self.config.mask_loss_resolution == "image" and label.ndim == 2:
+            logits = upsample_mask_logits(logits, label.shape)
+        target = mask_target(label, logits.shape, soft=self.config.soft_mask_labels)
+        return logits.float(), target.to(logits.device)
 
     @torch.no_grad()
     def predict_masks(
@@ -509,14 +514,23 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
         return int(grid_thw[1]) // merge, int(grid_thw[2]) // merge
 
 
-def patch_grid_target(mask, grid_shape, soft: bool = False) -> torch.Tensor:
-    """A mask of any size on the (h, w) patch grid: the foreground fraction of each cell, thresholded at 0.5 unless
-    `soft`. A mask already on the grid may itself hold fractions (what the training dataset passes)."""
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 1.0, dice_weight: float = 1.0):
+    """L_mask of one mask: bce_weight * BCE + dice_weight * Dice between logits and a target of the same shape."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    probs, target = logits.sigmoid().flatten(), target.flatten()
+    dice = 1 - (2 * (probs * target).sum() + 1) / (probs.sum() + target.sum() + 1)
+    return bce_weight * bce + dice_weight * dice
+
+
+def mask_target(mask, size, soft: bool = False) -> torch.Tensor:
+    """A mask of any size resized by area to `size` (h, w) (the patch grid, or the image the model sees): the
+    foreground fraction of each cell, thresholded at 0.5 unless `soft`. A mask already of that size may itself hold
+    fractions (what the training dataset passes)."""
     mask = torch.as_tensor(mask).float()
     if mask.ndim != 2:
         raise ValueError(f"a mask label must be a 2D (height, width) array, got shape {tuple(mask.shape)}")
-    if tuple(mask.shape) != tuple(grid_shape):
-        mask = F.interpolate(mask[None, None], size=tuple(grid_shape), mode="area")[0, 0]
+    if tuple(mask.shape) != tuple(size):
+        mask = F.interpolate(mask[None, None], size=tuple(size), mode="area")[0, 0]
     return mask.clamp(0, 1) if soft else (mask >= 0.5).float()
 
 
@@ -538,4 +552,4 @@ def _chunks(queries, limit, size):
 
 register_pipeline()  # pipeline(PIPELINE_TASK, model=<a loaded STAMP>) works without importing stamp_hf
 
-__all__ = ["STAMPModel", "STAMPOutput", "STAMPGenerateOutput", "patch_grid_target"]
+__all__ = ["STAMPModel", "STAMPOutput", "STAMPGenerateOutput", "bce_dice_loss", "mask_target"]

@@ -100,27 +100,30 @@ class STAMPProcessor(ProcessorMixin):
         Returns:
             A list per sample of boolean (height, width) tensors, one per `<|seg|>`.
 
-        The processor resizes each side independently (height * s_h, width * s_w), and the patch grid tiles the resized
-        image, so bilinear upsampling of the grid straight to (height, width), with cell centres at pixel-area centres
-        (align_corners=False), is the exact inverse of that resize.
+        See `upsample_mask_logits` for how a grid becomes an image-sized mask.
         """
         mask_logits = getattr(mask_logits, "mask_logits", mask_logits)
         if len(mask_logits) != len(target_sizes):
             raise ValueError(f"got mask logits for {len(mask_logits)} samples but {len(target_sizes)} target sizes")
-        results = []
-        for sample_logits, (height, width) in zip(mask_logits, target_sizes):
-            masks = []
-            for grid in sample_logits:
-                upsampled = F.interpolate(
-                    grid[None, None].float(), size=(int(height), int(width)), mode="bilinear", align_corners=False
-                )
-                masks.append(upsampled[0, 0] > threshold)
-            results.append(masks)
-        return results
+        return [
+            [upsample_mask_logits(grid, (height, width)) > threshold for grid in sample_logits]
+            for sample_logits, (height, width) in zip(mask_logits, target_sizes)
+        ]
 
     @property
     def model_input_names(self):
         return super().model_input_names + ["mm_token_type_ids"]
 
 
-__all__ = ["STAMPProcessor", "QWEN2_VL_CHAT_TEMPLATE"]
+def upsample_mask_logits(grid: torch.Tensor, size) -> torch.Tensor:
+    """An (h, w) patch-logit grid as (height, width) = `size` pixel logits: the one upsampling of inference
+    (post_process_masks) and of training at mask_loss_resolution="image".
+
+    The processor resizes each side independently (height * s_h, width * s_w), and the patch grid tiles the resized
+    image, so bilinear upsampling of the grid straight to (height, width), with cell centres at pixel-area centres
+    (align_corners=False), is the exact inverse of that resize."""
+    height, width = (int(v) for v in size)
+    return F.interpolate(grid[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+
+
+__all__ = ["STAMPProcessor", "QWEN2_VL_CHAT_TEMPLATE", "upsample_mask_logits"]

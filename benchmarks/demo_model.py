@@ -2,17 +2,20 @@
 
 From a clean checkout (CPU is enough):
 
-    .venv/bin/python benchmarks/demo_model.py                     # data, 3 variants x 3 seeds, prints the table
+    .venv/bin/python benchmarks/demo_model.py                     # data, vision stage, 3 variants x 3 seeds, the table
     .venv/bin/python benchmarks/demo_model.py --ship demo_model   # also trains the demo model (longer) and writes it
     .venv/bin/python benchmarks/demo_model.py --table-only        # the table of the runs done so far
 
-Each run starts from a randomly initialised demo STAMP (stamp_hf.demo) and trains with stamp_hf.training.train, the
-same path as `stamp-hf train`. Variants (the paper's Table 6 rows), each trained for the same number of steps:
+Two stages, both on 128 px scenes (a 16 x 16 mask grid):
+  vision   the stand-in for Qwen2-VL's pretrained vision tower (stamp_hf.demo.pretrain_vision_tower): the ViT learns
+           every patch's shape kind, colour and size from labelled scenes, no language. Run once, shared by every run.
+  STAMP    each run: a demo STAMP whose language model is randomly initialised from the run's seed, with that vision
+           tower, trained by stamp_hf.training.train (the path of `stamp-hf train`), the vision tower frozen and the
+           mask loss on the upsampled masks (mask_loss_resolution="image").
+Variants (the paper's Table 6 rows), each trained for the same number of steps:
   stamp     the paper's design: placeholders attend bidirectionally, each fused with its patch feature
   causal    "w/o A_hyb": placeholders attend causally among themselves
   nofusion  "w/o E_mask": placeholders are embed(<|mask|>) alone, no patch feature
-The ablation runs on 96 px scenes (a 12 x 12 mask grid: cheaper steps, so more of them per minute). The demo model
-trains in two stages with the same recipe: first on 96 px scenes, then on 128 px scenes (its 16 x 16 grid).
 Test metrics: cIoU / gIoU (stamp_hf.evaluation) on the test split's segmentation requests (referring, multi-object and
 no-object), per request kind, and exact-answer accuracy on its VQA questions. Finished runs are kept under --out and
 not redone, so variants can be trained in separate processes (--variants / --seeds) and the table printed afterwards.
@@ -31,15 +34,18 @@ import torch
 from transformers import AutoProcessor
 
 from stamp_hf.demo import (
+    CEILING_TARGETS,
     DEMO_IMAGE_SIZE,
     all_shapes_baseline,
     build_demo_model,
     demo_tokenizer,
     evaluate_demo,
     grid_ceiling,
+    pretrain_vision_tower,
     write_demo_card,
 )
-from stamp_hf.synthetic import write_dataset
+from stamp_hf.modeling_stamp import STAMPModel
+from stamp_hf.synthetic import write_split
 from stamp_hf.training import train
 
 VARIANTS = {
@@ -47,7 +53,6 @@ VARIANTS = {
     "causal": ("w/o A_hyb: causal placeholders", {"placeholder_attention": "causal"}),
     "nofusion": ("w/o E_mask: no patch-feature fusion", {"fuse_patch_features": False}),
 }
-LOW_RES = 96  # px: the ablation's scenes and the demo model's first stage (a 12 x 12 grid, cheaper steps)
 TRAINING = dict(
     per_device_train_batch_size=8,
     learning_rate=1e-3,
@@ -65,26 +70,44 @@ TRAINING = dict(
 )
 
 
-def run_one(out: Path, data_dir: Path, variant: str, seed: int, steps: int, tokenizer, name: str, init=None) -> dict:
-    """Train `variant` from seed `seed` (or go on from the model folder `init`) on data_dir/train.jsonl and evaluate
-    it on data_dir/test.jsonl; cached as out/runs/<name>/result.json."""
+def vision_stage(out: Path, steps: int, tokenizer) -> dict:
+    """The pretrained vision tower every STAMP run starts from; cached as out/runs/vision-<steps>."""
+    run = out / "runs" / f"vision-{steps}"
+    if (run / "result.json").exists():
+        return json.loads((run / "result.json").read_text())
+    shutil.rmtree(run, ignore_errors=True)  # an interrupted run starts over
+    model, processor = build_demo_model(seed=0, tokenizer=tokenizer)
+    start = time.perf_counter()
+    history = pretrain_vision_tower(model, processor, steps, log=lambda entry: print(json.dumps(entry), flush=True))
+    seconds = time.perf_counter() - start
+    model.save_pretrained(run / "model")
+    result = dict(steps=steps, train_seconds=seconds, threads=torch.get_num_threads(), history=history,
+                  model=str(run / "model"))
+    (run / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def run_one(out: Path, data_dir: Path, variant: str, seed: int, steps: int, tokenizer, name: str, vision) -> dict:
+    """Train `variant` from seed `seed` with the pretrained vision tower of the folder `vision` on
+    data_dir/train.jsonl and evaluate it on data_dir/test.jsonl; cached as out/runs/<name>/result.json."""
     run = out / "runs" / name
     result_file = run / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
     if run.exists():
         shutil.rmtree(run)  # an interrupted run starts over
-    if init is None:
-        model, processor = build_demo_model(seed=seed, tokenizer=tokenizer, **VARIANTS[variant][1])
-        model.save_pretrained(run / "init")
-        processor.save_pretrained(run / "init")
+    model, processor = build_demo_model(seed=seed, tokenizer=tokenizer, **VARIANTS[variant][1])
+    model.model.visual.load_state_dict(STAMPModel.from_pretrained(vision).model.visual.state_dict())
+    model.save_pretrained(run / "init")
+    processor.save_pretrained(run / "init")
     start = time.perf_counter()
     trainer = train(
         dict(
-            model=str(init or run / "init"),
+            model=str(run / "init"),
             data=str(data_dir / "train.jsonl"),
             output_dir=str(run / "model"),
             trust_remote_code=True,
+            freeze_vision_tower=True,
             training=dict(TRAINING, max_steps=steps, seed=seed),
         )
     )
@@ -134,80 +157,71 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def dataset(out: Path, image_size: int, train_samples: int, test_samples: int) -> Path:
-    """The synthetic splits at `image_size` under out/data/<image_size>px (written once)."""
-    folder = out / "data" / f"{image_size}px"
+def dataset(out: Path, train_samples: int, test_samples: int) -> Path:
+    """The synthetic train and test splits at 128 px under out/data (written once)."""
+    folder = out / "data"
     if not (folder / "test.jsonl").exists():
         print(f"writing the synthetic data to {folder} ...", flush=True)
         shutil.rmtree(folder, ignore_errors=True)
-        write_dataset(folder, train=train_samples, val=0, test=test_samples, image_size=image_size)
+        write_split(folder, "train", train_samples, DEMO_IMAGE_SIZE)
+        write_split(folder, "test", test_samples, DEMO_IMAGE_SIZE)
     return folder
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="data, runs and results go here")
+    parser.add_argument("--vision-steps", type=int, default=4000, help="steps of the vision stage (batch 16)")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per ablation run (batch 8)")
-    parser.add_argument("--ablation-image-size", type=int, default=LOW_RES)
-    parser.add_argument("--train-samples", type=int, default=32000)
+    parser.add_argument("--train-samples", type=int, default=100000)
     parser.add_argument("--test-samples", type=int, default=300)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
     parser.add_argument("--ship", type=Path, help="train the demo model (stamp, seed 0, --ship-steps) and write it here")
-    parser.add_argument(
-        "--ship-steps", type=int, nargs=2, default=[3000, 8000], metavar=("STEPS_96PX", "STEPS_128PX"),
-        help="the demo model's two stages: steps on 96 px scenes, then on 128 px scenes",
-    )
+    parser.add_argument("--ship-steps", type=int, default=6000, help="the demo model's STAMP training steps")
     parser.add_argument("--table-only", action="store_true", help="train nothing: the table of the runs already done")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     tokenizer = demo_tokenizer()
-    ablation_data = dataset(args.out, args.ablation_image_size, args.train_samples, args.test_samples)
+    data = dataset(args.out, args.train_samples, args.test_samples)
+    if args.table_only:
+        vision = None
+    else:
+        print(f"== vision stage: {args.vision_steps} steps", flush=True)
+        vision = vision_stage(args.out, args.vision_steps, tokenizer)
     results = []
     for variant in args.variants:
         for seed in args.seeds:
-            name = f"{variant}-{seed}"
+            name = f"{variant}-{seed}-{args.steps}"
             if args.table_only and not (args.out / "runs" / name / "result.json").exists():
                 print(f"-- {name}: not run", flush=True)
                 continue
             print(f"== {name}", flush=True)
-            result = run_one(args.out, ablation_data, variant, seed, args.steps, tokenizer, name)
+            result = run_one(args.out, data, variant, seed, args.steps, tokenizer, name, vision and vision["model"])
             print(json.dumps(result), flush=True)
             results.append(result)
-    print(f"\nAblation: {args.ablation_image_size} px scenes, test split of {args.test_samples} samples (seeds never "
-          f"used in training), {args.steps} steps of batch 8 per run")
+    print(f"\nAblation: {DEMO_IMAGE_SIZE} px scenes, test split of {args.test_samples} samples (seeds never used in "
+          f"training), {args.steps} steps of batch 8 per run after the {args.vision_steps}-step vision stage")
     print(f"CPU: {os.cpu_count()} cores visible, {args.threads} torch thread(s) per run; Python {sys.version.split()[0]}\n")
     print(table(results))
-    baseline = all_shapes_baseline(ablation_data / "test.jsonl", args.ablation_image_size)
+    baseline = all_shapes_baseline(data / "test.jsonl")
     print(f"\nLanguage-blind baseline (every shape masked, whatever the request): cIoU {baseline['cIoU']:.1f}, "
           f"gIoU {baseline['gIoU']:.1f}")
     if args.ship:
         if args.ship.exists():
             raise SystemExit(f"{args.ship} already exists; remove it first to replace the demo model")
-        low, high = args.ship_steps
-        print(f"== demo model: stamp seed 0, {low} steps at 96 px, then {high} steps at 128 px", flush=True)
-        stage1 = run_one(args.out, dataset(args.out, LOW_RES, args.train_samples, args.test_samples), "stamp", 0, low,
-                         tokenizer, f"ship-96px-{low}")
-        ship_data = dataset(args.out, DEMO_IMAGE_SIZE, args.train_samples, args.test_samples)
-        stage2 = run_one(args.out, ship_data, "stamp", 0, high, tokenizer, f"ship-128px-{high}",
-                         init=args.out / "runs" / f"ship-96px-{low}" / "model")
-        threads = {stage1["threads"], stage2["threads"]}
-        shipped = dict(stage2, steps=f"{low} (96 px) + {high} (128 px)",
-                       train_seconds=stage1["train_seconds"] + stage2["train_seconds"],
-                       threads=stage2["threads"] if len(threads) == 1
-                       else f"{stage1['threads']} (96 px stage) / {stage2['threads']} (128 px stage)")
+        print(f"== demo model: stamp seed 0, {args.ship_steps} steps", flush=True)
+        shipped = run_one(args.out, data, "stamp", 0, args.ship_steps, tokenizer, f"ship-{args.ship_steps}",
+                          vision["model"])
         print(json.dumps(shipped), flush=True)
-        model_folder = args.out / "runs" / f"ship-128px-{high}" / "model"
+        model_folder = args.out / "runs" / f"ship-{args.ship_steps}" / "model"
         processor = AutoProcessor.from_pretrained(model_folder, trust_remote_code=True)
-        ceilings = {
-            name: grid_ceiling(ship_data / "test.jsonl", processor, soft=name == "soft") for name in ("binary", "soft")
-        }
-        print("Best possible cIoU on the 16 x 16 grid: binary targets {:.1f}, fractions {:.1f}".format(
-            ceilings["binary"]["cIoU"], ceilings["soft"]["cIoU"]))
-        write_demo_card(model_folder, args.ship, shipped, table(results), args.steps,
-                        all_shapes_baseline(ship_data / "test.jsonl"), ceilings)
+        ceilings = {targets: grid_ceiling(data / "test.jsonl", processor, targets) for targets in CEILING_TARGETS}
+        print("Best possible cIoU on the 16 x 16 grid: " + ", ".join(
+            f"{targets} targets {ceiling['cIoU']:.1f}" for targets, ceiling in ceilings.items()))
+        write_demo_card(model_folder, args.ship, shipped, vision, table(results), args.steps, baseline, ceilings)
         print(f"\ndemo model written to {args.ship}")
 
 

@@ -46,6 +46,9 @@ def test_defaults_are_the_papers_design():
     assert config.placeholder_attention == "bidirectional" and config.fuse_patch_features is True
     with pytest.raises(ValueError, match="placeholder_attention must be 'bidirectional' or 'causal', got 'sideways'"):
         STAMPConfig(placeholder_attention="sideways")
+    assert config.mask_loss_resolution == "patch" and config.soft_mask_labels is False  # the paper's loss
+    with pytest.raises(ValueError, match=r"mask_loss_resolution must be one of \('patch', 'image'\), got 'pixels'"):
+        STAMPConfig(mask_loss_resolution="pixels")
 
 
 def test_causal_placeholders_see_only_earlier_placeholders():

@@ -82,6 +82,11 @@ def test_mask_target_lines_up_with_the_patch_grid_of_a_non_square_image(tiny, tm
     out = model(**batch)
     assert out.mask_logits[0][0].shape == (3, 5)
     torch.testing.assert_close(out.loss, out.text_loss + out.mask_loss)
+    # for the loss at image resolution the label stays at the pixels of the image the model sees
+    pixels = STAMPDataset(dataset.path, processor, mask_loss_resolution="image")[0]["mask_labels"]
+    assert torch.equal(pixels, torch.from_numpy(mask[None] > 0).float())
+    with pytest.raises(ValueError, match="mask_loss_resolution must be one of"):
+        STAMPDataset(dataset.path, processor, mask_loss_resolution="grid")
 
 
 def test_collator_batches_images_of_different_sizes(tiny, tmp_path):

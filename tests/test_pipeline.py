@@ -159,8 +159,8 @@ def test_pipeline_from_folder_and_hub_cache_in_a_fresh_process(segmenting, tmp_p
     )
     assert f"pipeline from {folder}  it is<|seg|><|seg|>" in out
     assert "pipeline from stamp-org/stamp-tiny  it is<|seg|><|seg|>" in out
-    assert ("resaved ['configuration_stamp.py', 'modeling_stamp.py', 'pipeline_stamp.py', 'sam_stamp.py'] "
-            "pipeline_stamp.STAMPSegmentationPipeline") in out
+    assert ("resaved ['configuration_stamp.py', 'modeling_stamp.py', 'pipeline_stamp.py', 'processing_stamp.py', "
+            "'sam_stamp.py'] pipeline_stamp.STAMPSegmentationPipeline") in out
     assert (tmp_path / "resaved" / "pipeline_stamp.py").read_bytes() == (REPO_ROOT / "pipeline_stamp.py").read_bytes()
     assert "stamp_hf importable: None" in out
     assert "pipeline from a model object transformers_modules  it is<|seg|><|seg|>" in out

@@ -63,7 +63,7 @@ def test_tiny_model_overfits_tiny_data_through_stamp_hf_train(base, tmp_path):
 def test_trainer_logs_text_and_mask_loss_and_their_sum(base, tmp_path):
     checkpoint, data = base
     trainer = train(dict(model=str(checkpoint), data=str(data), output_dir=str(tmp_path / "out"),
-                         mask_loss_weights="official", soft_mask_labels=True,
+                         mask_loss_weights="official", soft_mask_labels=True, mask_loss_resolution="image",
                          training=dict(FAST, max_steps=4, per_device_train_batch_size=2)))
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(steps) == 4
@@ -75,6 +75,7 @@ def test_trainer_logs_text_and_mask_loss_and_their_sum(base, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").exists()
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (saved["bce_loss_weight"], saved["dice_loss_weight"], saved["soft_mask_labels"]) == (0.3, 0.7, True)
+    assert saved["mask_loss_resolution"] == "image"
     assert saved.get("use_cache", True) is True  # saved for generation, not as the Trainer left it
     with pytest.raises(FileExistsError, match="already holds a model"):
         train(dict(model=str(checkpoint), data=str(data), output_dir=str(tmp_path / "out")))
@@ -107,6 +108,26 @@ def test_lora_trains_the_paper_modules():
     total = sum(p.numel() for p in peft_model.parameters())
     assert not any("lora" in n for n in trainable if "classifier" in n)
     assert sum(p.numel() for n, p in peft_model.named_parameters() if n in trainable) < total
+
+
+def test_freeze_vision_tower_keeps_the_vit_and_trains_the_rest(base, tmp_path):
+    checkpoint, data = base
+    before = load_file(checkpoint / "model.safetensors")
+    train(dict(model=str(checkpoint), data=str(data), output_dir=str(tmp_path / "out"), freeze_vision_tower=True,
+               training=dict(FAST, max_steps=3, per_device_train_batch_size=2)))
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    vision = [name for name in before if name.startswith("visual.")]  # saved in the released (legacy) key layout
+    assert vision and all(torch.equal(before[name], after[name]) for name in vision)
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+    assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("model.layers.0."))
+    # with LoRA the vision tower gets no adapters at all
+    peft_model = apply_lora(tiny_stamp(seed=0)[0], freeze_vision_tower=True)
+    adapted = {name for name, _ in peft_model.named_modules() if name.endswith("lora_A")}
+    assert adapted and not [name for name in adapted if ".visual." in name]
+    assert any("language_model.layers.0.self_attn.q_proj" in name for name in adapted)
+    assert any("classifier.modules_to_save" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="freeze_vision_tower must be true or false, got 'yes'"):
+        TrainConfig(model="m", data="d", output_dir="/tmp/x", freeze_vision_tower="yes")
 
 
 def test_lora_merges_into_a_plain_checkpoint_with_the_adapter_outputs(base, tmp_path):
@@ -178,6 +199,9 @@ def test_paper_defaults_and_official_loss_weights():
     assert config.soft_mask_labels is None  # the checkpoint's own setting is kept
     with pytest.raises(ValueError, match="soft_mask_labels must be true, false or null, got 'yes'"):
         TrainConfig(model="m", data="d", output_dir="/tmp/x", soft_mask_labels="yes")
+    assert config.mask_loss_resolution is None
+    with pytest.raises(ValueError, match="mask_loss_resolution must be one of .* or null, got 'grid'"):
+        TrainConfig(model="m", data="d", output_dir="/tmp/x", mask_loss_resolution="grid")
 
 
 def test_shipped_recipes_parse_and_use_zero2():

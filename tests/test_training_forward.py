@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import chat, random_image
-from stamp_hf.modeling_stamp import patch_grid_target
+from stamp_hf.modeling_stamp import mask_target
+from stamp_hf.processing_stamp import upsample_mask_logits
 from stamp_hf.testing import tiny_stamp
 
 
@@ -44,17 +45,17 @@ def test_loss_is_text_plus_mask_and_parts_are_reported(tiny):
     # and the loss is BCE + Dice on the patch grid, recomputed here by hand
     expected = []
     for logits, mask in zip(out.mask_logits[0], masks):
-        target = patch_grid_target(mask, logits.shape)
+        target = mask_target(mask, logits.shape)
         p = logits.sigmoid()
         dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
         expected.append(F.binary_cross_entropy_with_logits(logits, target) + dice)
     torch.testing.assert_close(out.mask_loss, torch.stack(expected).mean())
 
 
-def test_patch_grid_target_on_a_known_patch():
+def test_mask_target_on_a_known_patch():
     mask = torch.zeros(84, 140)  # a 3 x 5 grid of 28 px cells
     mask[28:56, 56:84] = 1  # exactly cell (1, 2)
-    target = patch_grid_target(mask, (3, 5))
+    target = mask_target(mask, (3, 5))
     expected = torch.zeros(3, 5)
     expected[1, 2] = 1
     assert torch.equal(target, expected)
@@ -94,9 +95,9 @@ def test_soft_mask_labels_train_on_each_cells_foreground_fraction(tiny):
     mask = torch.zeros(1, 90, 150)  # a 3 x 5 grid of 30 px cells after the processor's resize
     mask[0, :15, :30] = 1  # half of cell (0, 0): 1 once thresholded (>= 0.5)
     mask[0, 30:40, 30:60] = 1  # a third of cell (1, 1)
-    fraction = patch_grid_target(mask[0], (3, 5), soft=True)
+    fraction = mask_target(mask[0], (3, 5), soft=True)
     assert fraction[0, 0] == pytest.approx(0.5) and fraction[1, 1] == pytest.approx(1 / 3)
-    assert patch_grid_target(mask[0], (3, 5))[1, 1] == 0 and patch_grid_target(mask[0], (3, 5))[0, 0] == 1
+    assert mask_target(mask[0], (3, 5))[1, 1] == 0 and mask_target(mask[0], (3, 5))[0, 0] == 1
     binary = model(**batch, mask_labels=[mask])
     model.config.soft_mask_labels = True
     try:
@@ -109,4 +110,63 @@ def test_soft_mask_labels_train_on_each_cells_foreground_fraction(tiny):
     torch.testing.assert_close(soft.mask_loss, F.binary_cross_entropy_with_logits(logits, fraction) + dice)
     assert not torch.allclose(soft.mask_loss, binary.mask_loss)
     # the training dataset hands the model fractions on the grid: thresholding them there gives the binary targets
-    torch.testing.assert_close(patch_grid_target(fraction, (3, 5)), patch_grid_target(mask[0], (3, 5)))
+    torch.testing.assert_close(mask_target(fraction, (3, 5)), mask_target(mask[0], (3, 5)))
+
+
+def _disc(height, width, cy, cx, radius):
+    rows, cols = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    return (((rows - cy) ** 2 + (cols - cx) ** 2) <= radius**2).float()
+
+
+def test_image_resolution_loss_scores_the_upsampled_mask_inference_produces(tiny):
+    model, processor = tiny
+    batch = teacher_forced_batch(model, processor, segs=1)
+    mask = _disc(90, 150, 40, 70, 33)[None]  # the label at the original image size, not on the 3 x 5 grid
+    model.config.mask_loss_resolution = "image"
+    try:
+        image = model(**batch, mask_labels=[mask])
+        on_grid = model(**batch, mask_labels=[mask_target(mask[0], (3, 5), soft=True)[None]])
+        model.config.soft_mask_labels = True
+        soft_on_grid = model(**batch, mask_labels=[mask_target(mask[0], (3, 5), soft=True)[None]])
+    finally:
+        model.config.mask_loss_resolution, model.config.soft_mask_labels = "patch", False
+    logits = image.mask_logits[0][0]
+    upsampled = processor.post_process_masks  # the loss upsamples exactly as inference does
+    pixels = upsample_mask_logits(logits, (90, 150))
+    assert torch.equal(pixels > 0, upsampled([[logits]], [(90, 150)])[0][0])
+    p = pixels.sigmoid()
+    dice = 1 - (2 * (p * mask[0]).sum() + 1) / (p.sum() + mask[0].sum() + 1)
+    torch.testing.assert_close(image.mask_loss, F.binary_cross_entropy_with_logits(pixels, mask[0]) + dice)
+    # a label already on the grid is upsampled by nothing: the patch-resolution loss, thresholded unless soft
+    patch = model(**batch, mask_labels=[mask])
+    torch.testing.assert_close(on_grid.mask_loss, patch.mask_loss)
+    assert not torch.allclose(image.mask_loss, patch.mask_loss)
+    model.config.soft_mask_labels = True
+    try:
+        torch.testing.assert_close(soft_on_grid.mask_loss, model(**batch, mask_labels=[mask]).mask_loss)
+    finally:
+        model.config.soft_mask_labels = False
+
+
+def test_the_image_resolution_loss_is_minimised_by_sharper_masks_than_the_patch_loss():
+    """What mask_loss_resolution="image" is for: fit free logits on a 6 x 10 grid of 28 px cells to a star and a
+    triangle by each loss. The patch loss (with fractions) is minimised by logit(fraction), whose upsampled mask is
+    blurred across cells; the image loss is minimised by the logits whose upsampled mask is closest to the shape."""
+    from stamp_hf.synthetic import Shape
+
+    model, processor = tiny_stamp(seed=1)
+    for kind, radius in (("star", 70), ("triangle", 60)):
+        mask = torch.from_numpy(Shape(kind, "red", "big", 130, 75, radius).rasterize((168, 280))).float()
+        scores = {}
+        for resolution, soft in (("patch", True), ("image", False)):
+            model.config.mask_loss_resolution, model.config.soft_mask_labels = resolution, soft
+            logits = torch.zeros(6, 10, requires_grad=True)
+            optimizer = torch.optim.Adam([logits], lr=0.1)
+            for _ in range(300):
+                loss = model.mask_loss([[logits]], [[mask]])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            (predicted,) = processor.post_process_masks([[logits.detach()]], [(168, 280)])[0]
+            scores[resolution] = float((predicted & mask.bool()).sum() / (predicted | mask.bool()).sum())
+        assert scores["image"] > scores["patch"] + 0.05, (kind, scores)

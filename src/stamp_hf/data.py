@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 from transformers.utils.chat_template_utils import encode_marked_chat, mark_control_tokens
 
-from .modeling_stamp import patch_grid_target
+from .configuration_stamp import MASK_LOSS_RESOLUTIONS
+from .modeling_stamp import mask_target
 
 SEG_TOKEN = "<|seg|>"
 IGNORE_INDEX = -100
@@ -220,14 +221,19 @@ def _template_messages(messages, control_tokens_re) -> list[dict]:
 class STAMPDataset(torch.utils.data.Dataset):
     """
     A .jsonl file of the training format, encoded on access: each item is what `STAMPModel.forward` takes for one
-    sample, with `mask_labels` already on the image's patch grid ((num_seg, h, w), each cell's foreground fraction;
-    the model thresholds it at 0.5 unless its config says `soft_mask_labels`).
+    sample, with `mask_labels` already at the resolution the loss is computed at ((num_seg, h, w), each cell's
+    foreground fraction; the model thresholds it at 0.5 unless its config says `soft_mask_labels`):
+    `mask_loss_resolution` "patch" puts them on the image's patch grid, "image" on the pixels of the image the model
+    sees (the processor's resize of it), so items stay small whatever the size of the original image.
     """
 
-    def __init__(self, path, processor):
+    def __init__(self, path, processor, mask_loss_resolution: str = "patch"):
+        if mask_loss_resolution not in MASK_LOSS_RESOLUTIONS:
+            raise ValueError(f"mask_loss_resolution must be one of {MASK_LOSS_RESOLUTIONS}, got {mask_loss_resolution!r}")
         self.path = Path(path)
         self.records = read_records(self.path)
         self.processor = processor
+        self.mask_loss_resolution = mask_loss_resolution
 
     def __len__(self):
         return len(self.records)
@@ -240,9 +246,12 @@ class STAMPDataset(torch.utils.data.Dataset):
             item = encode_conversation(self.processor, image, record.messages)
         except ValueError as error:
             raise ValueError(f"{record.where}: {error}") from None
-        grid = self.processor.mask_grid(item["image_grid_thw"][0])
-        fractions = [patch_grid_target(torch.from_numpy(m), grid, soft=True) for m in masks]
-        item["mask_labels"] = torch.stack(fractions) if fractions else torch.zeros(0, *grid)
+        size = self.processor.mask_grid(item["image_grid_thw"][0])
+        if self.mask_loss_resolution == "image":
+            cell = self.processor.patch_factor(self.processor.image_processor)
+            size = (size[0] * cell, size[1] * cell)
+        fractions = [mask_target(torch.from_numpy(m), size, soft=True) for m in masks]
+        item["mask_labels"] = torch.stack(fractions) if fractions else torch.zeros(0, *size)
         return item
 
 

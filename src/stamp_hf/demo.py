@@ -7,14 +7,17 @@ small enough to train on a CPU. The model is a few MB, so it ships inside the re
 """
 
 import json
+import random
 import shutil
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from .data import read_records
-from .synthetic import SPLIT_SEEDS, make_sample
+from .modeling_stamp import mask_target
+from .synthetic import COLOURS, SHAPES, SIZES, SPLIT_SEEDS, draw_scene, make_sample, phrase_kind, split_seeds
 from .testing import tiny_stamp, tiny_tokenizer
 
 DEMO_IMAGE_SIZE = 128
@@ -27,7 +30,7 @@ DEMO_ARCHITECTURE = dict(
     merge_size=1,
     min_placeholders=144,  # 128 x 128 images give 16 x 16 = 256; other images are resized into [144, 256]
     max_placeholders=256,
-    soft_mask_labels=True,  # train on each cell's foreground fraction: edges land inside the 8 px cells
+    mask_loss_resolution="image",  # the loss scores the upsampled mask: edges land anywhere inside the 8 px cells
 )
 TOKENIZER_VOCAB_SIZE = 640
 CHAT_WORDS = "system user assistant You are a helpful assistant."
@@ -55,6 +58,89 @@ def build_demo_model(seed: int = 0, tokenizer=None, **config_overrides):
 
 
 
+# ---------------------------------------------------------------------------------------------- vision pretraining
+
+# What the vision tower learns to tell on every patch before STAMP training: the kind of the shape on it (or
+# background), its colour and its size.
+PATCH_ATTRIBUTES = {"kind": ("background", *SHAPES), "colour": tuple(COLOURS), "size": tuple(SIZES)}
+VISION_PRETRAINING_START = 50_000_000  # train-split seeds far past any conversation the benchmark trains on
+
+
+def patch_attributes(shapes, object_masks, grid) -> dict[str, torch.Tensor]:
+    """Class indices per patch of the (rows, cols) grid, as PATCH_ATTRIBUTES names them: of the shape covering at
+    least half of the patch; colour and size are -100 (ignored) on background patches."""
+    labels = {"kind": torch.zeros(grid, dtype=torch.long)}
+    labels.update({name: torch.full(grid, -100, dtype=torch.long) for name in ("colour", "size")})
+    for shape, mask in zip(shapes, object_masks):
+        cells = mask_target(torch.from_numpy(mask), grid).bool()
+        for name, value in (("kind", shape.kind), ("colour", shape.colour), ("size", shape.size)):
+            labels[name][cells] = PATCH_ATTRIBUTES[name].index(value)
+    return labels
+
+
+def pretrain_vision_tower(
+    model, processor, steps: int, batch_size: int = 16, learning_rate: float = 2e-3, image_size: int = DEMO_IMAGE_SIZE,
+    start: int = VISION_PRETRAINING_START, log_every: int = 250, log=None,
+) -> list[dict]:
+    """Stand-in for Qwen2-VL's pretrained vision tower, which the paper's STAMP starts from and the demo cannot
+    download: train `model`'s vision tower (merger included: the features the language model sees) with a linear
+    probe, thrown away afterwards, to tell each patch's PATCH_ATTRIBUTES on synthetic training scenes. No language
+    is involved; STAMP training then has to learn which patches a sentence asks for.
+
+    Why: trained from scratch through the mask loss alone, a small ViT takes tens of thousands of steps to tell a
+    star from a circle (its patches see colour at once, shape only by comparing neighbours); with the patch labels
+    it learns in a few thousand. Returns the foreground accuracy of each attribute every `log_every` steps
+    (also passed to `log`, if given)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    vision = model.model.visual
+    probe = torch.nn.Linear(model.config.text_config.hidden_size, sum(map(len, PATCH_ATTRIBUTES.values())))
+    parameters = [*vision.parameters(), *probe.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+    seeds = iter(split_seeds("train", steps * batch_size, start))
+    was_training = vision.training
+    vision.train()
+    history, window = [], []
+    for step in range(1, steps + 1):
+        scenes = [draw_scene(random.Random(next(seeds)), image_size) for _ in range(batch_size)]
+        inputs = processor.image_processor(images=[image for _, image, _ in scenes], return_tensors="pt")
+        features = torch.cat(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                                            return_dict=True).pooler_output)
+        labels = [patch_attributes(shapes, masks, processor.mask_grid(grid))
+                  for (shapes, _, masks), grid in zip(scenes, inputs["image_grid_thw"])]
+        logits = probe(features).split([len(v) for v in PATCH_ATTRIBUTES.values()], -1)
+        loss = 0.0
+        accuracy = {}
+        foreground = torch.cat([label["kind"].flatten() for label in labels]) > 0
+        for name, name_logits in zip(PATCH_ATTRIBUTES, logits):
+            target = torch.cat([label[name].flatten() for label in labels])
+            loss = loss + F.cross_entropy(name_logits, target, ignore_index=-100)
+            accuracy[name] = (name_logits.argmax(-1) == target)[foreground].float().mean().item()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        window.append(accuracy)
+        if step % log_every == 0 or step == steps:
+            entry = {"step": step, **{name: sum(a[name] for a in window) / len(window) for name in PATCH_ATTRIBUTES}}
+            history.append(entry)
+            window = []
+            if log is not None:
+                log(entry)
+    # The probe takes features of any length, and they grow about 100 times longer than the token embeddings
+    # (initializer_range * sqrt(hidden)). In the language model such features drown what a placeholder, embed(<|mask|>)
+    # + feature, reads from the sentence: its masks stay blind to the words for thousands of steps. The merger's last
+    # layer is rescaled so features come at the embeddings' length; the probe goes, so nothing it learned is lost.
+    with torch.no_grad():
+        scale = model.get_input_embeddings().weight.norm(dim=-1).mean() / features.norm(dim=-1).mean()
+        vision.merger.mlp[-1].weight.mul_(scale)
+        vision.merger.mlp[-1].bias.mul_(scale)
+    vision.train(was_training)
+    return history
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
@@ -64,11 +150,7 @@ SEGMENTATION_TASKS = ("refer", "multi", "none")
 def request_kind(task: str, prompt: str) -> str:
     """What a segmentation request asks for: "attribute" (colour / shape / size), "extreme" ("the leftmost ..."),
     "relation" ("the shape left of ..."), "multi" ("all the ...") or "none" (nothing matches)."""
-    if task in ("multi", "none"):
-        return task
-    if any(word in prompt for word in (" left of ", " right of ", " above ", " below ")):
-        return "relation"
-    return "extreme" if "most " in prompt else "attribute"
+    return task if task in ("multi", "none") else phrase_kind(prompt)
 
 
 def read_tasks(jsonl) -> list[str]:
@@ -115,15 +197,34 @@ def all_shapes_baseline(test_jsonl, image_size: int = DEMO_IMAGE_SIZE) -> dict:
     return _oracle_scores(test_jsonl, image_size, lambda sample, target: np.any(sample.object_masks, axis=0))
 
 
-def grid_ceiling(test_jsonl, processor, soft: bool, image_size: int = DEMO_IMAGE_SIZE) -> dict:
-    """The best a model can score on the patch grid: its logits are the true mask's patch targets (binary, or the
-    foreground fractions if `soft`), upsampled by the processor as every prediction is."""
-    from .modeling_stamp import patch_grid_target
+CEILING_TARGETS = ("binary", "fractions", "image")
+
+
+def grid_ceiling(test_jsonl, processor, targets: str, image_size: int = DEMO_IMAGE_SIZE, fit_steps: int = 300) -> dict:
+    """The best a model can score on the patch grid with each training target, its logits upsampled by the processor
+    as every prediction is: "binary" (the paper: cells at least half foreground) and "fractions"
+    (`soft_mask_labels`) put the logits at the patch targets; "image" (`mask_loss_resolution="image"`) fits free logits
+    to the true mask by that loss (BCE + Dice on the upsampled logits, `fit_steps` Adam steps)."""
+    from .modeling_stamp import bce_dice_loss
+    from .processing_stamp import upsample_mask_logits
+
+    if targets not in CEILING_TARGETS:
+        raise ValueError(f"targets must be one of {CEILING_TARGETS}, got {targets!r}")
 
     def predict(sample, target):
         grid = processor.mask_grid(processor.image_processor(images=[sample.image])["image_grid_thw"][0])
-        cells = patch_grid_target(torch.from_numpy(target), grid, soft=soft)
-        logits = torch.logit(cells.clamp(1e-4, 1 - 1e-4)) if soft else cells * 2 - 1
+        cells = mask_target(torch.from_numpy(target), grid, soft=targets != "binary")
+        logits = torch.logit(cells.clamp(1e-4, 1 - 1e-4)) if targets == "fractions" else cells * 2 - 1
+        if targets == "image":
+            pixels = torch.from_numpy(target).float()
+            logits = logits.clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([logits], lr=0.1)
+            for _ in range(fit_steps):
+                loss = bce_dice_loss(upsample_mask_logits(logits, pixels.shape), pixels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            logits = logits.detach()
         return processor.post_process_masks([[logits]], [target.shape])[0][0].numpy()
 
     return _oracle_scores(test_jsonl, image_size, predict)
@@ -180,13 +281,21 @@ tags: [stamp, referring-segmentation, synthetic, demo]
 # STAMP demo model (synthetic shapes)
 
 **What it is.** A {params:.1f} M-parameter STAMP (Qwen2-VL architecture: {vision_depth}-layer ViT with {patch} px patches,
-{layers}-layer language model of width {hidden}, a {vocab}-token byte-level BPE vocabulary learned on the benchmark's
-sentences, STAMP's `<|seg|>` / `<|mask|>` tokens and all-mask head), trained from random initialisation for {steps}
-steps of batch 8 on CPU on stamp-hf's synthetic referring-segmentation data (`stamp_hf.synthetic`): coloured circles,
-squares, triangles, stars and diamonds on pale backgrounds, first at 96 x 96 px (cheaper steps), then at 128 x 128 px.
-Masks are predicted on a 16 x 16 patch grid (8 px cells) and upsampled; the mask loss was computed against each cell's
-foreground fraction (`soft_mask_labels`), so edges can fall inside cells. It exists so that `stamp-hf segment` and
-the examples run offline out of the box, and as a check that the package's STAMP trains end to end. {verdict}
+{layers}-layer language model of width {hidden} with {heads} attention heads, a {vocab}-token byte-level BPE vocabulary
+learned on the benchmark's sentences, STAMP's `<|seg|>` / `<|mask|>` tokens and all-mask head), trained on CPU on
+stamp-hf's synthetic referring-segmentation data (`stamp_hf.synthetic`): coloured circles, squares, triangles, stars and
+diamonds on pale backgrounds, 128 x 128 px. Masks are predicted on a 16 x 16 patch grid (8 px cells) and upsampled.
+It exists so that `stamp-hf segment` and the examples run offline out of the box, and as a check that the package's
+STAMP learns to segment from language end to end. {verdict}
+
+**How it was trained.** Two stages, nothing downloaded:
+1. *Vision tower* ({vision_steps} steps of 16 scenes): the stand-in for the pretrained Qwen2-VL vision tower that the
+   paper's STAMP starts from. The ViT, with a linear probe thrown away afterwards, learned each patch's shape kind,
+   colour and size from the generator's labels, without any language (`stamp_hf.demo.pretrain_vision_tower`; final
+   patch accuracy: kind {vision_kind:.1f} %, colour {vision_colour:.1f} %, size {vision_size:.1f} %).
+2. *STAMP* ({steps} steps of batch 8, `stamp_hf.training.train`, the path of `stamp-hf train`): the language model
+   from random initialisation, the vision tower frozen, L_text + L_mask with the mask loss on the upsampled masks
+   (`mask_loss_resolution: image`), on conversations of training seeds only.
 
 **What it is not.** Not the paper's STAMP-2B or STAMP-7B, not initialised from Qwen2-VL, and not useful on natural
 images or for open dialogue: it knows only the benchmark's words (colours, shapes, sizes, positions, counting) and
@@ -200,14 +309,14 @@ has seen only synthetic shapes. Use a real checkpoint (`--model org/stamp-2b`) f
 | gIoU | {gIoU:.1f} |
 | cIoU by request kind | {by_kind} |
 | language-blind baseline: every shape masked, cIoU / gIoU | {baseline_cIoU:.1f} / {baseline_gIoU:.1f} |
-| best possible on the 16 x 16 grid (true masks as patch targets), cIoU: binary targets / fractions | {ceiling_binary:.1f} / {ceiling_soft:.1f} |
+| best possible on the 16 x 16 grid (true masks as targets), cIoU: binary / fractions / image-resolution loss | {ceilings} |
 | N-acc (no-object requests answered with an empty mask) | {n_acc} |
 | VQA exact answers | {vqa_exact:.1f} % |
 | answers with `<|seg|>` on segmentation requests / without on VQA | {seg_rate:.1f} % / {no_seg_rate:.1f} % |
-| training time | {minutes:.1f} min on {threads} CPU thread(s) |
+| training time | {vision_minutes:.1f} min (vision tower, {vision_threads} thread(s)) + {minutes:.1f} min (STAMP, {threads} thread(s)) on CPU |
 
-The paper's Table 6 ablation at this scale (every run {ablation_steps} steps of batch 8 on 96 px scenes, mean ± std over
-seeds):
+The paper's Table 6 ablation at this scale (every run: the same vision tower, then {ablation_steps} steps of batch 8,
+mean ± std over seeds):
 
 {table}
 
@@ -222,27 +331,40 @@ processor = AutoProcessor.from_pretrained("demo_model", trust_remote_code=True)
 ```
 """
 
+BENCHMARK_TARGET_CIOU = 80.0  # the synthetic benchmark's goal for the demo model (cIoU and gIoU, no SAM)
+
 
 def write_demo_card(
-    model_folder, target, result: dict, ablation_table: str, ablation_steps: int, baseline: dict, ceilings: dict
+    model_folder, target, result: dict, vision: dict, ablation_table: str, ablation_steps: int, baseline: dict,
+    ceilings: dict,
 ) -> Path:
-    """Copy a trained demo model to `target` (refused if it exists) and write its model card (README.md); `baseline`
-    is `all_shapes_baseline` and `ceilings` maps "binary" / "soft" to `grid_ceiling` on the same test split."""
+    """Copy a trained demo model to `target` (refused if it exists) and write its model card (README.md). `result`:
+    the STAMP run's metrics, `vision`: the vision stage's record, `baseline`: `all_shapes_baseline`, `ceilings`: the
+    `grid_ceiling` of each of CEILING_TARGETS, all on the same test split."""
     model_folder, target = Path(model_folder), Path(target)
     if target.exists():
         raise FileExistsError(f"{target} already exists; remove it first to replace the demo model")
     shutil.copytree(model_folder, target, ignore=shutil.ignore_patterns("stamp_train_config.json", "checkpoint-*", "*.bin"))
     config = json.loads((target / "config.json").read_text())
     params = sum(t.numel() for t in load_file(target / "model.safetensors").values()) / 1e6
-    text, vision = config["text_config"], config["vision_config"]
+    text, vision_config = config["text_config"], config["vision_config"]
+    final = vision["history"][-1]
+    reached = min(result["cIoU"], result["gIoU"]) >= BENCHMARK_TARGET_CIOU
     (target / "README.md").write_text(
         CARD.format(
             params=params,
-            vision_depth=vision["depth"],
-            patch=vision["patch_size"],
+            vision_depth=vision_config["depth"],
+            patch=vision_config["patch_size"],
             layers=text["num_hidden_layers"],
             hidden=text["hidden_size"],
+            heads=text["num_attention_heads"],
             vocab=text["vocab_size"],
+            vision_steps=vision["steps"],
+            vision_kind=100 * final["kind"],
+            vision_colour=100 * final["colour"],
+            vision_size=100 * final["size"],
+            vision_minutes=vision["train_seconds"] / 60,
+            vision_threads=vision["threads"],
             steps=result["steps"],
             cIoU=result["cIoU"],
             gIoU=result["gIoU"],
@@ -257,11 +379,14 @@ def write_demo_card(
             ablation_steps=ablation_steps,
             baseline_cIoU=baseline["cIoU"],
             baseline_gIoU=baseline["gIoU"],
-            ceiling_binary=ceilings["binary"]["cIoU"],
-            ceiling_soft=ceilings["soft"]["cIoU"],
+            ceilings=" / ".join(f"{ceilings[t]['cIoU']:.1f}" for t in CEILING_TARGETS),
             verdict=(
-                "Its masks follow the words more often than not: it beats the language-blind baseline below. It is far "
-                "from the benchmark's targets (cIoU 80), so treat its masks as a working example, not as quality."
+                f"On the benchmark's test split it reaches the benchmark's target (cIoU and gIoU >= "
+                f"{BENCHMARK_TARGET_CIOU:.0f}) without SAM."
+                if reached
+                else "Its masks follow the words (it beats the language-blind baseline below), but it is below the "
+                f"benchmark's target (cIoU and gIoU >= {BENCHMARK_TARGET_CIOU:.0f}): treat its masks as a working "
+                "example, not as quality."
                 if result["cIoU"] > baseline["cIoU"]
                 else "At this training budget it has learned when to answer with `<|seg|>` and what a shape is, but its "
                 "masks do not yet follow the words: it scores below a language-blind baseline that masks every shape."
@@ -272,14 +397,18 @@ def write_demo_card(
 
 
 __all__ = [
+    "CEILING_TARGETS",
     "DEMO_ARCHITECTURE",
     "all_shapes_baseline",
     "grid_ceiling",
     "DEMO_IMAGE_SIZE",
+    "PATCH_ATTRIBUTES",
     "answer",
     "build_demo_model",
     "demo_corpus",
     "demo_tokenizer",
     "evaluate_demo",
+    "patch_attributes",
+    "pretrain_vision_tower",
     "write_demo_card",
 ]

@@ -142,6 +142,13 @@ def render(shapes: list[Shape], background: np.ndarray) -> tuple[Image.Image, li
     return Image.fromarray(pixels), masks
 
 
+def draw_scene(rng: random.Random, image_size: int = 128) -> tuple[list[Shape], Image.Image, list[np.ndarray]]:
+    """A random scene on a random background: its shapes, its image and each shape's exact mask."""
+    shapes = random_scene(rng, image_size)
+    image, object_masks = render(shapes, _background(rng, image_size))
+    return shapes, image, object_masks
+
+
 # ---------------------------------------------------------------------------------------------- language
 
 
@@ -213,10 +220,21 @@ def unique_descriptions(shapes: list[Shape], target: int, relations: bool = True
             anchor_names = [p for p in unique_descriptions(shapes, anchor, relations=False) if "most" not in p]
             if not anchor_names:
                 continue
-            for relation in ("left of", "right of", "above", "below"):
+            for relation in RELATIONS:
                 if _relation_members(shapes, anchor, relation) == [target]:
                     phrases.extend(f"the shape {relation} {name}" for name in anchor_names)
     return phrases
+
+
+RELATIONS = ("left of", "right of", "above", "below")
+
+
+def phrase_kind(phrase: str) -> str:
+    """What a referring phrase of `unique_descriptions` names its shape by: "relation" ("the shape left of ..."),
+    "extreme" ("the leftmost ...") or "attribute" (colour / kind / size)."""
+    if any(f" {relation} " in f" {phrase} " for relation in RELATIONS):
+        return "relation"
+    return "extreme" if "most " in phrase else "attribute"
 
 
 def _absent_noun(rng, shapes) -> str:
@@ -286,8 +304,7 @@ def _union(masks, members, shape) -> np.ndarray:
 def make_sample(seed: int, image_size: int = 128, task: str | None = None) -> Sample:
     """The sample of `seed`: a scene, its exact masks and one conversation (task drawn from TASK_WEIGHTS unless given)."""
     rng = random.Random(seed)
-    shapes = random_scene(rng, image_size)
-    image, object_masks = render(shapes, _background(rng, image_size))
+    shapes, image, object_masks = draw_scene(rng, image_size)
     hw = (image_size, image_size)
     if task is None:
         task = rng.choices(tuple(TASK_WEIGHTS), weights=tuple(TASK_WEIGHTS.values()))[0]
@@ -389,7 +406,9 @@ __all__ = [
     "SPLIT_SEEDS",
     "Sample",
     "Shape",
+    "draw_scene",
     "make_sample",
+    "phrase_kind",
     "split_seeds",
     "unique_descriptions",
     "write_dataset",

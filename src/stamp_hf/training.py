@@ -7,9 +7,11 @@ The config file (YAML or JSON) of `stamp-hf train CONFIG` / `train(config)`:
     eval_data: data/val.jsonl       # optional, same format: eval_loss at every checkpoint (or once at the end)
     output_dir: runs/stamp-2b-ft    # checkpoints, then the final model (a plain STAMP checkpoint, also after LoRA)
     finetuning: full                # full | lora
+    freeze_vision_tower: false      # true: the ViT (and its merger) keeps its weights; the rest trains
     lora: {rank: 64, alpha: 128, dropout: 0.05}   # the paper's LoRA (7B): all linear layers; classifier and the
                                     # STAMP token rows trained in full
     mask_loss_weights: null         # [bce, dice]; null keeps the checkpoint's; "official" = [0.3, 0.7]
+    mask_loss_resolution: null      # patch (the paper) | image: the loss on the upsampled masks; null keeps the checkpoint's
     soft_mask_labels: null          # true: targets are each cell's foreground fraction; null keeps the checkpoint's
     resume: false                   # true: from the last checkpoint in output_dir; or a checkpoint folder
     training:                       # any transformers.TrainingArguments field; the paper's values are the defaults
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
 
+from .configuration_stamp import MASK_LOSS_RESOLUTIONS
 from .data import STAMPCollator, STAMPDataset
 
 # The paper's optimisation settings (Table S1); batch size 96 = devices x per_device x gradient_accumulation.
@@ -68,8 +71,10 @@ class TrainConfig:
     output_dir: str
     eval_data: str | None = None
     finetuning: str = "full"
+    freeze_vision_tower: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
     mask_loss_weights: list | str | None = None
+    mask_loss_resolution: str | None = None
     soft_mask_labels: bool | None = None
     resume: bool | str = False
     dtype: str = "float32"  # the weights the optimizer updates; mixed precision comes from training.bf16
@@ -79,6 +84,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.finetuning not in ("full", "lora"):
             raise ValueError(f"finetuning must be 'full' or 'lora', got {self.finetuning!r}")
+        if self.freeze_vision_tower not in (True, False):
+            raise ValueError(f"freeze_vision_tower must be true or false, got {self.freeze_vision_tower!r}")
         if isinstance(self.lora, dict):
             unknown = set(self.lora) - {f.name for f in fields(LoraSettings)}
             if unknown:
@@ -90,6 +97,10 @@ class TrainConfig:
             not isinstance(self.mask_loss_weights, (list, tuple)) or len(self.mask_loss_weights) != 2
         ):
             raise ValueError(f"mask_loss_weights must be [bce, dice], 'official' or null, got {self.mask_loss_weights!r}")
+        if self.mask_loss_resolution not in (None, *MASK_LOSS_RESOLUTIONS):
+            raise ValueError(
+                f"mask_loss_resolution must be one of {MASK_LOSS_RESOLUTIONS} or null, got {self.mask_loss_resolution!r}"
+            )
         if self.soft_mask_labels not in (None, True, False):
             raise ValueError(f"soft_mask_labels must be true, false or null, got {self.soft_mask_labels!r}")
         known = {f.name for f in fields(TrainingArguments)}
@@ -193,9 +204,10 @@ class STAMPTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def apply_lora(model, settings: LoraSettings | None = None):
-    """The paper's LoRA: adapters on every linear layer (language model and vision tower); the mask classifier and the
-    embedding rows (and untied lm_head rows) of the STAMP tokens trained in full, so `<|seg|>` can be learned."""
+def apply_lora(model, settings: LoraSettings | None = None, freeze_vision_tower: bool = False):
+    """The paper's LoRA: adapters on every linear layer (language model and vision tower, unless it is frozen); the
+    mask classifier and the embedding rows (and untied lm_head rows) of the STAMP tokens trained in full, so
+    `<|seg|>` can be learned."""
     from peft import LoraConfig, get_peft_model
 
     settings = settings or LoraSettings()
@@ -208,7 +220,7 @@ def apply_lora(model, settings: LoraSettings | None = None):
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules="all-linear",
-        exclude_modules=["classifier"],
+        exclude_modules=r"(.*\.)?(classifier|visual(\..*)?)" if freeze_vision_tower else ["classifier"],
         modules_to_save=["classifier"],
         trainable_token_indices=trainable_rows,
     )
@@ -251,14 +263,19 @@ def train(config: TrainConfig | dict | str | Path) -> STAMPTrainer:
         model.config.bce_loss_weight, model.config.dice_loss_weight = (float(w) for w in config.mask_loss_weights)
     if config.soft_mask_labels is not None:
         model.config.soft_mask_labels = config.soft_mask_labels
+    if config.mask_loss_resolution is not None:
+        model.config.mask_loss_resolution = config.mask_loss_resolution
+    resolution = model.config.mask_loss_resolution
     if config.finetuning == "lora":
-        model = apply_lora(model, config.lora)
+        model = apply_lora(model, config.lora, config.freeze_vision_tower)
+    elif config.freeze_vision_tower:
+        model.model.visual.requires_grad_(False)
 
     trainer = STAMPTrainer(
         model=model,
         args=args,
-        train_dataset=STAMPDataset(config.data, processor),
-        eval_dataset=STAMPDataset(config.eval_data, processor) if config.eval_data else None,
+        train_dataset=STAMPDataset(config.data, processor, resolution),
+        eval_dataset=STAMPDataset(config.eval_data, processor, resolution) if config.eval_data else None,
         data_collator=STAMPCollator(processor),
     )
     trainer.train(resume_from_checkpoint=config.resume or None)
