@@ -10,10 +10,11 @@ from conftest import run_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo_model"
-# Measured on these 50 samples with the shipped model: cIoU 47.8; a language-blind model that masks every shape gets
+# Measured on these 50 samples with the shipped model: cIoU 72.5; a language-blind model that masks every shape gets
 # 31.5 there (see README, "Demo model and synthetic benchmark"). The floor sits below the measurement and above that
-# baseline; the 75 the benchmark aims for is not reached by this model, so it is not used.
-CIOU_FLOOR = 42.0
+# baseline. The 75 the benchmark asks for here is not reached (75.1 on the 300-sample test split, 72.5 on these 50),
+# so it is not used.
+CIOU_FLOOR = 68.0
 
 
 def test_demo_model_is_a_complete_small_safetensors_repo():
