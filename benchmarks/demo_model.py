@@ -182,6 +182,8 @@ def main(argv=None):
     parser.add_argument("--ship-steps", type=int, default=6000, help="the demo model's STAMP training steps")
     parser.add_argument("--table-only", action="store_true", help="train nothing: the table of the runs already done")
     args = parser.parse_args(argv)
+    if args.table_only and args.ship:
+        parser.error("--ship trains the demo model; it cannot go with --table-only")
     torch.set_num_threads(args.threads)
 
     tokenizer = demo_tokenizer()

@@ -154,3 +154,37 @@ def test_vision_pretraining_teaches_the_vision_tower_alone():
         features = torch.cat(model.model.get_image_features(**inputs, return_dict=True).pooler_output)
     embedding = model.get_input_embeddings().weight.norm(dim=-1).mean()
     assert 0.7 < features.norm(dim=-1).mean() / embedding < 1.4
+
+
+def test_demo_card_states_the_run_it_was_given_and_never_overwrites(tmp_path):
+    """write_demo_card (the last step of benchmarks/demo_model.py --ship): the card carries the given run's figures
+    and the verdict they earn, training leftovers stay behind, and an existing folder is refused."""
+    import pytest
+
+    from stamp_hf.demo import CEILING_TARGETS, write_demo_card
+    from stamp_hf.testing import tiny_stamp
+
+    model, processor = tiny_stamp(seed=0)
+    run = tmp_path / "run"
+    model.save_pretrained(run)
+    processor.save_pretrained(run)
+    (run / "stamp_train_config.json").write_text("{}")
+    (run / "checkpoint-10").mkdir()
+    result = dict(steps=6000, cIoU=75.1, gIoU=76.2, cIoU_by_kind={"relation": 84.0}, **{"N-acc": 100.0},
+                  vqa_exact=48.6, seg_rate=100.0, no_seg_rate=100.0, train_seconds=4326, threads=1)
+    vision = dict(steps=4000, train_seconds=742, threads=2, history=[dict(kind=0.983, colour=1.0, size=0.9996)])
+    ceilings = {t: {"cIoU": c} for t, c in zip(CEILING_TARGETS, (78.1, 86.4, 93.5))}
+    baseline = {"cIoU": 34.2, "gIoU": 37.3}
+    card = write_demo_card(run, tmp_path / "shipped", result, vision, "| the ablation table |", 600, baseline, ceilings)
+    text = (card / "README.md").read_text()
+    for expected in ("| cIoU (segmentation requests: referring, multi-object, no-object) | 75.1 |", "relation 84.0",
+                     "78.1 / 86.4 / 93.5", "kind 98.3 %", "12.4 min (vision tower, 2 thread(s)) + 72.1 min",
+                     "| the ablation table |", "then 600 steps", "below the benchmark's target"):
+        assert expected in text, expected
+    assert (card / "model.safetensors").exists()
+    assert not (card / "stamp_train_config.json").exists() and not (card / "checkpoint-10").exists()
+    reached = write_demo_card(run, tmp_path / "good", dict(result, cIoU=81.0, gIoU=80.5), vision, "", 600, baseline,
+                              ceilings)
+    assert "it reaches the benchmark's target" in (reached / "README.md").read_text()
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_demo_card(run, tmp_path / "shipped", result, vision, "", 600, baseline, ceilings)
