@@ -299,7 +299,10 @@ STAMP learns to segment from language end to end. {verdict}
 
 **What it is not.** Not the paper's STAMP-2B or STAMP-7B, not initialised from Qwen2-VL, and not useful on natural
 images or for open dialogue: it knows only the benchmark's words (colours, shapes, sizes, positions, counting) and
-has seen only synthetic shapes. Use a real checkpoint (`--model org/stamp-2b`) for real work.
+has seen only synthetic shapes. Its no-object answers rest on a wording shortcut of the data: every no-object
+training request names a colour and a kind, so it tends to answer "Sorry" to a colour + kind request even when that
+shape is there, and it does not otherwise check that a shape is absent. Use a real checkpoint
+(`--model org/stamp-2b`) for real work.
 
 ## Results on the synthetic test split (seeds never used in training, no SAM)
 
