@@ -32,6 +32,7 @@ SPLIT_SEEDS = {"train": 0, "val": 10**8, "test": 2 * 10**8}  # sample i of a spl
 MAX_PER_SPLIT = 10**8
 TASK_WEIGHTS = {"refer": 0.45, "multi": 0.1, "none": 0.1, "vqa": 0.25, "two_turn": 0.1}
 NUMBERS = ("no", "one", "two", "three", "four", "five", "six")
+RELATIONS = ("left of", "right of", "above", "below")  # "the shape left of the red circle", ...
 MARGIN = 12  # pixels between centres for "left of", "leftmost", ... to count as unambiguous
 
 SEGMENT_PROMPTS = ("Please segment {}.", "Segment {}.", "Can you segment {}?", "Show me {}.", "Where is {}?")
@@ -224,9 +225,6 @@ def unique_descriptions(shapes: list[Shape], target: int, relations: bool = True
                 if _relation_members(shapes, anchor, relation) == [target]:
                     phrases.extend(f"the shape {relation} {name}" for name in anchor_names)
     return phrases
-
-
-RELATIONS = ("left of", "right of", "above", "below")
 
 
 def phrase_kind(phrase: str) -> str:
