@@ -25,6 +25,9 @@ class STAMPConfig(Qwen2VLConfig):
         derives its min/max pixels from them. The paper uses 1024 to 1280.
     mask_threshold (`float`):
         A patch is foreground when its logit exceeds this value (0.0 in the paper).
+    text_loss_weight (`float`):
+        The training loss is text_loss_weight * L_text + L_mask (1.0 in the paper). Raising it gives the few tokens
+        that decide an answer (a `<|seg|>` or "Sorry, there is no ...") more say against the many mask logits.
     bce_loss_weight / dice_loss_weight (`float`):
         L_mask = bce_loss_weight * BCE + dice_loss_weight * Dice over the patch logits.
     mask_loss_resolution (`str`):
@@ -58,6 +61,7 @@ class STAMPConfig(Qwen2VLConfig):
     min_placeholders: int = 1024
     max_placeholders: int = 1280
     mask_threshold: float = 0.0
+    text_loss_weight: float = 1.0
     bce_loss_weight: float = 1.0
     dice_loss_weight: float = 1.0
     mask_loss_resolution: str = "patch"

@@ -38,7 +38,7 @@ register_checkpoint_conversion_mapping(
 @dataclass
 class STAMPOutput(ModelOutput):
     """
-    loss: text_loss + mask_loss (whichever were computed).
+    loss: text_loss_weight * text_loss + mask_loss (whichever were computed).
     text_loss: next-token cross-entropy on `labels`.
     mask_loss: bce_loss_weight * BCE + dice_loss_weight * Dice over the patch logits of every `<|seg|>`.
     logits: (batch, seq_len, vocab) language-model logits.
@@ -128,7 +128,7 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
             `config.mask_loss_resolution="image"`) and thresholded at 0.5 (kept as the foreground fraction with
             `config.soft_mask_labels`). The sequence then runs once with every `<|seg|>`'s placeholders appended
             (the hybrid mask keeps text tokens causal and blind to them), and the output carries `mask_logits`,
-            `text_loss`, `mask_loss` and `loss` = their sum.
+            `text_loss`, `mask_loss` and `loss` = config.text_loss_weight * text_loss + mask_loss.
         """
         if mask_labels is None:
             return super().forward(
@@ -160,7 +160,7 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
         mask_loss = self.mask_loss(mask_logits, mask_labels)
-        loss = mask_loss if text_loss is None else text_loss + mask_loss
+        loss = mask_loss if text_loss is None else self.config.text_loss_weight * text_loss + mask_loss
         return STAMPOutput(loss=loss, text_loss=text_loss, mask_loss=mask_loss, logits=logits, mask_logits=mask_logits)
 
     def mask_loss(self, mask_logits: list[list[torch.Tensor]], mask_labels: list) -> torch.Tensor:

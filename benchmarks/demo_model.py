@@ -3,15 +3,18 @@
 From a clean checkout (CPU is enough):
 
     .venv/bin/python benchmarks/demo_model.py                     # data, vision stage, 3 variants x 3 seeds, the table
-    .venv/bin/python benchmarks/demo_model.py --ship demo_model   # also trains the demo model (longer) and writes it
+    .venv/bin/python benchmarks/demo_model.py --ship demo_model   # also trains the demo model (longer, then a
+                                                                  # fine-tune) and writes it
     .venv/bin/python benchmarks/demo_model.py --table-only        # the table of the runs done so far
 
-Two stages, both on 128 px scenes (a 16 x 16 mask grid):
-  vision   the stand-in for Qwen2-VL's pretrained vision tower (stamp_hf.demo.pretrain_vision_tower): the ViT learns
-           every patch's shape kind, colour and size from labelled scenes, no language. Run once, shared by every run.
-  STAMP    each run: a demo STAMP whose language model is randomly initialised from the run's seed, with that vision
-           tower, trained by stamp_hf.training.train (the path of `stamp-hf train`), the vision tower frozen and the
-           mask loss on the upsampled masks (mask_loss_resolution="image").
+Stages, all on 128 px scenes (a 16 x 16 mask grid):
+  vision    the stand-in for Qwen2-VL's pretrained vision tower (stamp_hf.demo.pretrain_vision_tower): the ViT learns
+            every patch's shape kind, colour and size from labelled scenes, no language. Run once, shared by every run.
+  STAMP     each run: a demo STAMP whose language model is randomly initialised from the run's seed, with that vision
+            tower, trained by stamp_hf.training.train (the path of `stamp-hf train`), the vision tower frozen and the
+            mask loss on the upsampled masks (mask_loss_resolution="image").
+  fine-tune the demo model only (--ship): the STAMP run trained on at a lower learning rate, with L_text weighted
+            --finetune-text-weight times, so the few tokens that decide an answer count against the mask loss.
 Variants (the paper's Table 6 rows), each trained for the same number of steps:
   stamp     the paper's design: placeholders attend bidirectionally, each fused with its patch feature
   causal    "w/o A_hyb": placeholders attend causally among themselves
@@ -68,6 +71,7 @@ TRAINING = dict(
     num_train_epochs=1,
     report_to="none",
 )
+FINETUNE = dict(learning_rate=3e-4, seed=1)  # the demo model's fine-tune stage, from its STAMP run
 
 
 def vision_stage(out: Path, steps: int, tokenizer) -> dict:
@@ -87,37 +91,48 @@ def vision_stage(out: Path, steps: int, tokenizer) -> dict:
     return result
 
 
-def run_one(out: Path, data_dir: Path, variant: str, seed: int, steps: int, tokenizer, name: str, vision) -> dict:
-    """Train `variant` from seed `seed` with the pretrained vision tower of the folder `vision` on
-    data_dir/train.jsonl and evaluate it on data_dir/test.jsonl; cached as out/runs/<name>/result.json."""
+def run_one(out: Path, data_dir: Path, variant: str, seed: int, steps: int, tokenizer, name: str, vision,
+            start=None, text_loss_weight=None, learning_rate=None) -> dict:
+    """Train `variant` from seed `seed` on data_dir/train.jsonl and evaluate it on data_dir/test.jsonl; cached as
+    out/runs/<name>/result.json. The model is a fresh one with the pretrained vision tower of the folder `vision`, or
+    the trained STAMP in the folder `start` (the fine-tune stage), trained with `text_loss_weight` and `learning_rate`
+    where given."""
     run = out / "runs" / name
     result_file = run / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
     if run.exists():
         shutil.rmtree(run)  # an interrupted run starts over
-    model, processor = build_demo_model(seed=seed, tokenizer=tokenizer, **VARIANTS[variant][1])
-    model.model.visual.load_state_dict(STAMPModel.from_pretrained(vision).model.visual.state_dict())
-    model.save_pretrained(run / "init")
-    processor.save_pretrained(run / "init")
-    start = time.perf_counter()
+    if start is None:
+        model, processor = build_demo_model(seed=seed, tokenizer=tokenizer, **VARIANTS[variant][1])
+        model.model.visual.load_state_dict(STAMPModel.from_pretrained(vision).model.visual.state_dict())
+        model.save_pretrained(run / "init")
+        processor.save_pretrained(run / "init")
+    training = dict(TRAINING, max_steps=steps, seed=seed)
+    if learning_rate is not None:
+        training["learning_rate"] = learning_rate
+    start_time = time.perf_counter()
     trainer = train(
         dict(
-            model=str(run / "init"),
+            model=str(run / "init" if start is None else start),
             data=str(data_dir / "train.jsonl"),
             output_dir=str(run / "model"),
             trust_remote_code=True,
             freeze_vision_tower=True,
-            training=dict(TRAINING, max_steps=steps, seed=seed),
+            text_loss_weight=text_loss_weight,
+            training=training,
         )
     )
-    train_seconds = time.perf_counter() - start
+    train_seconds = time.perf_counter() - start_time
     shutil.rmtree(run / "init", ignore_errors=True)
     metrics = evaluate_demo(run / "model", data_dir / "test.jsonl", run / "eval")
     result = dict(
         variant=variant,
         seed=seed,
         steps=steps,
+        start=None if start is None else str(start),
+        learning_rate=training["learning_rate"],
+        text_loss_weight=1.0 if text_loss_weight is None else text_loss_weight,
         train_seconds=train_seconds,
         last_logged_losses=next(
             ({k: entry[k] for k in ("loss", "text_loss", "mask_loss")} for entry in reversed(trainer.state.log_history)
@@ -180,10 +195,14 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
     parser.add_argument("--ship", type=Path, help="train the demo model (stamp, seed 0, --ship-steps) and write it here")
     parser.add_argument("--ship-steps", type=int, default=6000, help="the demo model's STAMP training steps")
+    parser.add_argument("--finetune-steps", type=int, default=4000, help="the demo model's fine-tune steps")
+    parser.add_argument("--finetune-text-weight", type=float, default=10.0, help="text_loss_weight when fine-tuning")
     parser.add_argument("--table-only", action="store_true", help="train nothing: the table of the runs already done")
     args = parser.parse_args(argv)
     if args.table_only and args.ship:
         parser.error("--ship trains the demo model; it cannot go with --table-only")
+    if args.finetune_steps < 1:
+        parser.error(f"--finetune-steps must be at least 1, got {args.finetune_steps}")
     torch.set_num_threads(args.threads)
 
     tokenizer = demo_tokenizer()
@@ -215,15 +234,23 @@ def main(argv=None):
         if args.ship.exists():
             raise SystemExit(f"{args.ship} already exists; remove it first to replace the demo model")
         print(f"== demo model: stamp seed 0, {args.ship_steps} steps", flush=True)
-        shipped = run_one(args.out, data, "stamp", 0, args.ship_steps, tokenizer, f"ship-{args.ship_steps}",
-                          vision["model"])
+        stamp_run = run_one(args.out, data, "stamp", 0, args.ship_steps, tokenizer, f"ship-{args.ship_steps}",
+                            vision["model"])
+        print(json.dumps(stamp_run), flush=True)
+        name = f"ship-{args.ship_steps}-finetune-{args.finetune_steps}-tw{args.finetune_text_weight:g}"
+        print(f"== demo model: fine-tune, {args.finetune_steps} steps, text_loss_weight {args.finetune_text_weight:g}",
+              flush=True)
+        shipped = run_one(args.out, data, "stamp", FINETUNE["seed"], args.finetune_steps, tokenizer, name, None,
+                          start=args.out / "runs" / f"ship-{args.ship_steps}" / "model",
+                          text_loss_weight=args.finetune_text_weight, learning_rate=FINETUNE["learning_rate"])
         print(json.dumps(shipped), flush=True)
-        model_folder = args.out / "runs" / f"ship-{args.ship_steps}" / "model"
+        model_folder = args.out / "runs" / name / "model"
         processor = AutoProcessor.from_pretrained(model_folder, trust_remote_code=True)
         ceilings = {targets: grid_ceiling(data / "test.jsonl", processor, targets) for targets in CEILING_TARGETS}
         print("Best possible cIoU on the 16 x 16 grid: " + ", ".join(
             f"{targets} targets {ceiling['cIoU']:.1f}" for targets, ceiling in ceilings.items()))
-        write_demo_card(model_folder, args.ship, shipped, vision, table(results), args.steps, baseline, ceilings)
+        write_demo_card(model_folder, args.ship, stamp_run, shipped, vision, table(results), args.steps, baseline,
+                        ceilings)
         print(f"\ndemo model written to {args.ship}")
 
 

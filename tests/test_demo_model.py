@@ -10,11 +10,10 @@ from conftest import run_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo_model"
-# Measured on these 50 samples with the shipped model: cIoU 72.5; a language-blind model that masks every shape gets
-# 31.5 there (see README, "Demo model and synthetic benchmark"). The floor sits below the measurement and above that
-# baseline. The 75 the benchmark asks for here is not reached (75.1 on the 300-sample test split, 72.5 on these 50),
-# so it is not used.
-CIOU_FLOOR = 68.0
+# Measured on these 50 samples with the shipped model: cIoU 78.2; a language-blind model that masks every shape gets
+# 31.5 there (see README, "Demo model and synthetic benchmark"). The floor is the benchmark's 75, below that
+# measurement.
+CIOU_FLOOR = 75.0
 
 
 def test_demo_model_is_a_complete_small_safetensors_repo():
@@ -170,21 +169,26 @@ def test_demo_card_states_the_run_it_was_given_and_never_overwrites(tmp_path):
     processor.save_pretrained(run)
     (run / "stamp_train_config.json").write_text("{}")
     (run / "checkpoint-10").mkdir()
-    result = dict(steps=6000, cIoU=75.1, gIoU=76.2, cIoU_by_kind={"relation": 84.0}, **{"N-acc": 100.0},
-                  vqa_exact=48.6, seg_rate=100.0, no_seg_rate=100.0, train_seconds=4326, threads=1)
+    stamp_run = dict(steps=6000, train_seconds=4326, threads=1)
+    result = dict(steps=2000, learning_rate=3e-4, text_loss_weight=10.0, cIoU=77.9, gIoU=79.1,
+                  cIoU_by_kind={"relation": 85.4}, **{"N-acc": 100.0}, vqa_exact=54.1, seg_rate=100.0,
+                  no_seg_rate=100.0, train_seconds=1551, threads=1)
     vision = dict(steps=4000, train_seconds=742, threads=2, history=[dict(kind=0.983, colour=1.0, size=0.9996)])
     ceilings = {t: {"cIoU": c} for t, c in zip(CEILING_TARGETS, (78.1, 86.4, 93.5))}
     baseline = {"cIoU": 34.2, "gIoU": 37.3}
-    card = write_demo_card(run, tmp_path / "shipped", result, vision, "| the ablation table |", 600, baseline, ceilings)
+    card = write_demo_card(run, tmp_path / "shipped", stamp_run, result, vision, "| the ablation table |", 600,
+                           baseline, ceilings)
     text = (card / "README.md").read_text()
-    for expected in ("| cIoU (segmentation requests: referring, multi-object, no-object) | 75.1 |", "relation 84.0",
-                     "78.1 / 86.4 / 93.5", "kind 98.3 %", "12.4 min (vision tower, 2 thread(s)) + 72.1 min",
+    for expected in ("| cIoU (segmentation requests: referring, multi-object, no-object) | 77.9 |", "relation 85.4",
+                     "78.1 / 86.4 / 93.5", "kind 98.3 %", "*STAMP* (6000 steps", "*Fine-tune* (2000 more steps",
+                     "learning rate 0.0003", "weighted 10 times", "VQA exact answers | 54.1 %",
+                     "12.4 min (vision tower, 2 thread(s)) + 72.1 min (STAMP, 1 thread(s)) + 25.9 min (fine-tune",
                      "| the ablation table |", "then 600 steps", "below the benchmark's target"):
         assert expected in text, expected
     assert (card / "model.safetensors").exists()
     assert not (card / "stamp_train_config.json").exists() and not (card / "checkpoint-10").exists()
-    reached = write_demo_card(run, tmp_path / "good", dict(result, cIoU=81.0, gIoU=80.5), vision, "", 600, baseline,
-                              ceilings)
+    reached = write_demo_card(run, tmp_path / "good", stamp_run, dict(result, cIoU=81.0, gIoU=80.5), vision, "", 600,
+                              baseline, ceilings)
     assert "it reaches the benchmark's target" in (reached / "README.md").read_text()
     with pytest.raises(FileExistsError, match="already exists"):
-        write_demo_card(run, tmp_path / "shipped", result, vision, "", 600, baseline, ceilings)
+        write_demo_card(run, tmp_path / "shipped", stamp_run, result, vision, "", 600, baseline, ceilings)

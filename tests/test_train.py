@@ -60,21 +60,23 @@ def test_tiny_model_overfits_tiny_data_through_stamp_hf_train(base, tmp_path):
     assert outputs.mask_loss < 0.2 * start.mask_loss
 
 
-def test_trainer_logs_text_and_mask_loss_and_their_sum(base, tmp_path):
+def test_trainer_logs_text_and_mask_loss_and_their_weighted_sum(base, tmp_path):
     checkpoint, data = base
     trainer = train(dict(model=str(checkpoint), data=str(data), output_dir=str(tmp_path / "out"),
-                         mask_loss_weights="official", soft_mask_labels=True, mask_loss_resolution="image",
+                         text_loss_weight=2.5, mask_loss_weights="official", soft_mask_labels=True,
+                         mask_loss_resolution="image",
                          training=dict(FAST, max_steps=4, per_device_train_batch_size=2)))
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(steps) == 4
     for entry in steps:
         assert entry["text_loss"] > 0 and entry["mask_loss"] > 0
-        assert entry["loss"] == pytest.approx(entry["text_loss"] + entry["mask_loss"], rel=1e-5)
+        assert entry["loss"] == pytest.approx(2.5 * entry["text_loss"] + entry["mask_loss"], rel=1e-5)
     assert steps[-1]["loss"] < steps[0]["loss"]
     # the output folder holds a plain checkpoint, and a second run there is refused instead of overwriting it
     assert (tmp_path / "out" / "model.safetensors").exists()
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (saved["bce_loss_weight"], saved["dice_loss_weight"], saved["soft_mask_labels"]) == (0.3, 0.7, True)
+    assert saved["text_loss_weight"] == 2.5
     assert saved["mask_loss_resolution"] == "image"
     assert saved.get("use_cache", True) is True  # saved for generation, not as the Trainer left it
     with pytest.raises(FileExistsError, match="already holds a model"):
@@ -196,7 +198,10 @@ def test_paper_defaults_and_official_loss_weights():
     assert (args.weight_decay, args.max_grad_norm, args.adam_beta1, args.adam_beta2) == (0.0, 1.0, 0.9, 0.999)
     assert config.mask_loss_weights == [0.3, 0.7]
     assert (config.lora.rank, config.lora.alpha, config.lora.dropout) == (64, 128, 0.05)
-    assert config.soft_mask_labels is None  # the checkpoint's own setting is kept
+    assert config.soft_mask_labels is None and config.text_loss_weight is None  # the checkpoint's own are kept
+    for weight in ("heavy", -1, True):
+        with pytest.raises(ValueError, match=f"text_loss_weight must be a number >= 0 or null, got {weight!r}"):
+            TrainConfig(model="m", data="d", output_dir="/tmp/x", text_loss_weight=weight)
     with pytest.raises(ValueError, match="soft_mask_labels must be true, false or null, got 'yes'"):
         TrainConfig(model="m", data="d", output_dir="/tmp/x", soft_mask_labels="yes")
     assert config.mask_loss_resolution is None

@@ -1,4 +1,4 @@
-"""forward with labels and mask_labels: L_text + L_mask (BCE + Dice on the patch grid), gradients reach the head."""
+"""forward with labels and mask_labels: text_loss_weight * L_text + L_mask (BCE + Dice on the patch grid), gradients reach the head."""
 
 import pytest
 import torch
@@ -24,7 +24,7 @@ def teacher_forced_batch(model, processor, segs=2, image=(90, 150)):
     return dict(inputs, input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels, mm_token_type_ids=types)
 
 
-def test_loss_is_text_plus_mask_and_parts_are_reported(tiny):
+def test_loss_is_weighted_text_plus_mask_and_parts_are_reported(tiny):
     model, processor = tiny
     batch = teacher_forced_batch(model, processor)
     masks = torch.zeros(2, 90, 150)
@@ -33,6 +33,12 @@ def test_loss_is_text_plus_mask_and_parts_are_reported(tiny):
     out = model(**batch, mask_labels=[masks])
     assert torch.isfinite(out.loss)
     torch.testing.assert_close(out.loss, out.text_loss + out.mask_loss)
+    model.config.text_loss_weight = 4.0  # weighs L_text only
+    try:
+        weighted = model(**batch, mask_labels=[masks])
+    finally:
+        model.config.text_loss_weight = 1.0
+    torch.testing.assert_close(weighted.loss, 4.0 * out.text_loss + out.mask_loss)
     plain = model(**batch)  # Qwen2-VL's own path: the same text loss
     torch.testing.assert_close(out.text_loss, plain.loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.logits, plain.logits, atol=1e-5, rtol=1e-5)

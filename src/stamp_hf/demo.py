@@ -288,7 +288,7 @@ diamonds on pale backgrounds, 128 x 128 px. Masks are predicted on a 16 x 16 pat
 It exists so that `stamp-hf segment` and the examples run offline out of the box, and as a check that the package's
 STAMP learns to segment from language end to end. {verdict}
 
-**How it was trained.** Two stages, nothing downloaded:
+**How it was trained.** Three stages, nothing downloaded:
 1. *Vision tower* ({vision_steps} steps of 16 scenes): the stand-in for the pretrained Qwen2-VL vision tower that the
    paper's STAMP starts from. The ViT, with a linear probe thrown away afterwards, learned each patch's shape kind,
    colour and size from the generator's labels, without any language (`stamp_hf.demo.pretrain_vision_tower`; final
@@ -296,6 +296,9 @@ STAMP learns to segment from language end to end. {verdict}
 2. *STAMP* ({steps} steps of batch 8, `stamp_hf.training.train`, the path of `stamp-hf train`): the language model
    from random initialisation, the vision tower frozen, L_text + L_mask with the mask loss on the upsampled masks
    (`mask_loss_resolution: image`), on conversations of training seeds only.
+3. *Fine-tune* ({finetune_steps} more steps of batch 8 from there, learning rate {finetune_lr:g}): the same, with L_text
+   weighted {text_loss_weight:g} times (`text_loss_weight`), so that the few tokens deciding an answer ("Sure, it is
+   `<|seg|>`" or "Sorry, there is no ...") weigh more against the mask loss.
 
 **What it is not.** Not the paper's STAMP-2B or STAMP-7B, not initialised from Qwen2-VL, and not useful on natural
 images or for open dialogue: it knows only the benchmark's words (colours, shapes, sizes, positions, counting) and
@@ -316,7 +319,7 @@ shape is there, and it does not otherwise check that a shape is absent. Use a re
 | N-acc (no-object requests answered with an empty mask) | {n_acc} |
 | VQA exact answers | {vqa_exact:.1f} % |
 | answers with `<|seg|>` on segmentation requests / without on VQA | {seg_rate:.1f} % / {no_seg_rate:.1f} % |
-| training time | {vision_minutes:.1f} min (vision tower, {vision_threads} thread(s)) + {minutes:.1f} min (STAMP, {threads} thread(s)) on CPU |
+| training time | {vision_minutes:.1f} min (vision tower, {vision_threads} thread(s)) + {minutes:.1f} min (STAMP, {threads} thread(s)) + {finetune_minutes:.1f} min (fine-tune, {finetune_threads} thread(s)) on CPU |
 
 The paper's Table 6 ablation at this scale (every run: the same vision tower, then {ablation_steps} steps of batch 8,
 mean ± std over seeds):
@@ -338,12 +341,13 @@ BENCHMARK_TARGET_CIOU = 80.0  # the synthetic benchmark's goal for the demo mode
 
 
 def write_demo_card(
-    model_folder, target, result: dict, vision: dict, ablation_table: str, ablation_steps: int, baseline: dict,
-    ceilings: dict,
+    model_folder, target, stamp_run: dict, result: dict, vision: dict, ablation_table: str, ablation_steps: int,
+    baseline: dict, ceilings: dict,
 ) -> Path:
-    """Copy a trained demo model to `target` (refused if it exists) and write its model card (README.md). `result`:
-    the STAMP run's metrics, `vision`: the vision stage's record, `baseline`: `all_shapes_baseline`, `ceilings`: the
-    `grid_ceiling` of each of CEILING_TARGETS, all on the same test split."""
+    """Copy a trained demo model to `target` (refused if it exists) and write its model card (README.md). `vision`,
+    `stamp_run`, `result`: the records of the three training stages, the last with the shipped model's metrics;
+    `baseline`: `all_shapes_baseline`, `ceilings`: the `grid_ceiling` of each of CEILING_TARGETS, all on the same
+    test split."""
     model_folder, target = Path(model_folder), Path(target)
     if target.exists():
         raise FileExistsError(f"{target} already exists; remove it first to replace the demo model")
@@ -368,7 +372,10 @@ def write_demo_card(
             vision_size=100 * final["size"],
             vision_minutes=vision["train_seconds"] / 60,
             vision_threads=vision["threads"],
-            steps=result["steps"],
+            steps=stamp_run["steps"],
+            finetune_steps=result["steps"],
+            finetune_lr=result["learning_rate"],
+            text_loss_weight=result["text_loss_weight"],
             cIoU=result["cIoU"],
             gIoU=result["gIoU"],
             by_kind=", ".join(f"{kind} {value:.1f}" for kind, value in result["cIoU_by_kind"].items()),
@@ -376,8 +383,10 @@ def write_demo_card(
             vqa_exact=result["vqa_exact"],
             seg_rate=result["seg_rate"],
             no_seg_rate=result["no_seg_rate"],
-            minutes=result["train_seconds"] / 60,
-            threads=result["threads"],
+            minutes=stamp_run["train_seconds"] / 60,
+            threads=stamp_run["threads"],
+            finetune_minutes=result["train_seconds"] / 60,
+            finetune_threads=result["threads"],
             table=ablation_table,
             ablation_steps=ablation_steps,
             baseline_cIoU=baseline["cIoU"],

@@ -10,6 +10,7 @@ The config file (YAML or JSON) of `stamp-hf train CONFIG` / `train(config)`:
     freeze_vision_tower: false      # true: the ViT (and its merger) keeps its weights; the rest trains
     lora: {rank: 64, alpha: 128, dropout: 0.05}   # the paper's LoRA (7B): all linear layers; classifier and the
                                     # STAMP token rows trained in full
+    text_loss_weight: null          # L = text_loss_weight * L_text + L_mask; null keeps the checkpoint's (paper: 1)
     mask_loss_weights: null         # [bce, dice]; null keeps the checkpoint's; "official" = [0.3, 0.7]
     mask_loss_resolution: null      # patch (the paper) | image: the loss on the upsampled masks; null keeps the checkpoint's
     soft_mask_labels: null          # true: targets are each cell's foreground fraction; null keeps the checkpoint's
@@ -73,6 +74,7 @@ class TrainConfig:
     finetuning: str = "full"
     freeze_vision_tower: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
+    text_loss_weight: float | None = None
     mask_loss_weights: list | str | None = None
     mask_loss_resolution: str | None = None
     soft_mask_labels: bool | None = None
@@ -91,6 +93,11 @@ class TrainConfig:
             if unknown:
                 raise ValueError(f"unknown lora setting(s) {sorted(unknown)}; known: rank, alpha, dropout")
             self.lora = LoraSettings(**self.lora)
+        if self.text_loss_weight is not None and (
+            isinstance(self.text_loss_weight, bool) or not isinstance(self.text_loss_weight, (int, float))
+            or not self.text_loss_weight >= 0
+        ):
+            raise ValueError(f"text_loss_weight must be a number >= 0 or null, got {self.text_loss_weight!r}")
         if self.mask_loss_weights == "official":
             self.mask_loss_weights = list(OFFICIAL_MASK_LOSS_WEIGHTS)
         elif self.mask_loss_weights is not None and (
@@ -164,7 +171,8 @@ class TrainConfig:
 
 
 class STAMPTrainer(Trainer):
-    """Trainer on STAMPModel's loss L_text + L_mask that also logs the two parts as `text_loss` and `mask_loss`.
+    """Trainer on STAMPModel's loss text_loss_weight * L_text + L_mask that also logs the two parts, unweighted, as
+    `text_loss` and `mask_loss`.
 
     L_text is normalised by the number of label tokens in the whole (accumulated, all-process) batch, as Trainer does
     for causal LMs; L_mask is the mean over the `<|seg|>` of each micro-batch, averaged over accumulation and processes.
@@ -192,7 +200,8 @@ class STAMPTrainer(Trainer):
         if model.training:
             parts = torch.stack([text.detach(), mask.detach()])
             self._parts = parts if self._parts is None else self._parts + parts
-        loss = text + mask
+        # the model config's weight (checkpoints saved before it existed weigh L_text 1, as the paper does)
+        loss = getattr(self.model.config, "text_loss_weight", 1.0) * text + mask
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, start_time=None):
@@ -259,6 +268,8 @@ def train(config: TrainConfig | dict | str | Path) -> STAMPTrainer:
     )
     if getattr(model.config, "model_type", None) != "stamp":
         raise ValueError(f"{config.model} is not a STAMP checkpoint (model_type {model.config.model_type!r})")
+    if config.text_loss_weight is not None:
+        model.config.text_loss_weight = float(config.text_loss_weight)
     if config.mask_loss_weights is not None:
         model.config.bce_loss_weight, model.config.dice_loss_weight = (float(w) for w in config.mask_loss_weights)
     if config.soft_mask_labels is not None:
