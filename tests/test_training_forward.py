@@ -1,4 +1,5 @@
-"""forward with labels and mask_labels: text_loss_weight * L_text + L_mask (BCE + Dice on the patch grid), gradients reach the head."""
+"""forward with labels and mask_labels: text_loss_weight * L_text + L_mask (BCE + Dice on the patch grid), gradients
+reach the head."""
 
 import pytest
 import torch
