@@ -10,6 +10,7 @@ Hub remote code: imports only torch, transformers and the other `*_stamp.py` fil
 """
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,8 @@ class STAMPGenerateOutput(ModelOutput):
     """
     sequences: (batch, seq_len) prompt + response ids, as `generate` returns them.
     seg_positions: a list per sample of the indices in `sequences` of each `<|seg|>` of the response.
+    seg_images: a list per sample of the image each `<|seg|>` masks (the last one before it), as its index among that
+        sample's images (0 = its first).
     mask_logits: a list per sample of (h, w) patch-logit grids, one per `<|seg|>`; foreground is logit > 0.
     cache: the key/value cache of the whole of `sequences` (the state phase 1 left it in, plus the last token),
         ready for a follow-up turn.
@@ -66,6 +69,7 @@ class STAMPGenerateOutput(ModelOutput):
 
     sequences: torch.LongTensor | None = None
     seg_positions: list[list[int]] | None = None
+    seg_images: list[list[int]] | None = None
     mask_logits: list[list[torch.FloatTensor]] | None = None
     cache: Cache | None = None
     scores: tuple | None = None
@@ -90,6 +94,21 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
         super().__init__(config)
         self.classifier = nn.Linear(config.text_config.hidden_size, 1)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_pickle: bool = False, **kwargs):
+        """Weights load only from safetensors: a checkpoint with only pickled weights (pytorch_model.bin, ...) is
+        refused unless `allow_pickle=True` (unpickling can run code), and a truncated or corrupt safetensors file is a
+        one-line OSError naming it, not a deep traceback."""
+        if not allow_pickle:
+            _refuse_pickled_only(pretrained_model_name_or_path)
+            kwargs.setdefault("use_safetensors", True)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise OSError(f"{pretrained_model_name_or_path}: its safetensors weights are truncated or corrupt ({error})") from None
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also makes the folder a "stamp-segmentation" pipeline: config.custom_pipelines names the pipeline class,
@@ -148,6 +167,20 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
                 mm_encoder_outputs=mm_encoder_outputs,
                 **kwargs,
             )
+        ignored = {"position_ids": position_ids, "cache": cache, "inputs_embeds": inputs_embeds, "use_cache": use_cache,
+                   "pixel_values_videos": pixel_values_videos, "video_grid_thw": video_grid_thw,
+                   "logits_to_keep": logits_to_keep or None}
+        given = sorted(name for name, value in ignored.items() if value is not None)
+        if given:
+            raise TypeError(f"the teacher-forced mask forward (mask_labels given) does not take {given}")
+        return self._mask_training_forward(
+            input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, mm_encoder_outputs, labels,
+            mask_labels, **kwargs,
+        )
+
+    def _mask_training_forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
+                               mm_encoder_outputs, labels, mask_labels, **loss_kwargs) -> "STAMPOutput":
+        """The training step: text logits and every `<|seg|>`'s mask logits in one forward, and their losses."""
         if input_ids is None:
             raise ValueError("mask_labels need input_ids: the <|seg|> tokens are found in them")
         text_hidden, mask_logits = self._teacher_forced(
@@ -157,7 +190,7 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
         text_loss = None
         if labels is not None:
             text_loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **loss_kwargs
             )
         mask_loss = self.mask_loss(mask_logits, mask_labels)
         loss = mask_loss if text_loss is None else self.config.text_loss_weight * text_loss + mask_loss
@@ -252,6 +285,8 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
             attention_mask = torch.ones_like(input_ids)
         if mm_token_type_ids is None:
             mm_token_type_ids = self._mm_token_type_ids(input_ids)
+        self._check_generation_inputs(input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw,
+                                      image_features)
         features = list(image_features) if image_features is not None else self._image_features(pixel_values, image_grid_thw)
         continuing = cache is not None and cache.get_seq_length() > 0
         encoded = None
@@ -299,11 +334,44 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
         return STAMPGenerateOutput(
             sequences=sequences,
             seg_positions=masks.seg_positions,
+            seg_images=masks.seg_images,
             mask_logits=masks.mask_logits,
             cache=masks.cache,
             scores=getattr(phase1, "scores", None),
             logits=getattr(phase1, "logits", None),
         )
+
+    def _check_generation_inputs(self, input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw,
+                                 image_features) -> None:
+        """Refuse, before any compute, what generation would get wrong or fail on deep inside torch."""
+        context = self.config.text_config.max_position_embeddings
+        if input_ids.shape[1] > context:
+            raise ValueError(f"the prompt is {input_ids.shape[1]} tokens, over the model's context of {context} tokens")
+        if input_ids.shape[0] > 1 and not bool(attention_mask[:, -1].all()):
+            rows = torch.nonzero(attention_mask[:, -1] == 0).flatten().tolist()
+            raise ValueError(
+                f"the batch is padded on the right (sample(s) {rows} end in padding), but generation continues on the "
+                "right: pad on the left (processor.tokenizer.padding_side = 'left')"
+            )
+        images = sum(len(row) for row in self._images_per_row(mm_token_type_ids))
+        described = 0 if image_grid_thw is None else len(image_grid_thw)
+        if images != described:
+            raise ValueError(
+                f"the prompts hold {images} image(s) but image_grid_thw describes {described}: pass the processor's "
+                "outputs for the whole batch (pixel_values and image_grid_thw of every prompt's images)"
+            )
+        if image_features is not None:
+            if len(image_features) != images:
+                raise ValueError(f"the prompts hold {images} image(s) but {len(image_features)} image_features were given")
+        elif pixel_values is not None and image_grid_thw is not None:
+            patches = int(image_grid_thw.prod(-1).sum())
+            if pixel_values.shape[0] != patches:
+                raise ValueError(
+                    f"pixel_values hold {pixel_values.shape[0]} patches but image_grid_thw describes {patches}: pass "
+                    "the processor's outputs unchanged"
+                )
+        elif images:
+            raise ValueError(f"the prompts hold {images} image(s) but neither pixel_values nor image_features were given")
 
     @torch.no_grad()
     def decode_masks(
@@ -341,7 +409,9 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
             (torch.nonzero(row[response_start:] == self._token_id("seg")).flatten() + response_start).tolist()
             for row in sequences
         ]
-        queries = self._seg_queries(seg_indices, positions, mm_token_type_ids, self._images_per_row(mm_token_type_ids))
+        image_rows = self._images_per_row(mm_token_type_ids)
+        queries = self._seg_queries(seg_indices, positions, mm_token_type_ids, image_rows)
+        seg_images = [[image_rows[q.row].index(q.image) for q in queries if q.row == row] for row in range(len(image_rows))]
 
         # Tokens the cache lacks (generate never feeds back the last one) go into the same forward as the placeholders.
         cached = cache.get_seq_length()
@@ -356,7 +426,9 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
             cached = cache.get_seq_length()
             for row, grids in enumerate(chunk_logits):
                 mask_logits[row].extend(grids)
-        return STAMPGenerateOutput(sequences=sequences, seg_positions=seg_indices, mask_logits=mask_logits, cache=cache)
+        return STAMPGenerateOutput(
+            sequences=sequences, seg_positions=seg_indices, seg_images=seg_images, mask_logits=mask_logits, cache=cache
+        )
 
     # ------------------------------------------------------------------ phase 2, shared by every path
 
@@ -512,6 +584,24 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
     def _mask_grid(self, grid_thw) -> tuple[int, int]:
         merge = self.config.vision_config.spatial_merge_size
         return int(grid_thw[1]) // merge, int(grid_thw[2]) // merge
+
+
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickled_only(source) -> None:
+    """A local checkpoint folder whose weights are only pickles is refused with the reason (see from_pretrained)."""
+    if not os.path.isdir(source):
+        return
+    names = sorted(os.listdir(source))
+    if any(name.endswith(".safetensors") for name in names):
+        return
+    pickles = [name for name in names if name.endswith(PICKLED_WEIGHTS)]
+    if pickles:
+        raise OSError(
+            f"{source}: holds only pickled weights ({', '.join(pickles)}); unpickling can run code, so STAMP loads "
+            "safetensors only: convert them (stamp-hf convert --allow-pickle) or pass allow_pickle=True if you trust them"
+        )
 
 
 def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 1.0, dice_weight: float = 1.0):

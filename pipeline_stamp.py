@@ -2,17 +2,16 @@
 
     pipe = pipeline("stamp-segmentation", model="org/stamp-2b", trust_remote_code=True)
     pipe("photo.jpg", "Please segment the cat.")
-    # {"text": "Sure, it is <|seg|>.", "masks": [{"label": "Sure, it is", "score": 0.93, "mask": <PIL L image>}]}
+    # {"text": "Sure, it is <|seg|>.", "masks": [{"label": "Sure, it is", "score": 0.93, "image": 0, "mask": <PIL L>}]}
 
 Hub remote code: imports only torch, transformers, PIL, numpy and the other `*_stamp.py` files.
 """
 
 import numpy as np
-import torch
 from PIL import Image
 from transformers import AutoModel, GenerationConfig, Pipeline
-from transformers.image_utils import load_image
 
+from .processing_stamp import left_padded_batch, user_turn
 from .sam_stamp import sam_refiner
 
 PIPELINE_TASK = "stamp-segmentation"
@@ -25,15 +24,17 @@ class STAMPSegmentationPipeline(Pipeline):
       - `pipe(image, prompt)`: image = path, URL, PIL image or (H, W, 3) uint8 numpy array; prompt = the user's text;
       - `pipe(messages)`: a chat (list of {"role", "content"} messages; image entries as in transformers' chat format);
       - `pipe({"image": ..., "prompt": ...})` or `pipe({"messages": [...]})`.
-    Images are turned upright from their EXIF orientation first; masks come at that upright size.
+    Images are read by `processing_stamp.load_image` (upright from their EXIF orientation, any PIL mode as RGB); masks
+    come at that upright size.
 
-    Output per input: {"text": the response (with its `<|seg|>` tokens), "masks": one {"label", "score", "mask"} per
-    `<|seg|>`}. "mask" is a PIL "L" image (0 / 255) the size of the image the `<|seg|>` refers to (the last one
-    before it); "score" is the mean foreground probability of its foreground patches (0.0 for an empty mask);
-    "label" is the response text between the previous `<|seg|>` and this one.
+    Output per input: {"text": the response (with its `<|seg|>` tokens), "masks": one {"label", "score", "mask",
+    "image"} per `<|seg|>`}. "mask" is a PIL "L" image (0 / 255) the size of the image the `<|seg|>` refers to (the last
+    one before it; "image" is its index among the input's images); "score" is the mean foreground probability of its
+    foreground patches (0.0 for an empty mask); "label" is the response text between the previous `<|seg|>` and this one.
 
     Call parameters: any `generate` argument (max_new_tokens, do_sample, generation_config, ...); `threshold` (logit
-    threshold, default config.mask_threshold); `refine=True` to refine each mask with SAM, `sam_model` (a Hub id or
+    threshold, default config.mask_threshold); `resample` ("nearest" / "bilinear", default the processor's
+    `mask_resample`); `refine=True` to refine each mask with SAM, `sam_model` (a Hub id or
     folder for transformers' SamModel, a .pth path for segment-anything, or a refiner object; default
     facebook/sam-vit-huge) and `seed` for the point sampling.
     """
@@ -66,7 +67,7 @@ class STAMPSegmentationPipeline(Pipeline):
             inputs = [{"messages": list(item)} if _is_chat(item) else item for item in inputs]
         return super().__call__(inputs, **kwargs)
 
-    def _sanitize_parameters(self, timeout=None, threshold=None, refine=None, sam_model=None, seed=None,
+    def _sanitize_parameters(self, timeout=None, threshold=None, resample=None, refine=None, sam_model=None, seed=None,
                              generate_kwargs=None, **generate_params):
         preprocess = {} if timeout is None else {"timeout": timeout}
         forward = {**(generate_kwargs or {}), **generate_params}
@@ -75,6 +76,8 @@ class STAMPSegmentationPipeline(Pipeline):
         postprocess = {}
         if threshold is not None:
             postprocess["threshold"] = threshold
+        if resample is not None:
+            postprocess["resample"] = resample
         if refine:
             postprocess["refiner"] = self._refiner(sam_model if sam_model is not None else DEFAULT_SAM_MODEL)
         if seed is not None:
@@ -97,17 +100,10 @@ class STAMPSegmentationPipeline(Pipeline):
                 "give an image and a prompt, a chat (list of messages), or a dict with 'image' and 'prompt' or "
                 f"'messages'; got {type(inputs).__name__}"
             )
-        if "messages" in inputs:
-            messages = inputs["messages"]
-        else:
-            content = [{"type": "image", "image": inputs["image"]}, {"type": "text", "text": inputs["prompt"]}]
-            messages = [{"role": "user", "content": content}]
-        messages, images = _load_chat_images(messages, timeout)
+        messages = inputs["messages"] if "messages" in inputs else [user_turn([inputs["image"]], inputs["prompt"])]
+        encoded, images = self.processor.encode_chat(messages, timeout)
         if not images:
             raise ValueError("STAMP segments images: the input holds no image")
-        encoded = self.processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        )
         return {"inputs": dict(encoded), "images": [images]}
 
     def _collate(self, samples: list[dict]) -> dict:
@@ -118,10 +114,10 @@ class STAMPSegmentationPipeline(Pipeline):
         inputs = model_inputs["inputs"]
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
         out = self.model.generate_with_masks(**inputs, **generate_kwargs)
-        return split_by_sample(self.model, out, inputs["input_ids"].shape[1], model_inputs["images"])
+        return split_by_sample(out, inputs["input_ids"].shape[1], model_inputs["images"])
 
-    def postprocess(self, sample, threshold=None, refiner=None, seed=0):
-        return segmentation_result(self.model, self.processor, sample, threshold, refiner, seed)
+    def postprocess(self, sample, threshold=None, resample=None, refiner=None, seed=0):
+        return segmentation_result(self.model, self.processor, sample, threshold, resample, refiner, seed)
 
     # ------------------------------------------------------------------ batching: our collate, one output per input
 
@@ -147,54 +143,42 @@ class STAMPSegmentationPipeline(Pipeline):
             yield self.postprocess(sample, **postprocess_params)
 
 
-def left_padded_batch(processor, encoded: list[dict]) -> dict:
-    """One generation batch from single-sample processor outputs (batch 1 each): token tensors left-padded, since
-    generation continues on the right; image patches and grids concatenated in order."""
-    length = max(e["input_ids"].shape[1] for e in encoded)
-    padding = {"input_ids": processor.tokenizer.pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0}
-    batch = {}
-    for key, value in padding.items():
-        batch[key] = torch.cat([torch.nn.functional.pad(e[key], (length - e[key].shape[1], 0), value=value)
-                                for e in encoded])
-    for key in ("pixel_values", "image_grid_thw"):
-        batch[key] = torch.cat([e[key] for e in encoded])
-    return batch
-
-
-def split_by_sample(model, out, prompt_length: int, images: list[list[Image.Image]]) -> list[dict]:
+def split_by_sample(out, prompt_length: int, images: list[list[Image.Image]]) -> list[dict]:
     """The generate_with_masks output cut into one dict per row: its response ids, the offsets of its `<|seg|>`s in
-    the response, their mask logits and, for each, the image it masks (the last one before it)."""
-    vision_start = model.config.vision_start_token_id
+    the response, their mask logits and, for each, the index and the image it masks (`out.seg_images`)."""
     samples = []
     for row, row_images in enumerate(images):
-        sequence = out.sequences[row]
-        seg_images = [int((sequence[:index] == vision_start).sum()) - 1 for index in out.seg_positions[row]]
         samples.append({
-            "response": sequence[prompt_length:],
+            "response": out.sequences[row][prompt_length:],
             "seg_offsets": [index - prompt_length for index in out.seg_positions[row]],
             "mask_logits": out.mask_logits[row],
-            "images": [row_images[i] for i in seg_images],
+            "image_indices": list(out.seg_images[row]),
+            "images": [row_images[i] for i in out.seg_images[row]],
         })
     return samples
 
 
-def segmentation_result(model, processor, sample: dict, threshold=None, refiner=None, seed: int = 0) -> dict:
-    """{"text", "masks": [{"label", "score", "mask"}]} for one sample of `split_by_sample` (see the pipeline)."""
+def segmentation_result(model, processor, sample: dict, threshold=None, resample=None, refiner=None, seed: int = 0) -> dict:
+    """The one post-processing step: {"text", "masks": [{"label", "score", "mask", "image"}]} for one sample of
+    `split_by_sample` (see the pipeline). The threshold defaults to config.mask_threshold, the resampling to the
+    processor's `mask_resample`; SAM (refiner) draws its points with seed + k for the k-th mask."""
     threshold = model.config.mask_threshold if threshold is None else threshold
     tokenizer = processor.tokenizer
     response = sample["response"].tolist()
     end = response_end(model, tokenizer, response)
     masks, previous = [], 0
-    for k, (offset, logits, image) in enumerate(zip(sample["seg_offsets"], sample["mask_logits"], sample["images"])):
+    pieces = zip(sample["seg_offsets"], sample["mask_logits"], sample["images"], sample["image_indices"])
+    for k, (offset, logits, image, image_index) in enumerate(pieces):
         label = tokenizer.decode(response[previous:offset], skip_special_tokens=True).strip(" .,;:\n")
         previous = offset + 1
-        (mask,), = processor.post_process_masks([[logits]], [(image.height, image.width)], threshold)
+        (mask,), = processor.post_process_masks([[logits]], [(image.height, image.width)], threshold, resample)
         probabilities = logits.float().sigmoid()[logits > threshold]
         score = float(probabilities.mean()) if probabilities.numel() else 0.0
-        mask = mask.numpy()
+        mask = mask.cpu().numpy()
         if refiner is not None:
             mask = refiner.refine(image, mask, seed=seed + k)
-        masks.append({"label": label, "score": score, "mask": Image.fromarray(mask.astype(np.uint8) * 255, "L")})
+        masks.append({"label": label, "score": score, "image": image_index,
+                      "mask": Image.fromarray(mask.astype(np.uint8) * 255, "L")})
     return {"text": tokenizer.decode(response[:end], skip_special_tokens=False), "masks": masks}
 
 
@@ -211,35 +195,6 @@ def _is_chat(value) -> bool:
 
 def _as_list(value):
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _load_image(image, timeout=None) -> Image.Image:
-    """An upright RGB PIL image from a path, URL, PIL image or (H, W, 3) uint8 array (EXIF orientation applied)."""
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"a numpy image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-        image = Image.fromarray(image)
-    return load_image(image, timeout=timeout)
-
-
-def _load_chat_images(messages, timeout=None):
-    """The chat with every image entry loaded (upright RGB PIL), and those images in order."""
-    loaded, images = [], []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, list):
-            items = []
-            for item in content:
-                source = next((item[k] for k in ("image", "url", "path") if k in item), None)
-                if item.get("type") == "image" or "image" in item:
-                    if source is None:
-                        raise ValueError(f"an image entry of the chat has no 'image', 'url' or 'path': {item}")
-                    images.append(_load_image(source, timeout))
-                    item = {"type": "image", "image": images[-1]}
-                items.append(item)
-            content = items
-        loaded.append({**message, "content": content})
-    return loaded, images
 
 
 def register_pipeline():
@@ -259,7 +214,6 @@ __all__ = [
     "DEFAULT_SAM_MODEL",
     "PIPELINE_TASK",
     "STAMPSegmentationPipeline",
-    "left_padded_batch",
     "register_pipeline",
     "response_end",
     "segmentation_result",

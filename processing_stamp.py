@@ -1,14 +1,27 @@
 """STAMPProcessor: Qwen2-VL image processor + tokenizer + chat template, and mask post-processing.
 
-Hub remote code: imports only torch, transformers and the other `*_stamp.py` files.
+Hub remote code: imports only torch, transformers, PIL, numpy and the other `*_stamp.py` files.
 """
 
 import copy
+import os
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_utils import SizeDict
+from transformers.image_utils import load_image as transformers_load_image
 from transformers.processing_utils import ProcessorMixin
+
+# How a patch grid becomes a mask at the image's size (`post_process_masks`):
+#   "nearest": the official STAMP procedure: threshold the grid, then upsample the 0/1 grid with PyTorch's legacy
+#              nearest interpolation (what the released checkpoints were evaluated with);
+#   "bilinear": upsample the logits bilinearly, then threshold (what mask_loss_resolution="image" trains for).
+MASK_RESAMPLES = ("nearest", "bilinear")
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's resize refuses images whose long side exceeds 200 times the short side
 
 # The Qwen2-VL-Instruct chat template (images become <|vision_start|><|image_pad|><|vision_end|>).
 QWEN2_VL_CHAT_TEMPLATE = (
@@ -41,7 +54,8 @@ class STAMPProcessor(ProcessorMixin):
     return_mm_token_type_ids = True
 
     def __init__(
-        self, image_processor=None, tokenizer=None, chat_template=None, min_placeholders=1024, max_placeholders=1280, **kwargs
+        self, image_processor=None, tokenizer=None, chat_template=None, min_placeholders=1024, max_placeholders=1280,
+        mask_resample="nearest", **kwargs
     ):
         if not 0 < min_placeholders <= max_placeholders:
             raise ValueError(
@@ -49,6 +63,7 @@ class STAMPProcessor(ProcessorMixin):
             )
         self.min_placeholders = min_placeholders
         self.max_placeholders = max_placeholders
+        self.mask_resample = _check_resample(mask_resample)
         self.image_token = "<|image_pad|>"
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         if image_processor is not None:
@@ -87,7 +102,16 @@ class STAMPProcessor(ProcessorMixin):
             conversation, chat_template=chat_template, sanitize_control_tokens=sanitize_control_tokens, **kwargs
         )
 
-    def post_process_masks(self, mask_logits, target_sizes, threshold: float = 0.0):
+    def encode_chat(self, messages: list[dict], timeout=None):
+        """The one way a request becomes model inputs: every image of the chat loaded by `load_image`, then the chat
+        template with the generation prompt. Returns (inputs of batch 1, the loaded images in order)."""
+        messages, images = load_chat_images(messages, timeout)
+        inputs = self.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        return inputs, images
+
+    def post_process_masks(self, mask_logits, target_sizes, threshold: float = 0.0, resample: str | None = None):
         """
         Masks at the original image sizes.
 
@@ -95,18 +119,19 @@ class STAMPProcessor(ProcessorMixin):
             mask_logits: the `mask_logits` of `generate_with_masks` / `predict_masks` (a list per sample of (h, w)
                 logit grids), or the generate output itself.
             target_sizes: one (height, width) per sample: the size of the image before the processor resized it.
-            threshold: foreground where the upsampled logit exceeds it (0.0: the paper's logit > 0).
+            threshold: a patch (or pixel) is foreground where its logit exceeds it (0.0: the paper's logit > 0).
+            resample: "nearest" (threshold the grid, then legacy nearest upsampling: the official procedure) or
+                "bilinear" (upsample the logits, then threshold); default `self.mask_resample`.
 
         Returns:
             A list per sample of boolean (height, width) tensors, one per `<|seg|>`.
-
-        See `upsample_mask_logits` for how a grid becomes an image-sized mask.
         """
+        resample = _check_resample(self.mask_resample if resample is None else resample)
         mask_logits = getattr(mask_logits, "mask_logits", mask_logits)
         if len(mask_logits) != len(target_sizes):
             raise ValueError(f"got mask logits for {len(mask_logits)} samples but {len(target_sizes)} target sizes")
         return [
-            [upsample_mask_logits(grid, (height, width)) > threshold for grid in sample_logits]
+            [grid_to_mask(grid, (height, width), threshold, resample) for grid in sample_logits]
             for sample_logits, (height, width) in zip(mask_logits, target_sizes)
         ]
 
@@ -126,4 +151,173 @@ def upsample_mask_logits(grid: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(grid[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
 
 
-__all__ = ["STAMPProcessor", "QWEN2_VL_CHAT_TEMPLATE", "upsample_mask_logits"]
+def grid_to_mask(grid: torch.Tensor, size, threshold: float = 0.0, resample: str = "nearest") -> torch.Tensor:
+    """One (h, w) patch-logit grid as a boolean (height, width) = `size` mask, by `resample` (see MASK_RESAMPLES)."""
+    if resample == "nearest":
+        cells = (grid.float() > threshold).float()
+        return F.interpolate(cells[None, None], size=tuple(int(v) for v in size), mode="nearest")[0, 0] > 0.5
+    return upsample_mask_logits(grid, size) > threshold
+
+
+def _check_resample(resample: str) -> str:
+    if resample not in MASK_RESAMPLES:
+        raise ValueError(f"mask resample must be one of {MASK_RESAMPLES}, got {resample!r}")
+    return resample
+
+
+def default_mask_resample(mask_loss_resolution: str) -> str:
+    """The post-processing a model was trained for: "bilinear" when its loss scored the upsampled logits, else the
+    official "nearest"."""
+    return "bilinear" if mask_loss_resolution == "image" else "nearest"
+
+
+# ------------------------------------------------------------------ the one image loader and message builder
+
+
+def load_image(source, timeout=None) -> Image.Image:
+    """
+    Every image STAMP sees comes through here: a path, an http(s) URL, a PIL image or a numpy array, as an upright
+    (EXIF orientation applied) RGB PIL image. 16-bit and 32-bit integer images are rescaled from their full range
+    (65535 -> 255), float images from [0, 1] (or from their own min..max when outside it), transparent pixels are
+    composited on white (ALPHA_BACKGROUND), animated images give their first frame. Problems (a missing file, not an
+    image, an aspect ratio Qwen2-VL cannot resize) are a one-line ValueError / OSError naming the source.
+    """
+    if isinstance(source, Image.Image):
+        return _checked(_to_rgb(source), "the PIL image")
+    if isinstance(source, np.ndarray):
+        return _checked(_to_rgb(_array_image(source)), f"the {source.dtype} array of shape {source.shape}")
+    if isinstance(source, Path) or isinstance(source, str):
+        source = str(source)
+        if source.startswith(("http://", "https://")):
+            return _checked(_to_rgb(_download(source, timeout)), source)
+        return _checked(_read_file(source), source)
+    raise TypeError(f"an image must be a path, URL, PIL image or numpy array, got {type(source).__name__}")
+
+
+def _read_file(path: str) -> Image.Image:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as image:
+            return _to_rgb(image)
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{path}: the image is too large ({error})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"{path}: cannot read it as an image ({error})") from None
+
+
+def _download(url: str, timeout=None) -> Image.Image:
+    """The image at `url` (fetched by transformers' own loader); refused without touching the network when the Hub's
+    offline mode is set."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        raise OSError(f"{url}: not downloaded, HF_HUB_OFFLINE is set; download the image and pass the file")
+    try:
+        return transformers_load_image(url, timeout=timeout)
+    except (UnidentifiedImageError, ValueError) as error:
+        raise ValueError(f"{url}: the download is not an image ({error})") from None
+    except Exception as error:  # the HTTP client's own errors (connection, status, timeout)
+        raise OSError(f"{url}: cannot download the image ({type(error).__name__}: {error})") from None
+
+
+def _array_image(array: np.ndarray) -> Image.Image:
+    """A numpy image ((H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA; uint8, 16-bit, bool or float) as PIL."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ValueError(f"a numpy image must be (H, W), (H, W, 3) or (H, W, 4), got shape {array.shape}")
+    mode = "L" if array.ndim == 2 else "RGB" if array.shape[2] == 3 else "RGBA"
+    return Image.fromarray(array if array.dtype == np.uint8 else _to_uint8(array), mode)
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """Pixel values on 0..255 from their real range: bool 0/1; integers 0..65535 (16-bit, also in the 32-bit
+    container PIL opens some 16-bit files in); floats 0..1; any other range from its own min..max."""
+    if values.dtype == bool:
+        return values.astype(np.uint8) * 255
+    if not (np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)):
+        raise ValueError(f"an image array must hold numbers, got {values.dtype}")
+    full_range = 65535.0 if np.issubdtype(values.dtype, np.integer) else 1.0
+    values = values.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("the image holds NaN or infinite values")
+    low, high = float(values.min()), float(values.max())
+    if not (0.0 <= low and high <= full_range):
+        values, full_range = values - low, (high - low) or 1.0
+    return np.clip(np.round(values * (255.0 / full_range)), 0, 255).astype(np.uint8)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        image = Image.fromarray(_to_uint8(np.asarray(image)), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode in ("RGB", "L") and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _checked(image: Image.Image, name: str) -> Image.Image:
+    width, height = image.size
+    if min(width, height) < 1 or max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"{name}: {width}x{height} px is too thin (aspect ratio over {MAX_ASPECT_RATIO}), which Qwen2-VL cannot resize"
+        )
+    return image
+
+
+def user_turn(images: list, text: str) -> dict:
+    """The one message builder: a user turn with its images first, then its text (the layout STAMP learned)."""
+    return {"role": "user", "content": [*({"type": "image", "image": image} for image in images),
+                                        {"type": "text", "text": text}]}
+
+
+def load_chat_images(messages: list[dict], timeout=None) -> tuple[list[dict], list[Image.Image]]:
+    """The chat with every image entry loaded by `load_image`, and those images in order."""
+    loaded, images = [], []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            items = []
+            for item in content:
+                if item.get("type") == "image" or "image" in item:
+                    source = next((item[k] for k in ("image", "url", "path") if k in item), None)
+                    if source is None:
+                        raise ValueError(f"an image entry of the chat has no 'image', 'url' or 'path': {item}")
+                    images.append(load_image(source, timeout))
+                    item = {"type": "image", "image": images[-1]}
+                items.append(item)
+            content = items
+        loaded.append({**message, "content": content})
+    return loaded, images
+
+
+def left_padded_batch(processor, encoded: list[dict]) -> dict:
+    """The one batching rule: single-sample processor outputs (batch 1 each) as one generation batch, token tensors
+    left-padded (generation continues on the right), image patches and grids concatenated in order."""
+    length = max(e["input_ids"].shape[1] for e in encoded)
+    padding = {"input_ids": processor.tokenizer.pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0}
+    batch = {}
+    for key, value in padding.items():
+        batch[key] = torch.cat([F.pad(e[key], (length - e[key].shape[1], 0), value=value) for e in encoded])
+    for key in ("pixel_values", "image_grid_thw"):
+        batch[key] = torch.cat([e[key] for e in encoded])
+    return batch
+
+
+__all__ = [
+    "MASK_RESAMPLES",
+    "QWEN2_VL_CHAT_TEMPLATE",
+    "STAMPProcessor",
+    "default_mask_resample",
+    "grid_to_mask",
+    "left_padded_batch",
+    "load_chat_images",
+    "load_image",
+    "upsample_mask_logits",
+    "user_turn",
+]

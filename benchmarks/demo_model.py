@@ -8,7 +8,7 @@ From a clean checkout (CPU is enough):
     .venv/bin/python benchmarks/demo_model.py --table-only        # the table of the runs done so far
 
 Stages, all on 128 px scenes (a 16 x 16 mask grid):
-  vision    the stand-in for Qwen2-VL's pretrained vision tower (stamp_hf.demo.pretrain_vision_tower): the ViT learns
+  vision    the stand-in for Qwen2-VL's pretrained vision tower (demo_tools.pretrain_vision_tower): the ViT learns
             every patch's shape kind, colour and size from labelled scenes, no language. Run once, shared by every run.
   STAMP     each run: a demo STAMP whose language model is randomly initialised from the run's seed, with that vision
             tower, trained by stamp_hf.training.train (the path of `stamp-hf train`), the vision tower frozen and the
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor
 
-from stamp_hf.demo import (
+from demo_tools import (
     CEILING_TARGETS,
     DEMO_IMAGE_SIZE,
     all_shapes_baseline,

@@ -2,6 +2,7 @@
 measured when it was trained (a regression floor on 50 generated test samples no training run ever saw)."""
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from conftest import run_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the demo model's training tools live next to its benchmark
 DEMO = ROOT / "demo_model"
 # Measured on these 50 samples with the shipped model: cIoU 78.2; a language-blind model that masks every shape gets
 # 31.5 there (see README, "Demo model and synthetic benchmark"). The floor is the benchmark's 75, below that
@@ -50,7 +52,7 @@ def test_demo_model_loads_without_stamp_hf(tmp_path):
 
 
 def test_demo_model_segments_and_answers_on_unseen_samples(tmp_path):
-    from stamp_hf.demo import all_shapes_baseline, evaluate_demo
+    from demo_tools import all_shapes_baseline, evaluate_demo
     from stamp_hf.synthetic import write_split
 
     # 50 samples of the test split, starting far past anything the benchmark evaluates or trains on
@@ -76,7 +78,7 @@ def test_example_image_is_a_synthetic_test_scene():
 def test_demo_tokenizer_is_rebuilt_offline_exactly():
     from transformers import AutoTokenizer
 
-    from stamp_hf.demo import demo_tokenizer
+    from demo_tools import demo_tokenizer
 
     shipped = AutoTokenizer.from_pretrained(DEMO)
     rebuilt = demo_tokenizer()
@@ -87,7 +89,7 @@ def test_demo_tokenizer_is_rebuilt_offline_exactly():
 
 
 def test_request_kinds_cover_every_referring_phrase_the_generator_writes():
-    from stamp_hf.demo import request_kind
+    from demo_tools import request_kind
     from stamp_hf.synthetic import make_sample
 
     assert request_kind("refer", "Segment the shape left of the red circle.") == "relation"
@@ -104,7 +106,7 @@ def test_the_patch_grid_caps_cIoU_and_the_image_resolution_loss_lifts_the_cap(tm
     loss scores the upsampled mask itself (mask_loss_resolution="image")."""
     from transformers import AutoProcessor
 
-    from stamp_hf.demo import grid_ceiling
+    from demo_tools import grid_ceiling
     from stamp_hf.synthetic import write_split
 
     data = write_split(tmp_path, "test", 30, start=6_000_000)
@@ -117,7 +119,7 @@ def test_the_patch_grid_caps_cIoU_and_the_image_resolution_loss_lifts_the_cap(tm
 def test_patch_attributes_label_each_patch_with_the_shape_covering_most_of_it():
     import numpy as np
 
-    from stamp_hf.demo import PATCH_ATTRIBUTES, patch_attributes
+    from demo_tools import PATCH_ATTRIBUTES, patch_attributes
     from stamp_hf.synthetic import make_sample
 
     sample = make_sample(3)
@@ -136,7 +138,7 @@ def test_patch_attributes_label_each_patch_with_the_shape_covering_most_of_it():
 def test_vision_pretraining_teaches_the_vision_tower_alone():
     """A few steps already tell colours apart (shape kinds take thousands: the benchmark's vision stage); only the
     vision tower and its merger change, the language model stays as it was."""
-    from stamp_hf.demo import build_demo_model, pretrain_vision_tower
+    from demo_tools import build_demo_model, pretrain_vision_tower
     from stamp_hf.synthetic import make_sample
 
     model, processor = build_demo_model(seed=0)
@@ -160,7 +162,7 @@ def test_demo_card_states_the_run_it_was_given_and_never_overwrites(tmp_path):
     and the verdict they earn, training leftovers stay behind, and an existing folder is refused."""
     import pytest
 
-    from stamp_hf.demo import CEILING_TARGETS, write_demo_card
+    from demo_tools import CEILING_TARGETS, write_demo_card
     from stamp_hf.testing import tiny_stamp
 
     model, processor = tiny_stamp(seed=0)

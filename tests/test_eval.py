@@ -233,7 +233,8 @@ def test_batched_eval_gives_the_results_of_one_sample_at_a_time(trained, tmp_pat
     evaluate(model, processor, samples, tmp_path / "batched", progress=False, batch_size=3)
     one, batched = ((tmp_path / name / "results.jsonl").read_text().splitlines() for name in ("one", "batched"))
     assert len(one) == 5 and batched == one
-    assert all(json.loads(line)["response"].endswith("<|im_end|>") for line in one)  # no padding after the end
+    pad = processor.tokenizer.pad_token
+    assert all(pad not in json.loads(line)["response"] for line in one)  # a shorter row's padding is not its answer
 
 
 def test_refinement_hook_is_scored_alongside(trained, tmp_path):
@@ -244,12 +245,14 @@ def test_refinement_hook_is_scored_alongside(trained, tmp_path):
     samples = load_samples(data)[:2]
     calls = []
 
-    def everything(image, mask):  # a "refinement" whose result we know: the whole image
-        calls.append((image.size, mask.shape, mask.dtype))
-        return np.ones_like(mask)
+    class Everything:  # a "refinement" whose result we know: the whole image
+        def refine(self, image, mask, seed=0):
+            calls.append((image.size, mask.shape, mask.dtype, seed))
+            return np.ones_like(mask)
 
-    summary = evaluate(model, processor, samples, tmp_path / "out", refine=everything, progress=False)
-    assert calls == [((112, 112), (112, 112), bool), ((140, 84), (84, 140), bool)]
+    summary = evaluate(model, processor, samples, tmp_path / "out", refiner=Everything(), progress=False)
+    # the k-th mask of an answer gets seed k, as in the pipeline
+    assert calls == [((112, 112), (112, 112), bool, 0), ((140, 84), (84, 140), bool, 0)]
     areas = [(b[2] - b[0]) * (b[3] - b[1]) for _, b, *_ in SHAPES[:2]]
     pixels = [h * w for (h, w), *_ in SHAPES[:2]]
     refined = summary["STAMP + refinement"]

@@ -64,9 +64,9 @@ def test_bad_placeholder_bounds_are_refused(tokenizer):
 
 
 @pytest.mark.parametrize("size", [(90, 150), (150, 90), (333, 101), (64, 64)])
-def test_post_process_masks_inverts_the_resize_exactly(tokenizer, size):
-    """A grid whose top `r` rows (left `c` columns) are foreground must come back as exactly the pixels whose centres
-    lie in the first r/rows (c/cols) of the original image: the inverse of the processor's per-axis resize."""
+def test_bilinear_post_processing_inverts_the_resize_exactly(tokenizer, size):
+    """With "bilinear", a grid whose top `r` rows (left `c` columns) are foreground must come back as exactly the
+    pixels whose centres lie in the first r/rows (c/cols) of the original image: the inverse of the per-axis resize."""
     processor = tiny_processor(tokenizer)
     height, width = size
     grid_thw = processor.image_processor(random_image(height, width), return_tensors="pt")["image_grid_thw"][0]
@@ -74,7 +74,7 @@ def test_post_process_masks_inverts_the_resize_exactly(tokenizer, size):
     r, c = max(1, rows // 2), max(1, cols // 3)
     top = torch.where(torch.arange(rows)[:, None] < r, 1.0, -1.0).expand(rows, cols)
     left = torch.where(torch.arange(cols)[None, :] < c, 1.0, -1.0).expand(rows, cols)
-    (top_mask, left_mask), = processor.post_process_masks([[top, left]], [(height, width)])
+    (top_mask, left_mask), = processor.post_process_masks([[top, left]], [(height, width)], resample="bilinear")
     assert top_mask.shape == left_mask.shape == (height, width)
     centres_y = torch.arange(height) + 0.5
     centres_x = torch.arange(width) + 0.5
@@ -91,11 +91,23 @@ def test_post_process_masks_threshold_and_output_object(tokenizer):
     class Out:
         mask_logits = [[grid]]
 
-    (mask,), = processor.post_process_masks(Out(), [(4, 4)], threshold=1.0)
-    assert mask.dtype == torch.bool and mask.shape == (4, 4)
-    assert mask[3, 0] and not mask[0, 0] and not mask[0, 3]
+    for resample in ("nearest", "bilinear"):
+        (mask,), = processor.post_process_masks(Out(), [(4, 4)], threshold=1.0, resample=resample)
+        assert mask.dtype == torch.bool and mask.shape == (4, 4)
+        assert mask[3, 0] and not mask[0, 0] and not mask[0, 3]
+    (nearest,), = processor.post_process_masks(Out(), [(4, 4)], threshold=1.0)  # the default: the official procedure
+    assert nearest.tolist() == [[False, False, False, False]] * 2 + [[True, True, False, False]] * 2
     with pytest.raises(ValueError, match="target sizes"):
         processor.post_process_masks([[grid]], [(4, 4), (4, 4)])
+    with pytest.raises(ValueError, match="mask resample must be one of"):
+        processor.post_process_masks([[grid]], [(4, 4)], resample="cubic")
+
+
+def test_mask_resample_is_saved_with_the_processor(tokenizer, tmp_path):
+    processor = tiny_processor(tokenizer, mask_resample="bilinear")
+    processor.save_pretrained(tmp_path)
+    assert STAMPProcessor.from_pretrained(tmp_path).mask_resample == "bilinear"
+    assert tiny_processor(tokenizer).mask_resample == "nearest"
 
 
 def test_torchvision_backend_gives_the_same_grid(tokenizer):

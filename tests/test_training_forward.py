@@ -140,7 +140,7 @@ def test_image_resolution_loss_scores_the_upsampled_mask_inference_produces(tiny
     logits = image.mask_logits[0][0]
     upsampled = processor.post_process_masks  # the loss upsamples exactly as inference does
     pixels = upsample_mask_logits(logits, (90, 150))
-    assert torch.equal(pixels > 0, upsampled([[logits]], [(90, 150)])[0][0])
+    assert torch.equal(pixels > 0, upsampled([[logits]], [(90, 150)], resample="bilinear")[0][0])
     p = pixels.sigmoid()
     dice = 1 - (2 * (p * mask[0]).sum() + 1) / (p.sum() + mask[0].sum() + 1)
     torch.testing.assert_close(image.mask_loss, F.binary_cross_entropy_with_logits(pixels, mask[0]) + dice)
@@ -174,6 +174,6 @@ def test_the_image_resolution_loss_is_minimised_by_sharper_masks_than_the_patch_
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            (predicted,) = processor.post_process_masks([[logits.detach()]], [(168, 280)])[0]
+            (predicted,) = processor.post_process_masks([[logits.detach()]], [(168, 280)], resample="bilinear")[0]
             scores[resolution] = float((predicted & mask.bool()).sum() / (predicted | mask.bool()).sum())
         assert scores["image"] > scores["patch"] + 0.05, (kind, scores)

@@ -8,7 +8,8 @@ earlier). Each turn is one `model.generate_with_masks` call on the conversation'
 
 import torch
 
-from .pipeline_stamp import _load_image, segmentation_result, split_by_sample
+from .pipeline_stamp import segmentation_result, split_by_sample
+from .processing_stamp import load_image, user_turn
 
 _SENTINEL = "\x00STAMP-USER-TEXT\x00"
 
@@ -22,10 +23,10 @@ class Conversation:
     `history` holds the turns as text; `sequences` and `cache` the token ids and keys/values of the whole chat.
     """
 
-    def __init__(self, model, processor, image, threshold=None, refiner=None):
+    def __init__(self, model, processor, image, threshold=None, refiner=None, resample=None, seed: int = 0):
         self.model, self.processor = model, processor
-        self.image = _load_image(image)
-        self.threshold, self.refiner = threshold, refiner
+        self.image = load_image(image)
+        self.threshold, self.refiner, self.resample, self.seed = threshold, refiner, resample, seed
         self.history: list[dict] = []
         self.sequences = self.cache = self.mm_token_type_ids = None
         self.image_features = self.image_grid_thw = None
@@ -36,11 +37,8 @@ class Conversation:
         """The answer to `text` given everything said so far; generate arguments pass through."""
         model = self.model
         if self.sequences is None:
-            content = [{"type": "image", "image": self.image}, {"type": "text", "text": text}]
-            inputs = self.processor.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True,
-                return_dict=True, return_tensors="pt",
-            ).to(model.device)
+            inputs, _ = self.processor.encode_chat([user_turn([self.image], text)])
+            inputs = inputs.to(model.device)
             self.image_grid_thw = inputs["image_grid_thw"]
             self.image_features = list(
                 model.model.get_image_features(inputs["pixel_values"], self.image_grid_thw, return_dict=True).pooler_output
@@ -58,8 +56,8 @@ class Conversation:
         )
         self.sequences, self.cache = out.sequences, out.cache
         self.mm_token_type_ids = torch.cat([types, types.new_zeros(1, out.sequences.shape[1] - input_ids.shape[1])], 1)
-        (sample,) = split_by_sample(model, out, input_ids.shape[1], [[self.image]])
-        result = segmentation_result(model, self.processor, sample, self.threshold, self.refiner)
+        (sample,) = split_by_sample(out, input_ids.shape[1], [[self.image]])
+        result = segmentation_result(model, self.processor, sample, self.threshold, self.resample, self.refiner, self.seed)
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": result["text"]}]
         return result
 

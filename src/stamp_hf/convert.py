@@ -112,6 +112,7 @@ def _load(source, base, allow_pickle, min_placeholders, max_placeholders, revisi
         tokenizer=tokenizer,
         min_placeholders=model.config.min_placeholders,
         max_placeholders=model.config.max_placeholders,
+        mask_resample="nearest",  # the released checkpoints' own post-processing, so `stamp-hf eval` is the official protocol
     )
     return model, processor, base_model
 
@@ -260,7 +261,8 @@ def _load_full(folder: Path, allow_pickle: bool, placeholders: dict):
     tokenizer = _tokenizer(folder, text.vocab_size)
     config.set_stamp_token_ids(tokenizer)
     model, info = STAMPModel.from_pretrained(
-        folder, config=config, dtype="auto", use_safetensors=shapes is not None, output_loading_info=True
+        folder, config=config, dtype="auto", use_safetensors=shapes is not None, allow_pickle=shapes is None,
+        output_loading_info=True,
     )
     _check_loading(info, folder)
     return model.eval(), tokenizer
@@ -298,7 +300,8 @@ def _load_lora(folder: Path, base, allow_pickle, revision, token, placeholders):
     tokenizer = _tokenizer(folder if (folder / "tokenizer_config.json").is_file() else base_folder, rows)
 
     model, info = STAMPModel.from_pretrained(
-        base_folder, config=config, dtype="auto", use_safetensors=base_shapes is not None, output_loading_info=True
+        base_folder, config=config, dtype="auto", use_safetensors=base_shapes is not None,
+        allow_pickle=base_shapes is None, output_loading_info=True,
     )
     _check_loading(info, base_folder, allowed_missing=("classifier.",))  # the base has no classifier: the adapter does
     if rows != config.text_config.vocab_size:

@@ -16,13 +16,15 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .data import load_mask, read_records
+from .pipeline_stamp import segmentation_result, split_by_sample
+from .processing_stamp import left_padded_batch, load_image, user_turn
 
 RES_PROMPT = "Please segment only the {} in the image."  # Prompt S1 of the paper
 REASON_PROMPT = "{} Please respond with segmentation mask."  # Prompt S2, for sentence queries
@@ -41,9 +43,11 @@ class EvalSample:
     root: Path = Path(".")
 
 
-# A refinement step (e.g. SAM): (image, predicted (H, W) bool mask) -> refined (H, W) bool mask; the `refine` method
-# of a SAM refiner fits as is.
-Refiner = Callable[[Image.Image, np.ndarray], np.ndarray]
+class Refiner(Protocol):
+    """A refinement step (e.g. the SAM refiners of stamp_hf.sam_stamp): the k-th mask of an answer is refined with
+    seed + k, as in the pipeline."""
+
+    def refine(self, image: Image.Image, mask: np.ndarray, seed: int = 0) -> np.ndarray: ...
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -231,7 +235,7 @@ def evaluate(
     samples: list[EvalSample],
     output_dir,
     run_info: dict | None = None,
-    refine: Refiner | None = None,
+    refiner: Refiner | None = None,
     max_new_tokens: int = 64,
     progress: bool = True,
     batch_size: int = 1,
@@ -242,7 +246,8 @@ def evaluate(
     (accelerate launch / torchrun) each one takes every world_size-th remaining sample; the main process merges.
 
     run_info: what identifies the run (model, data, split, ...); resuming a folder written with other run_info is
-    refused. refine: an optional refinement step (e.g. SAM); its results are scored and summarized alongside.
+    refused. It also records the post-processing (config.mask_threshold, the processor's mask_resample).
+    refiner: an optional refinement step (e.g. SAM); its results are scored and summarized alongside.
     batch_size: samples generated together (left-padded); the results are those of one at a time.
     Returns {"STAMP": summary, ["STAMP + refinement": summary]}.
     """
@@ -251,7 +256,8 @@ def evaluate(
 
     state = PartialState(cpu=not _has_accelerator())  # cpu=True is what makes torchrun processes gloo peers on CPU
     output_dir = Path(output_dir)
-    run_info = dict(run_info or {}, refine=refine is not None)
+    run_info = dict(run_info or {}, refine=refiner is not None, mask_threshold=model.config.mask_threshold,
+                    mask_resample=processor.mask_resample)
     if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         _check_run_info(output_dir / "run.json", run_info)
@@ -270,7 +276,7 @@ def evaluate(
         bar = tqdm(total=len(mine), desc="eval", disable=not (progress and state.is_main_process), unit="sample")
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
-            for record in _evaluate_batch(model, processor, chunk, refine, max_new_tokens):
+            for record in _evaluate_batch(model, processor, chunk, refiner, max_new_tokens):
                 out.write(json.dumps(record) + "\n")
             out.flush()
             bar.update(len(chunk))
@@ -288,10 +294,12 @@ def evaluate(
         for leftover in output_dir.glob("results.part*.jsonl"):
             leftover.unlink()
         summaries = {"STAMP": summarize(ordered)}
-        if refine is not None:
+        if refiner is not None:
             summaries["STAMP + refinement"] = summarize([r["refined"] for r in ordered])
         (output_dir / "summary.json").write_text(json.dumps(dict(summaries, run=run_info), indent=2))
-        table = summary_table(summaries)
+        table = summary_table(summaries) + (
+            f"\n\nMasks: logit > {run_info['mask_threshold']:g}, {run_info['mask_resample']} upsampling."
+        )
         (output_dir / "summary.md").write_text(table + "\n")
         print(table)
     state.wait_for_everyone()
@@ -300,40 +308,31 @@ def evaluate(
     return summary
 
 
-def _evaluate_batch(model, processor, samples: list[EvalSample], refine, max_new_tokens) -> list[dict]:
-    from .pipeline_stamp import left_padded_batch, response_end
-
+def _evaluate_batch(model, processor, samples: list[EvalSample], refiner, max_new_tokens) -> list[dict]:
+    """One generation for `samples` (left-padded), each scored by the post-processing the pipeline uses."""
     images, encoded = [], []
     for sample in samples:
         try:
-            with Image.open(sample.image) as file:
-                images.append(file.convert("RGB"))
-        except OSError as error:
-            raise OSError(f"sample {sample.id}: cannot read image {sample.image}: {error}") from None
-        content = [{"type": "image", "image": images[-1]}, {"type": "text", "text": sample.prompt}]
-        encoded.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                     tokenize=True, return_dict=True, return_tensors="pt"))
+            images.append(load_image(sample.image))
+        except (OSError, ValueError) as error:
+            raise type(error)(f"sample {sample.id}: {error}") from None
+        encoded.append(processor.encode_chat([user_turn([images[-1]], sample.prompt)])[0])
     inputs = {key: value.to(model.device) for key, value in left_padded_batch(processor, encoded).items()}
     with torch.no_grad():
         out = model.generate_with_masks(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    records = []
-    for row, (sample, image) in enumerate(zip(samples, images)):
-        response = out.sequences[row, inputs["input_ids"].shape[1] :].tolist()
-        response = response[: response_end(model, processor.tokenizer, response) + 1]  # the end token kept, as written
-        records.append(_score(processor, sample, image, response, out.mask_logits[row], refine))
-    return records
+    pieces = split_by_sample(out, inputs["input_ids"].shape[1], [[image] for image in images])
+    return [_score(model, processor, sample, image, piece, refiner) for sample, image, piece in zip(samples, images, pieces)]
 
 
-def _score(processor, sample: EvalSample, image, response: list[int], grids, refine) -> dict:
+def _score(model, processor, sample: EvalSample, image, piece: dict, refiner) -> dict:
     target, ignore = _sample_masks(sample, image.size)
-    masks = processor.post_process_masks([grids], target_sizes=[(image.height, image.width)])[0]
-    prediction = _union(masks, image.size)
-    text = processor.decode(response, skip_special_tokens=False)
-    record = {"id": sample.id, "prompt": sample.prompt, "response": text, "masks": len(masks),
+    result = segmentation_result(model, processor, piece)
+    prediction = _union([entry["mask"] for entry in result["masks"]], image.size)
+    record = {"id": sample.id, "prompt": sample.prompt, "response": result["text"], "masks": len(result["masks"]),
               **sample_scores(*intersection_union(prediction, target, ignore), not target.any(), not prediction.any())}
-    if refine is not None:
-        refined = [torch.as_tensor(np.asarray(refine(image, mask.cpu().numpy()), dtype=bool)) for mask in masks]
-        refined_prediction = _union(refined, image.size)
+    if refiner is not None:
+        refined = segmentation_result(model, processor, piece, refiner=refiner)
+        refined_prediction = _union([entry["mask"] for entry in refined["masks"]], image.size)
         record["refined"] = sample_scores(
             *intersection_union(refined_prediction, target, ignore), not target.any(), not refined_prediction.any()
         )
@@ -346,9 +345,10 @@ def _has_accelerator() -> bool:
 
 
 def _union(masks, size) -> np.ndarray:
+    """The union of PIL "L" masks (the pipeline's) as one boolean (height, width) array; `size` = (width, height)."""
     prediction = np.zeros((size[1], size[0]), dtype=bool)
     for mask in masks:
-        prediction |= np.asarray(mask.cpu(), dtype=bool)
+        prediction |= np.asarray(mask) > 0
     return prediction
 
 

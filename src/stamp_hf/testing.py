@@ -19,7 +19,7 @@ from transformers.utils import is_torchvision_available
 
 from .configuration_stamp import STAMPConfig
 from .modeling_stamp import STAMPModel
-from .processing_stamp import STAMPProcessor
+from .processing_stamp import STAMPProcessor, default_mask_resample
 from .vocab import add_stamp_tokens
 
 # Qwen2-VL's special tokens, in its id order (151643-151656 in the real vocabulary).
@@ -93,6 +93,7 @@ def tiny_processor(
     backend=None,
     patch_size: int = 14,
     merge_size: int = 2,
+    mask_resample: str = "nearest",
 ) -> STAMPProcessor:
     """A STAMPProcessor whose image backend ("torchvision" or "pil") is the one `AutoProcessor.from_pretrained` picks
     on this machine unless told otherwise, so a saved and reloaded processor gives the same pixels."""
@@ -108,6 +109,7 @@ def tiny_processor(
         tokenizer=tokenizer,
         min_placeholders=min_placeholders,
         max_placeholders=max_placeholders,
+        mask_resample=mask_resample,
     )
 
 
@@ -173,6 +175,7 @@ def tiny_stamp(
         config.max_placeholders,
         patch_size=config.vision_config.patch_size,
         merge_size=config.vision_config.spatial_merge_size,
+        mask_resample=default_mask_resample(config.mask_loss_resolution),
     )
     torch.manual_seed(seed)
     config._attn_implementation = attn_implementation

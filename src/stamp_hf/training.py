@@ -32,6 +32,7 @@ from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
 
 from .configuration_stamp import MASK_LOSS_RESOLUTIONS
 from .data import STAMPCollator, STAMPDataset
+from .processing_stamp import default_mask_resample
 
 # The paper's optimisation settings (Table S1); batch size 96 = devices x per_device x gradient_accumulation.
 PAPER_TRAINING_ARGUMENTS = {
@@ -277,6 +278,7 @@ def train(config: TrainConfig | dict | str | Path) -> STAMPTrainer:
     if config.mask_loss_resolution is not None:
         model.config.mask_loss_resolution = config.mask_loss_resolution
     resolution = model.config.mask_loss_resolution
+    processor.mask_resample = default_mask_resample(resolution)  # the saved processor post-processes as trained
     if config.finetuning == "lora":
         model = apply_lora(model, config.lora, config.freeze_vision_tower)
     elif config.freeze_vision_tower:

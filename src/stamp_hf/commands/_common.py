@@ -7,10 +7,11 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..cli import CommandError
+from ..demo import DEMO_MODEL
 
 # The small synthetic-shapes demo STAMP shipped with the package (see demo_model/README.md): `stamp-hf segment`
 # works offline out of the box; real checkpoints are one --model away.
-DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "demo_model")
+DEFAULT_MODEL = str(DEMO_MODEL)
 
 
 def add_model_arguments(parser):

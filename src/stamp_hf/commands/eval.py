@@ -49,14 +49,14 @@ def run(args) -> int:
         raise CommandError(f"unknown --dtype {args.dtype!r}")
     model = AutoModel.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    refine = None
+    refiner = None
     if args.refine_sam:
         from stamp_hf.sam_stamp import sam_refiner
 
-        refine = sam_refiner(args.refine_sam).refine
+        refiner = sam_refiner(args.refine_sam)
     run_info = {"model": args.model, "data": str(args.data.resolve()), "split": args.split, "split_by": args.split_by,
                 "prompt": prompt, "max_new_tokens": args.max_new_tokens, "limit": args.limit, "refine_sam": args.refine_sam}
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
-    evaluate(model, processor, samples, args.output, run_info, refine, args.max_new_tokens, batch_size=args.batch_size)
+    evaluate(model, processor, samples, args.output, run_info, refiner, args.max_new_tokens, batch_size=args.batch_size)
     return 0
