@@ -640,6 +640,25 @@ def _chunks(queries, limit, size):
     yield chunk
 
 
-register_pipeline()  # pipeline(PIPELINE_TASK, model=<a loaded STAMP>) works without importing stamp_hf
+def register_auto_classes() -> None:
+    """Teach this process's Auto classes the "stamp" model type (AutoConfig / AutoModel / AutoProcessor load a STAMP
+    folder without trust_remote_code) and make `save_pretrained` write `auto_map` and the remote-code files, so the
+    folder loads without this package. The installed package calls it when it imports this file."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-__all__ = ["STAMPModel", "STAMPOutput", "STAMPGenerateOutput", "bce_dice_loss", "mask_target"]
+    from .processing_stamp import STAMPProcessor
+
+    AutoConfig.register(STAMPConfig.model_type, STAMPConfig, exist_ok=True)
+    AutoModel.register(STAMPConfig, STAMPModel, exist_ok=True)
+    AutoModelForImageTextToText.register(STAMPConfig, STAMPModel, exist_ok=True)
+    AutoProcessor.register(STAMPConfig, STAMPProcessor, exist_ok=True)
+    STAMPConfig.register_for_auto_class()
+    STAMPModel.register_for_auto_class("AutoModel")
+    STAMPProcessor.register_for_auto_class()
+
+
+register_pipeline()  # pipeline(PIPELINE_TASK, model=<a loaded STAMP>) works without importing stamp_hf
+if __name__.startswith("stamp_hf."):  # the installed package, not a Hub remote-code copy (that one comes with auto_map)
+    register_auto_classes()
+
+__all__ = ["STAMPModel", "STAMPOutput", "STAMPGenerateOutput", "bce_dice_loss", "mask_target", "register_auto_classes"]

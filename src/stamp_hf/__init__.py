@@ -1,58 +1,56 @@
 """stamp-hf: STAMP segmentation MLLM on transformers' Qwen2-VL.
 
 The model code lives in the top-level `*_stamp.py` files (the Hub remote code); this package reaches them through
-symlinks, so there is one copy. Importing it registers STAMP with the Auto classes and the pipeline registry.
+symlinks, so there is one copy. Importing the package is light (the `stamp-hf` console script's --help needs no
+torch): its names load on first use. Importing the model code through the package (any of the names below, or any
+stamp_hf module that uses the model) registers STAMP with the Auto classes and the pipeline registry.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
-
-from .configuration_stamp import STAMP_TOKENS, STAMPConfig
-from .convert import CheckpointError, convert_checkpoint, load_checkpoint
-from .data import STAMPCollator, STAMPDataset
-from .evaluation import evaluate
-from .hub import push_folder, render_model_card
-from .modeling_stamp import STAMPGenerateOutput, STAMPModel, STAMPOutput
-from .pipeline_stamp import PIPELINE_TASK, STAMPSegmentationPipeline
-from .processing_stamp import STAMPProcessor
-from .sam_stamp import SegmentAnythingRefiner, TransformersSamRefiner, sam_refiner
-from .training import STAMPTrainer, TrainConfig, train
-from .vocab import add_stamp_tokens
+import importlib
 
 __version__ = "0.1.0"
 
-AutoConfig.register(STAMPConfig.model_type, STAMPConfig, exist_ok=True)
-AutoModel.register(STAMPConfig, STAMPModel, exist_ok=True)
-AutoModelForImageTextToText.register(STAMPConfig, STAMPModel, exist_ok=True)
-AutoProcessor.register(STAMPConfig, STAMPProcessor, exist_ok=True)
-# save_pretrained then writes auto_map and the remote-code files, so the folder loads without this package.
-STAMPConfig.register_for_auto_class()
-STAMPModel.register_for_auto_class("AutoModel")
-STAMPProcessor.register_for_auto_class()
-# Importing modeling_stamp also registered the "stamp-segmentation" pipeline task (pipeline_stamp.register_pipeline).
+# public name -> the stamp_hf module that defines it
+_EXPORTS = {
+    "STAMP_TOKENS": "configuration_stamp",
+    "STAMPConfig": "configuration_stamp",
+    "STAMPGenerateOutput": "modeling_stamp",
+    "STAMPModel": "modeling_stamp",
+    "STAMPOutput": "modeling_stamp",
+    "STAMPProcessor": "processing_stamp",
+    "load_image": "processing_stamp",
+    "add_stamp_tokens": "vocab",
+    "PIPELINE_TASK": "pipeline_stamp",
+    "STAMPSegmentationPipeline": "pipeline_stamp",
+    "SegmentAnythingRefiner": "sam_stamp",
+    "TransformersSamRefiner": "sam_stamp",
+    "sam_refiner": "sam_stamp",
+    "CheckpointError": "convert",
+    "convert_checkpoint": "convert",
+    "load_checkpoint": "convert",
+    "push_folder": "hub",
+    "render_model_card": "hub",
+    "Conversation": "conversation",
+    "STAMPCollator": "data",
+    "STAMPDataset": "data",
+    "STAMPTrainer": "training",
+    "TrainConfig": "training",
+    "evaluate": "evaluation",
+    "train": "training",
+}
 
 
-__all__ = [
-    "STAMP_TOKENS",
-    "STAMPConfig",
-    "STAMPGenerateOutput",
-    "STAMPModel",
-    "STAMPOutput",
-    "STAMPProcessor",
-    "add_stamp_tokens",
-    "PIPELINE_TASK",
-    "STAMPSegmentationPipeline",
-    "SegmentAnythingRefiner",
-    "TransformersSamRefiner",
-    "sam_refiner",
-    "CheckpointError",
-    "convert_checkpoint",
-    "load_checkpoint",
-    "push_folder",
-    "render_model_card",
-    "STAMPCollator",
-    "STAMPDataset",
-    "STAMPTrainer",
-    "TrainConfig",
-    "evaluate",
-    "train",
-]
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stamp_hf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = sorted(_EXPORTS)

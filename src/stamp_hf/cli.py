@@ -1,6 +1,7 @@
 """The `stamp-hf` console script. Each subcommand lives in `stamp_hf.commands.<name>` and defines
-`add_arguments(parser)` and `run(args) -> int`; a user error there raises `CommandError` (or ValueError / OSError),
-which becomes one line on stderr and a non-zero exit, never a traceback."""
+`add_arguments(parser)` and `run(args) -> int`; a user error there raises `CommandError` (or ValueError / TypeError /
+OSError), which becomes one line on stderr and exit status 2, never a traceback. Command modules import torch and the
+model code inside `run` only, so `stamp-hf --help` and `--version` start in a fraction of a second."""
 
 import argparse
 import importlib
@@ -22,7 +23,10 @@ class CommandError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="stamp-hf", description="STAMP segmentation MLLM on Hugging Face transformers")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"stamp_hf.commands.{name}")
@@ -36,8 +40,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args._run(args) or 0
-    except (CommandError, ValueError, OSError) as error:
-        print(f"stamp-hf {args.command}: error: {error}", file=sys.stderr)
+    except (CommandError, ValueError, TypeError, OSError) as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"stamp-hf {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -1,10 +1,9 @@
-"""What the `segment` and `chat` commands share: the model option, loading, image reading, safe output paths."""
+"""What the `segment` and `chat` commands share: the model options, loading, safe output files."""
 
+import os
 import sys
 import time
 from pathlib import Path
-
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..cli import CommandError
 from ..demo import DEMO_MODEL
@@ -15,7 +14,7 @@ DEFAULT_MODEL = str(DEMO_MODEL)
 
 
 def add_model_arguments(parser):
-    parser.add_argument("--model", default=DEFAULT_MODEL, required=DEFAULT_MODEL is None,
+    parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="STAMP checkpoint: a Hub repo id or a local folder (default: the bundled synthetic-shapes demo "
                         "model, not the paper's)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -23,21 +22,64 @@ def add_model_arguments(parser):
                         help="refine masks with SAM: a Hub id / folder (transformers SamModel) or a .pth file "
                         "(segment-anything)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow a checkpoint whose weights are pickled (pytorch_model.bin): unpickling can run code, "
+                        "only for files you trust")
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def read_image(path: str) -> Image.Image:
-    """The image at `path`, upright (EXIF orientation applied), RGB; a one-line error if it cannot be read."""
-    if not Path(path).is_file():
-        raise CommandError(f"{path}: no such image file")
+def resolve_device(name: str | None):
+    """The torch device `--device` names, checked before anything loads."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise CommandError(f"{path}: cannot read it as an image ({error})") from None
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CommandError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type, lambda: True)
+    if not available():
+        raise CommandError(f"--device {name}: this machine has no {device.type.upper()} device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CommandError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def load(args):
+    """Model, processor and SAM refiner (or None) from the command-line options, timed on stderr."""
+    from transformers import AutoModel, AutoProcessor
+
+    from ..sam_stamp import sam_refiner
+
+    start = time.perf_counter()
+    device = resolve_device(args.device)
+    try:
+        model = AutoModel.from_pretrained(args.model, allow_pickle=args.allow_pickle).to(device).eval()
+        processor = AutoProcessor.from_pretrained(args.model)
+    except OSError as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise CommandError(f"{args.model}: cannot load a STAMP model from it ({reason})") from None
+    refiner = sam_refiner(args.refine_sam) if args.refine_sam else None
+    log(f"loaded {args.model} on {device} in {time.perf_counter() - start:.1f}s")
+    return model, processor, refiner
+
+
+def check_output_file(path, option: str) -> Path:
+    """An image file the command may write: a known image extension, in a folder that exists, not a folder."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.is_dir():
+        raise CommandError(f"{option} {path} is a folder; give a file name such as {path / 'mask.png'}")
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise CommandError(f"{option} {path}: unknown image file extension {path.suffix!r} (use .png)")
+    if not path.parent.is_dir():
+        raise CommandError(f"{option} {path}: the folder {path.parent} does not exist")
+    return path
 
 
 def check_writable(paths, force: bool) -> None:
@@ -47,21 +89,26 @@ def check_writable(paths, force: bool) -> None:
             raise CommandError(f"{path} exists; pass --force to overwrite it")
 
 
-def load(args):
-    """Model, processor and SAM refiner (or None) from the command-line options, timed on stderr."""
-    import torch
-    from transformers import AutoModel, AutoProcessor
-
-    from ..sam_stamp import sam_refiner
-
-    start = time.perf_counter()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def write_all(images: dict) -> None:
+    """Write {path: PIL image} all or nothing: each to a temporary file beside it, then every one renamed into place,
+    so a failure leaves neither a partial set nor a torn file (and the user's files as they were)."""
+    temporary = {}
     try:
-        model = AutoModel.from_pretrained(args.model).to(device).eval()
-        processor = AutoProcessor.from_pretrained(args.model)
-    except OSError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CommandError(f"{args.model}: cannot load a STAMP model from it ({reason})") from None
-    refiner = sam_refiner(args.refine_sam) if args.refine_sam else None
-    log(f"loaded {args.model} on {device} in {time.perf_counter() - start:.1f}s")
-    return model, processor, refiner
+        for path, image in images.items():
+            path = Path(path)
+            temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            image.save(temp, format=image_format(path))
+            temporary[path] = temp
+        for path, temp in temporary.items():
+            os.replace(temp, path)
+    finally:
+        for temp in temporary.values():
+            if temp.exists():
+                temp.unlink()
+
+
+def image_format(path: Path) -> str:
+    """The PIL format name of an image file name's extension (checked by check_output_file)."""
+    from PIL import Image
+
+    return Image.registered_extensions()[path.suffix.lower()]

@@ -4,7 +4,7 @@ import sys
 import time
 from pathlib import Path
 
-from ._common import add_model_arguments, check_writable, load, log, read_image
+from ._common import add_model_arguments, check_writable, load, log, write_all
 
 
 def add_arguments(parser):
@@ -18,8 +18,9 @@ def add_arguments(parser):
 def run(args):
     from ..conversation import Conversation
     from ..overlay import overlay_masks
+    from ..processing_stamp import load_image
 
-    image = read_image(args.image)
+    image = load_image(args.image)
     overlay_dir = Path(args.overlay_dir) if args.overlay_dir else None
     if overlay_dir is not None and overlay_dir.exists() and not overlay_dir.is_dir():
         raise ValueError(f"{overlay_dir} is not a folder")
@@ -45,6 +46,6 @@ def run(args):
             path = overlay_dir / f"turn_{turn}.png"
             check_writable([path], args.force)
             overlay_dir.mkdir(parents=True, exist_ok=True)
-            overlay_masks(image, [m["mask"] for m in answer["masks"]]).save(path)
+            write_all({path: overlay_masks(image, [m["mask"] for m in answer["masks"]])})
             print(f"masks: {', '.join(repr(m['label']) for m in answer['masks'])} -> {path}", flush=True)
     return 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import add_model_arguments, check_writable, load, log, read_image
+from ._common import add_model_arguments, check_output_file, check_writable, load, log, write_all
 
 
 def add_arguments(parser):
@@ -19,8 +19,7 @@ def add_arguments(parser):
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
 
 
-def mask_paths(out: str, count: int) -> list[Path]:
-    out = Path(out)
+def mask_paths(out: Path, count: int) -> list[Path]:
     return [out] if count == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(count)]
 
 
@@ -29,9 +28,12 @@ def run(args):
 
     from ..overlay import overlay_masks
     from ..pipeline_stamp import PIPELINE_TASK
+    from ..processing_stamp import load_image
 
-    image = read_image(args.image)
-    check_writable([p for p in (args.out, args.overlay) if p], args.force)
+    image = load_image(args.image)  # before the model loads: a bad image costs nothing
+    out = check_output_file(args.out, "--out") if args.out else None
+    overlay = check_output_file(args.overlay, "--overlay") if args.overlay else None
+    check_writable([p for p in (out, overlay) if p], args.force)
     model, processor, refiner = load(args)
     pipe = pipeline(PIPELINE_TASK, model=model, processor=processor, device=model.device)
     start = time.perf_counter()
@@ -40,25 +42,25 @@ def run(args):
     log(f"answered in {time.perf_counter() - start:.2f}s: {len(result['masks'])} mask(s)")
 
     masks = result["masks"]
-    files = mask_paths(args.out, len(masks)) if args.out and masks else []
-    if args.out and not masks:
-        log(f"the answer has no <|seg|>: no mask written to {args.out}")
+    files = mask_paths(out, len(masks)) if out and masks else []
+    if out and not masks:
+        log(f"the answer has no <|seg|>: no mask written to {out}")
     check_writable(files, args.force)
-    for path, entry in zip(files, masks):
-        entry["mask"].save(path)
-    if args.overlay:
-        overlay_masks(image, [m["mask"] for m in masks]).save(args.overlay)
+    outputs = dict(zip(files, (entry["mask"] for entry in masks)))
+    if overlay:
+        outputs[overlay] = overlay_masks(image, [m["mask"] for m in masks])
+    write_all(outputs)
+    named = files + [None] * (len(masks) - len(files))
     if args.json:
         summary = [
             {"label": m["label"], "score": round(m["score"], 4), "area": int((np.asarray(m["mask"]) > 0).sum()),
              "file": str(path) if path else None}
-            for m, path in zip(masks, files + [None] * (len(masks) - len(files)))
+            for m, path in zip(masks, named)
         ]
         print(json.dumps({"text": result["text"], "size": [image.width, image.height], "masks": summary,
-                          "overlay": args.overlay}))
+                          "overlay": str(overlay) if overlay else None}))
     else:
         print(result["text"])
-        for k, (m, path) in enumerate(zip(masks, files + [None] * (len(masks) - len(files)))):
+        for k, (m, path) in enumerate(zip(masks, named)):
             print(f"mask {k}: {m['label']!r} score {m['score']:.3f}" + (f" -> {path}" if path else ""))
     return 0
-
