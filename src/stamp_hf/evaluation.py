@@ -329,6 +329,8 @@ def _score(model, processor, sample: EvalSample, image, piece: dict, refiner) ->
     result = segmentation_result(model, processor, piece)
     prediction = _union([entry["mask"] for entry in result["masks"]], image.size)
     record = {"id": sample.id, "prompt": sample.prompt, "response": result["text"], "masks": len(result["masks"]),
+              "labels": [entry["label"] for entry in result["masks"]],
+              "scores": [round(entry["score"], 6) for entry in result["masks"]],
               **sample_scores(*intersection_union(prediction, target, ignore), not target.any(), not prediction.any())}
     if refiner is not None:
         refined = segmentation_result(model, processor, piece, refiner=refiner)
