@@ -231,16 +231,19 @@ def grid_ceiling(test_jsonl, processor, targets: str, image_size: int = DEMO_IMA
     return _oracle_scores(test_jsonl, image_size, predict)
 
 
-def evaluate_demo(model_folder, test_jsonl, output_dir, limit: int | None = None) -> dict:
+def evaluate_demo(model_folder, test_jsonl, output_dir, limit: int | None = None, resample: str | None = None) -> dict:
     """cIoU / gIoU / N-acc (in %) on the segmentation requests of a generated test file (stamp_hf.evaluation), the share
     of those answered with a `<|seg|>`, and on its VQA questions the exact-answer accuracy and the share answered
-    without a `<|seg|>`. `limit`: only the first `limit` records."""
+    without a `<|seg|>`. `limit`: only the first `limit` records. `resample`: the mask post-processing ("nearest" /
+    "bilinear"; default the processor's own)."""
     from transformers import AutoModel, AutoProcessor
 
     from stamp_hf.evaluation import evaluate, load_jsonl_samples, summarize
 
     model = AutoModel.from_pretrained(model_folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(model_folder, trust_remote_code=True)
+    if resample is not None:
+        processor.mask_resample = resample
     tasks = read_tasks(test_jsonl)[:limit]
     samples = load_jsonl_samples(test_jsonl)[: len(tasks)]
     segment = [s for s, t in zip(samples, tasks) if t in SEGMENTATION_TASKS]
