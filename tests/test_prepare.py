@@ -203,6 +203,10 @@ def bad_inputs(tmp_path):
     unknown = tmp_path / "unknown"
     unknown.mkdir()
     (unknown / "notes.txt").write_text("hello")
+    instances_only = tmp_path / "instances_only"  # a COCO folder without refs is not taken for ReasonSeg
+    instances_only.mkdir()
+    (instances_only / "instances.json").write_text("{}")
+    bad_refs = write_refer(tmp_path / "bad_refs", refs=[{"ref_id": 0, "split": "train"}], image_root=tmp_path / "i3")
     llava = write_llava(tmp_path / "llava.json", [{"image": "nowhere.jpg", "conversations": [
         {"from": "human", "value": "<image> Hi"}, {"from": "gpt", "value": "Hello."}]}])
     return [
@@ -212,6 +216,9 @@ def bad_inputs(tmp_path):
          r"ref 2 has no mask: its annotation 99 is not in instances.json"),
         (["--data", str(no_mask), "--split", "train"], r"refs\(unc\).p is a pickle.*--allow-pickle"),
         (["--data", str(unknown), "--split", "train"], r"unknown: not a known dataset format"),
+        (["--data", str(instances_only)], r"instances_only: not a known dataset format"),
+        (["--data", str(bad_refs), "--split", "train", "--allow-pickle"],
+         r"refs\(unc\).p: reference 0 is not in the REFER format \(KeyError: 'image_id'\)"),
         (["--data", str(llava)], r"llava.json: sample 0: image .*nowhere.jpg not found"),
         (["--data", str(missing_image), "--images", str(images), "--allow-pickle"], r"needs a split \(--split train\)"),
     ]

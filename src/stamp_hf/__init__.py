@@ -13,6 +13,7 @@ from .evaluation import evaluate
 from .hub import push_folder, render_model_card
 from .modeling_stamp import STAMPGenerateOutput, STAMPModel, STAMPOutput
 from .pipeline_stamp import PIPELINE_TASK, STAMPSegmentationPipeline
+from .prepare import prepare_data
 from .processing_stamp import STAMPProcessor
 from .sam_stamp import SegmentAnythingRefiner, TransformersSamRefiner, sam_refiner
 from .training import STAMPTrainer, TrainConfig, train
@@ -54,5 +55,6 @@ __all__ = [
     "STAMPTrainer",
     "TrainConfig",
     "evaluate",
+    "prepare_data",
     "train",
 ]

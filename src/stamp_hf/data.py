@@ -262,10 +262,11 @@ class STAMPDataset(torch.utils.data.Dataset):
     def __init__(self, path, processor, mask_loss_resolution: str = "patch"):
         if mask_loss_resolution not in MASK_LOSS_RESOLUTIONS:
             raise ValueError(f"mask_loss_resolution must be one of {MASK_LOSS_RESOLUTIONS}, got {mask_loss_resolution!r}")
-        self.path = path
-        self.files = [_data_file(p) for p in (path if isinstance(path, (list, tuple)) else [path])]
+        several = isinstance(path, (list, tuple))
+        self.files = [_data_file(p) for p in (path if several else [path])]
         if not self.files:
             raise ValueError("no data files given")
+        self.path = self.files if several else self.files[0]
         indexes = [_index_file(file) for file in self.files]
         self._offsets = np.concatenate([offsets for offsets, _ in indexes])
         self._line_numbers = np.concatenate([numbers for _, numbers in indexes])

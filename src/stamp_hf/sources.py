@@ -74,7 +74,7 @@ def detect_format(data, split: str | None = None) -> str:
             return "grefcoco"
         if any(data.glob("refs(*).p")):
             return "refer"
-        if any((data / split if split else data).glob("*.json")):
+        if any((data / split if split else data).glob("*.json")) and not (data / "instances.json").exists():
             return "reasonseg"
     else:
         raise FileNotFoundError(f"no such data file or folder: {data}")
@@ -125,7 +125,10 @@ def _coco(root: Path) -> tuple[dict, dict]:
     if not instances.is_file():
         raise FileNotFoundError(f"{instances} not found: the REFER layout has it next to the refs file")
     coco = json.loads(instances.read_text())
-    return {a["id"]: a for a in coco["annotations"]}, {i["id"]: i for i in coco["images"]}
+    try:
+        return {a["id"]: a for a in coco["annotations"]}, {i["id"]: i for i in coco["images"]}
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{instances}: not COCO instances ({type(error).__name__}: {error})") from None
 
 
 def _mask_spec(segmentation) -> dict | None:
@@ -142,25 +145,36 @@ def _references(refs_file: Path, refs: list, split: str, image_root) -> list[Ref
     image_root = Path(image_root) if image_root else refs_file.parent
     existing: dict[Path, bool] = {}
     references = []
-    for ref in refs:
-        if ref["split"] != split:
-            continue
-        where = f"{refs_file}: ref {ref['ref_id']}"
-        info = images.get(ref["image_id"])
-        if info is None:
-            raise ValueError(f"{where}: image {ref['image_id']} is not in instances.json")
-        image = image_root / info["file_name"]
-        if image not in existing:
-            existing[image] = image.is_file()
-        if not existing[image]:
-            raise FileNotFoundError(f"{where}: image {image} not found (--images / image_root is the image folder)")
-        targets = [] if ref.get("no_target") else _targets(ref, annotations, where)
-        size = (info["width"], info["height"]) if "width" in info and "height" in info else _image_size(image)
-        sentences = [(s["sent_id"], s["sent"]) for s in ref["sentences"]]
-        references.append(Reference(ref["ref_id"], image, size, sentences, targets))
+    for number, ref in enumerate(refs):
+        try:
+            reference = _reference(ref, split, annotations, images, image_root, existing, f"{refs_file}: ref")
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{refs_file}: reference {number} is not in the REFER format "
+                             f"({type(error).__name__}: {error})") from None
+        if reference is not None:
+            references.append(reference)
     if not references:
         raise ValueError(f"{refs_file} has no references in split {split!r}")
     return references
+
+
+def _reference(ref: dict, split: str, annotations: dict, images: dict, image_root: Path, existing: dict, where: str):
+    """The Reference of `ref` if it is in `split`, else None; its image must exist and its objects have masks."""
+    if ref["split"] != split:
+        return None
+    where = f"{where} {ref['ref_id']}"
+    info = images.get(ref["image_id"])
+    if info is None:
+        raise ValueError(f"{where}: image {ref['image_id']} is not in instances.json")
+    image = image_root / info["file_name"]
+    if image not in existing:
+        existing[image] = image.is_file()
+    if not existing[image]:
+        raise FileNotFoundError(f"{where}: image {image} not found (--images / image_root is the image folder)")
+    targets = [] if ref.get("no_target") else _targets(ref, annotations, where)
+    size = (info["width"], info["height"]) if "width" in info and "height" in info else _image_size(image)
+    sentences = [(s["sent_id"], s["sent"]) for s in ref["sentences"]]
+    return Reference(ref["ref_id"], image, size, sentences, targets)
 
 
 def _targets(ref: dict, annotations: dict, where: str) -> list[dict]:
@@ -201,6 +215,8 @@ def read_reasonseg(folder, split: str | None = None) -> list[ReasonSegAnnotation
     annotations = []
     for file in files:
         annotation = json.loads(file.read_text())
+        if not isinstance(annotation, dict) or not {"text", "shapes"} <= annotation.keys():
+            raise ValueError(f"{file}: not a ReasonSeg annotation (needs 'text' and 'shapes')")
         image = next((file.with_suffix(s) for s in IMAGE_SUFFIXES if file.with_suffix(s).exists()), None)
         if image is None:
             raise FileNotFoundError(f"no image next to {file}")
