@@ -188,3 +188,24 @@ def test_vqa_records_mix_with_segmentation_records(tiny, tmp_path):
     assert not batch["mask_labels"][1].any()  # an empty mask is all background
     out = model(**batch)
     assert torch.isfinite(out.loss) and [len(m) for m in out.mask_logits] == [0, 1]
+
+
+def test_dataset_indexes_its_files_and_reads_each_record_when_asked(tiny, tmp_path):
+    _, processor = tiny
+    png = write_shapes_dataset(tmp_path / "png")
+    polygons = write_shapes_dataset(tmp_path / "polygons", mask_format="polygons")
+    polygons.write_text("\n" + polygons.read_text())  # a blank line: skipped, later line numbers unchanged
+    dataset = STAMPDataset([png, polygons], processor)  # several files read as one data set
+    assert len(dataset) == 8
+    assert dataset.record(5).where == f"{polygons}:3" and "polygons" in dataset.record(5).masks[0]
+    for k in range(4):  # the same shapes in both files, as PNG and as polygons: the same labels
+        assert torch.equal(dataset[k]["mask_labels"], dataset[4 + k]["mask_labels"])
+    # the index holds byte offsets, not records: an edit of the same length after indexing is what an item reads
+    png.write_text(png.read_text().replace("the red square", "the RED square"))
+    assert dataset.record(0).messages[0]["content"] == "Please segment the RED square."
+    with pytest.raises(IndexError, match="record 8 out of range"):
+        dataset.record(8)
+    # a bad line anywhere is still found when the dataset is made, named by file and line
+    polygons.write_text(polygons.read_text() + '{"image": "images/0.png"}\n')
+    with pytest.raises(ValueError, match=rf"{polygons}:6: a record needs 'image' and 'messages'"):
+        STAMPDataset([png, polygons], processor)

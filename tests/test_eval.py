@@ -2,12 +2,12 @@
 those formats, `stamp-hf eval` end to end on a trained tiny model, resuming, and the refinement hook."""
 
 import json
-import pickle
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from refer_data import write_grefcoco, write_reasonseg_annotation, write_refer
 from shapes_data import one_thread, SHAPES, write_shapes_dataset  # noqa: F401 (fixture)
 from stamp_hf.cli import main as cli
 from stamp_hf.evaluation import (
@@ -58,41 +58,8 @@ def test_summary_by_hand_with_empty_targets():
 # ---------------------------------------------------------------------------------------------------- loaders
 
 
-def write_coco(root, image_root):
-    """Two 40x60 images; annotation 1 a polygon (rows 10-20, cols 10-30), 2 an uncompressed RLE (column 50)."""
-    image_root.mkdir(parents=True, exist_ok=True)
-    for name in ("COCO_train2014_000000000001.jpg", "COCO_train2014_000000000002.jpg"):
-        Image.new("RGB", (60, 40), "gray").save(image_root / name)
-    column = [50 * 40, 40, 9 * 40]  # column-major runs: 50 background columns, column 50 foreground, 9 background
-    instances = {
-        "images": [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "height": 40, "width": 60},
-                   {"id": 2, "file_name": "COCO_train2014_000000000002.jpg", "height": 40, "width": 60}],
-        "annotations": [
-            {"id": 1, "image_id": 1, "segmentation": [[10, 10, 30, 10, 30, 20, 10, 20]], "iscrowd": 0},
-            {"id": 2, "image_id": 2, "segmentation": {"size": [40, 60], "counts": column}, "iscrowd": 1},
-        ],
-        "categories": [{"id": 1, "name": "thing"}],
-    }
-    (root / "instances.json").write_text(json.dumps(instances))
-
-
-def sentence(sent_id, text):
-    return {"sent_id": sent_id, "sent": text, "raw": text, "tokens": text.split()}
-
-
 def test_refer_loader_reads_the_refer_layout_and_refuses_pickles_unless_allowed(tmp_path):
-    root = tmp_path / "refcoco"
-    root.mkdir()
-    write_coco(root, tmp_path / "train2014")
-    refs = [
-        {"ref_id": 0, "ann_id": 1, "image_id": 1, "split": "val", "category_id": 1, "sent_ids": [0, 1],
-         "file_name": "COCO_train2014_000000000001_1.jpg", "sentences": [sentence(0, "left box"), sentence(1, "the box")]},
-        {"ref_id": 1, "ann_id": 2, "image_id": 2, "split": "val", "category_id": 1, "sent_ids": [2],
-         "file_name": "COCO_train2014_000000000002_2.jpg", "sentences": [sentence(2, "thin line")]},
-        {"ref_id": 2, "ann_id": 1, "image_id": 1, "split": "train", "category_id": 1, "sent_ids": [3],
-         "file_name": "COCO_train2014_000000000001_1.jpg", "sentences": [sentence(3, "train only")]},
-    ]
-    (root / "refs(unc).p").write_bytes(pickle.dumps(refs))
+    root = write_refer(tmp_path / "refcoco", image_root=tmp_path / "train2014")
     with pytest.raises(ValueError, match=r"refs\(unc\).p is a pickle.*allow_pickle=True \(--allow-pickle\)"):
         load_refer(root, "val", image_root=tmp_path / "train2014")
     samples = load_refer(root, "val", image_root=tmp_path / "train2014", allow_pickle=True)
@@ -109,18 +76,7 @@ def test_refer_loader_reads_the_refer_layout_and_refuses_pickles_unless_allowed(
 
 
 def test_grefcoco_loader_keeps_multi_and_no_target_references(tmp_path):
-    root = tmp_path / "grefcoco"
-    root.mkdir()
-    write_coco(root, root)
-    grefs = [
-        {"ref_id": 0, "image_id": 1, "ann_id": [1, 2], "category_id": [1, 1], "no_target": False, "split": "val",
-         "sent_ids": [0], "file_name": "x.jpg", "sentences": [sentence(0, "both things")]},
-        {"ref_id": 1, "image_id": 2, "ann_id": [-1], "category_id": [-1], "no_target": True, "split": "val",
-         "sent_ids": [1, 2], "file_name": "y.jpg", "sentences": [sentence(1, "a cat"), sentence(2, "the dog")]},
-        {"ref_id": 2, "image_id": 2, "ann_id": [2], "category_id": [1], "no_target": False, "split": "testA",
-         "sent_ids": [3], "file_name": "y.jpg", "sentences": [sentence(3, "line")]},
-    ]
-    (root / "grefs(unc).json").write_text(json.dumps(grefs))
+    root = write_grefcoco(tmp_path / "grefcoco")
     samples = load_samples(root, "val")  # detected as gRefCOCO
     assert [s.id for s in samples] == ["0_0", "1_1", "1_2"]
     assert len(samples[0].targets) == 2 and samples[1].targets == [] and samples[2].targets == []
@@ -129,14 +85,10 @@ def test_grefcoco_loader_keeps_multi_and_no_target_references(tmp_path):
 
 
 def test_reasonseg_loader_reads_target_and_ignore_polygons(tmp_path):
-    folder = tmp_path / "ReasonSeg" / "val"
-    folder.mkdir(parents=True)
-    Image.new("RGB", (50, 30)).save(folder / "a.jpg")
-    (folder / "a.json").write_text(json.dumps({
-        "text": ["the thing used to tell time", "unused second query"], "is_sentence": True,
-        "shapes": [{"label": "target", "points": [[0, 0], [20, 0], [20, 10], [0, 10]], "shape_type": "polygon"},
-                   {"label": "ignore", "points": [[30, 0], [50, 0], [50, 30], [30, 30]], "shape_type": "polygon"}],
-    }))
+    write_reasonseg_annotation(tmp_path / "ReasonSeg" / "val", "a", (50, 30),
+                               ["the thing used to tell time", "unused second query"], True,
+                               [("target", [[0, 0], [20, 0], [20, 10], [0, 10]]),
+                                ("ignore", [[30, 0], [50, 0], [50, 30], [30, 30]])])
     samples = load_reasonseg(tmp_path / "ReasonSeg", "val")
     assert len(samples) == 1 and samples[0].prompt == "the thing used to tell time Please respond with segmentation mask."
     from stamp_hf.evaluation import _sample_masks

@@ -36,6 +36,7 @@ _EXPORTS = {
     "STAMPTrainer": "training",
     "TrainConfig": "training",
     "evaluate": "evaluation",
+    "prepare_data": "prepare",
     "train": "training",
 }
 

@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-# name -> one-line help; the module stamp_hf.commands.<name> implements it
+# name -> one-line help; the module stamp_hf.commands.<name> (- as _) implements it
 COMMANDS = {
     "segment": "segment what a sentence describes in an image (masks, overlay, JSON)",
     "chat": "chat about an image, several turns on one cache; masks as overlays",
@@ -15,6 +15,7 @@ COMMANDS = {
     "push": "publish a STAMP folder to the Hugging Face Hub with its model card",
     "train": "fine-tune STAMP on JSON Lines data (full or LoRA) with transformers' Trainer",
     "eval": "evaluate STAMP on referring segmentation data (cIoU, gIoU, N-acc, T-acc)",
+    "prepare-data": "turn RefCOCO*/gRefCOCO/ReasonSeg/LLaVA data into the JSON Lines training format",
 }
 
 
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"stamp_hf.commands.{name}")
+        module = importlib.import_module(f"stamp_hf.commands.{name.replace('-', '_')}")
         sub = subparsers.add_parser(name, help=help_text, description=module.__doc__)
         module.add_arguments(sub)
         sub.set_defaults(_run=module.run)

@@ -16,6 +16,7 @@ control tokens typed in user or system turns stay text.
 
 import json
 import re
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,27 +55,43 @@ class Record:
 
 
 def read_records(path) -> list[Record]:
-    """Parse and check a .jsonl file: every line a record, every `<|seg|>` with its mask. Errors name file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {path}")
-    records = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-            records.append(_parse_record(raw, path.parent, where))
+    """Parse and check a .jsonl file: every line a record, every `<|seg|>` with its mask. Errors name file and line.
+    All records are held in memory: for large files `STAMPDataset` indexes the file instead."""
+    path = _data_file(path)
+    records = [_parse_line(line, path, number) for number, line in _record_lines(path)]
     if not records:
         raise ValueError(f"{path}: no records")
     return records
 
 
-def _parse_record(raw, root: Path, where: str) -> Record:
+def _data_file(path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such data file: {path}")
+    return path
+
+
+def _record_lines(path: Path, offsets: bool = False):
+    """(line number, line) of every non-blank line; with `offsets`, (line number, byte offset, line bytes)."""
+    with path.open("rb") as lines:
+        offset = 0
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                yield (number, offset, line) if offsets else (number, line)
+            offset += len(line)
+
+
+def _parse_line(line: bytes, path: Path, number: int) -> Record:
+    where = f"{path}:{number}"
+    return _record(_checked_line(line, where), path.parent, where)
+
+
+def _checked_line(line: bytes, where: str) -> dict:
+    """The JSON of one line, checked to be a record of the format (every `<|seg|>` with its mask)."""
+    try:
+        raw = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{where}: not valid JSON ({getattr(error, 'msg', error)})") from None
     if not isinstance(raw, dict) or "image" not in raw or "messages" not in raw:
         raise ValueError(f"{where}: a record needs 'image' and 'messages'")
     messages = raw["messages"]
@@ -91,9 +108,13 @@ def _parse_record(raw, root: Path, where: str) -> Record:
     segs = sum(m["content"].count(SEG_TOKEN) for m in messages if m["role"] == "assistant")
     if segs != len(masks):
         raise ValueError(f"{where}: {segs} {SEG_TOKEN} in the assistant turns but {len(masks)} masks")
+    return raw
+
+
+def _record(raw: dict, root: Path, where: str) -> Record:
     image = Path(raw["image"])
     image = image if image.is_absolute() else root / image
-    return Record(image=image, messages=messages, masks=masks, root=root, where=where)
+    return Record(image=image, messages=raw["messages"], masks=raw.get("masks") or [], root=root, where=where)
 
 
 def load_mask(spec: dict, size: tuple[int, int], root: Path, where: str) -> np.ndarray:
@@ -116,6 +137,13 @@ def load_mask(spec: dict, size: tuple[int, int], root: Path, where: str) -> np.n
                 f"{where}: mask {file} is {mask.shape[1]}x{mask.shape[0]} but the image is {width}x{height}"
             )
         return mask
+    return _pycocotools(where).decode(mask_rle(spec, size, where)).astype(bool)
+
+
+def mask_rle(spec: dict, size: tuple[int, int], where: str) -> dict:
+    """A {"polygons": ...} or {"rle": ...} mask as pycocotools' compressed RLE (counts as bytes) at `size` = (width,
+    height): what `load_mask` decodes, and what `stamp-hf prepare-data` writes."""
+    width, height = size
     mask_utils = _pycocotools(where)
     if "polygons" in spec:
         polygons = spec["polygons"]
@@ -123,18 +151,17 @@ def load_mask(spec: dict, size: tuple[int, int], root: Path, where: str) -> np.n
             not isinstance(p, list) or len(p) < 6 or len(p) % 2 for p in polygons
         ):
             raise ValueError(f"{where}: 'polygons' must be a list of [x0, y0, x1, y1, ...] lists of >= 3 points")
-        rle = mask_utils.merge(mask_utils.frPyObjects([[float(v) for v in p] for p in polygons], height, width))
-    else:
-        rle = spec["rle"]
-        if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
-            raise ValueError(f"{where}: 'rle' needs 'size' [h, w] and 'counts'")
-        if list(rle["size"]) != [height, width]:
-            raise ValueError(f"{where}: RLE size {list(rle['size'])} but the image is [{height}, {width}] (h, w)")
-        if isinstance(rle["counts"], list):  # uncompressed
-            rle = mask_utils.frPyObjects(rle, height, width)
-        elif isinstance(rle["counts"], str):
-            rle = dict(rle, counts=rle["counts"].encode())
-    return mask_utils.decode(rle).astype(bool)
+        return mask_utils.merge(mask_utils.frPyObjects([[float(v) for v in p] for p in polygons], height, width))
+    rle = spec["rle"]
+    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+        raise ValueError(f"{where}: 'rle' needs 'size' [h, w] and 'counts'")
+    if list(rle["size"]) != [height, width]:
+        raise ValueError(f"{where}: RLE size {list(rle['size'])} but the image is [{height}, {width}] (h, w)")
+    if isinstance(rle["counts"], list):  # uncompressed
+        return mask_utils.frPyObjects(rle, height, width)
+    if isinstance(rle["counts"], str):
+        return dict(rle, counts=rle["counts"].encode())
+    return rle
 
 
 def _pycocotools(where):
@@ -220,26 +247,47 @@ def _template_messages(messages, control_tokens_re) -> list[dict]:
 
 class STAMPDataset(torch.utils.data.Dataset):
     """
-    A .jsonl file of the training format, encoded on access: each item is what `STAMPModel.forward` takes for one
-    sample, with `mask_labels` already at the resolution the loss is computed at ((num_seg, h, w), each cell's
+    One or more .jsonl files of the training format, encoded on access: each item is what `STAMPModel.forward` takes
+    for one sample, with `mask_labels` already at the resolution the loss is computed at ((num_seg, h, w), each cell's
     foreground fraction; the model thresholds it at 0.5 unless its config says `soft_mask_labels`):
     `mask_loss_resolution` "patch" puts them on the image's patch grid, "image" on the pixels of the image the model
     sees (the processor's resize of it), so items stay small whatever the size of the original image.
+
+    The files are read lazily: construction makes one pass that checks every line (valid JSON, a record, one mask per
+    `<|seg|>`; errors name file:line) and keeps only each record's byte offset and line number (16 bytes a record);
+    an item's line is read, parsed and its masks decoded in `__getitem__`. Checked only on access, as before the index:
+    that the image and PNG masks can be read and have matching sizes, and that RLE sizes match the image.
     """
 
     def __init__(self, path, processor, mask_loss_resolution: str = "patch"):
         if mask_loss_resolution not in MASK_LOSS_RESOLUTIONS:
             raise ValueError(f"mask_loss_resolution must be one of {MASK_LOSS_RESOLUTIONS}, got {mask_loss_resolution!r}")
-        self.path = Path(path)
-        self.records = read_records(self.path)
+        several = isinstance(path, (list, tuple))
+        self.files = [_data_file(p) for p in (path if several else [path])]
+        if not self.files:
+            raise ValueError("no data files given")
+        self.path = self.files if several else self.files[0]
+        indexes = [_index_file(file) for file in self.files]
+        self._offsets = np.concatenate([offsets for offsets, _ in indexes])
+        self._line_numbers = np.concatenate([numbers for _, numbers in indexes])
+        self._file_starts = np.cumsum([0] + [len(offsets) for offsets, _ in indexes])
         self.processor = processor
         self.mask_loss_resolution = mask_loss_resolution
 
     def __len__(self):
-        return len(self.records)
+        return len(self._offsets)
+
+    def record(self, index) -> Record:
+        """The parsed record at `index` (read from its file now)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} out of range ({len(self)} records)")
+        file = self.files[int(np.searchsorted(self._file_starts, index, side="right")) - 1]
+        with file.open("rb") as lines:
+            lines.seek(int(self._offsets[index]))
+            return _parse_line(lines.readline(), file, int(self._line_numbers[index]))
 
     def __getitem__(self, index) -> dict:
-        record = self.records[index]
+        record = self.record(index)
         image = record.load_image()
         masks = record.load_masks(image.size)
         try:
@@ -253,6 +301,18 @@ class STAMPDataset(torch.utils.data.Dataset):
         fractions = [mask_target(torch.from_numpy(m), size, soft=True) for m in masks]
         item["mask_labels"] = torch.stack(fractions) if fractions else torch.zeros(0, *size)
         return item
+
+
+def _index_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Byte offsets and line numbers of the records of a .jsonl file, every line checked on the way (not kept)."""
+    offsets, numbers = array("q"), array("q")
+    for number, offset, line in _record_lines(path, offsets=True):
+        _checked_line(line, f"{path}:{number}")
+        offsets.append(offset)
+        numbers.append(number)
+    if not offsets:
+        raise ValueError(f"{path}: no records")
+    return np.frombuffer(offsets, dtype=np.int64), np.frombuffer(numbers, dtype=np.int64)
 
 
 class STAMPCollator:
@@ -283,4 +343,4 @@ class STAMPCollator:
         }
 
 
-__all__ = ["Record", "STAMPCollator", "STAMPDataset", "encode_conversation", "load_mask", "read_records"]
+__all__ = ["Record", "STAMPCollator", "STAMPDataset", "encode_conversation", "load_mask", "mask_rle", "read_records"]

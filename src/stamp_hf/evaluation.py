@@ -13,7 +13,6 @@ and the main process merges the results, each sample exactly once.
 
 import json
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -25,9 +24,11 @@ from PIL import Image
 from .data import load_mask, read_records
 from .pipeline_stamp import segmentation_result, split_by_sample
 from .processing_stamp import left_padded_batch, load_image, user_turn
+from .prompts import REASON_SENTENCE_QUESTION, RES_QUESTIONS
+from .sources import Reference, detect_format, read_grefcoco, read_reasonseg, read_refer
 
-RES_PROMPT = "Please segment only the {} in the image."  # Prompt S1 of the paper
-REASON_PROMPT = "{} Please respond with segmentation mask."  # Prompt S2, for sentence queries
+RES_PROMPT = RES_QUESTIONS[0]  # Prompt S1 of the paper: "Please segment only the {} in the image."
+REASON_PROMPT = REASON_SENTENCE_QUESTION  # Prompt S2, for sentence queries
 
 
 @dataclass
@@ -112,106 +113,53 @@ def load_jsonl_samples(path) -> list[EvalSample]:
     return samples
 
 
-def _read_pickle(path: Path, allow_pickle: bool):
-    if not allow_pickle:
-        raise ValueError(
-            f"{path} is a pickle, and loading a pickle can run arbitrary code; pass allow_pickle=True "
-            "(--allow-pickle) only if you trust the file"
-        )
-    with path.open("rb") as f:
-        return pickle.load(f)
-
-
-def _coco(root: Path):
-    instances = root / "instances.json"
-    if not instances.is_file():
-        raise FileNotFoundError(f"{instances} not found: the REFER layout has it next to the refs file")
-    coco = json.loads(instances.read_text())
-    return {a["id"]: a for a in coco["annotations"]}, {i["id"]: i for i in coco["images"]}
-
-
-def _mask_spec(segmentation) -> dict:
-    return {"polygons": segmentation} if isinstance(segmentation, list) else {"rle": segmentation}
-
-
 def load_refer(
     root, split: str, split_by: str = "unc", image_root=None, allow_pickle: bool = False, prompt: str = RES_PROMPT
 ) -> list[EvalSample]:
     """The REFER layout (RefCOCO, RefCOCO+, RefCOCOg, RefCLEF): `root/refs(SPLIT_BY).p` + `root/instances.json`;
     images from `image_root` (COCO train2014). One sample per referring sentence, asked as `prompt`.format(sentence)."""
-    refs_file = _refs_file(root, f"refs({split_by}).p")
-    return _reference_samples(refs_file, _read_pickle(refs_file, allow_pickle), split, image_root, prompt)
+    return _reference_samples(read_refer(root, split, split_by, image_root, allow_pickle), prompt)
 
 
 def load_grefcoco(root, split: str, split_by: str = "unc", image_root=None, prompt: str = RES_PROMPT) -> list[EvalSample]:
     """gRefCOCO: `root/grefs(SPLIT_BY).json` + `root/instances.json`. A reference points at any number of objects
     (`ann_id` a list; `no_target` true and ann_id [-1] when nothing matches)."""
-    refs_file = _refs_file(root, f"grefs({split_by}).json")
-    return _reference_samples(refs_file, json.loads(refs_file.read_text()), split, image_root, prompt)
+    return _reference_samples(read_grefcoco(root, split, split_by, image_root), prompt)
 
 
-def _refs_file(root, name) -> Path:
-    refs_file = Path(root) / name
-    if not refs_file.is_file():
-        raise FileNotFoundError(f"{refs_file} not found")
-    return refs_file
-
-
-def _reference_samples(refs_file: Path, refs: list, split: str, image_root, prompt: str) -> list[EvalSample]:
-    """One sample per sentence of each reference in `split`; the target is the union of its annotations' masks."""
-    annotations, images = _coco(refs_file.parent)
-    image_root = Path(image_root) if image_root else refs_file.parent
-    samples = []
-    for ref in refs:
-        if ref["split"] != split:
-            continue
-        ann_ids = ref["ann_id"] if isinstance(ref["ann_id"], list) else [ref["ann_id"]]
-        targets = [] if ref.get("no_target") else [_mask_spec(annotations[a]["segmentation"]) for a in ann_ids if a != -1]
-        image = image_root / images[ref["image_id"]]["file_name"]
-        for sentence in ref["sentences"]:
-            sample_id = f"{ref['ref_id']}_{sentence['sent_id']}"
-            samples.append(EvalSample(sample_id, image, prompt.format(sentence["sent"]), targets))
-    if not samples:
-        raise ValueError(f"{refs_file} has no references in split {split!r}")
-    return samples
+def _reference_samples(references: list[Reference], prompt: str) -> list[EvalSample]:
+    """One sample per sentence of each reference; the target is the union of its annotations' masks."""
+    return [
+        EvalSample(f"{ref.ref_id}_{sent_id}", ref.image, prompt.format(sentence), ref.targets)
+        for ref in references
+        for sent_id, sentence in ref.sentences
+    ]
 
 
 def load_reasonseg(folder, split: str | None = None) -> list[EvalSample]:
     """ReasonSeg (LISA): `folder[/split]/NAME.jpg` + `NAME.json` with {"text": [...], "is_sentence": bool, "shapes":
     [{"label": "target" | "ignore", "points": [[x, y], ...]}]}. The first text is the query, as in LISA."""
-    folder = Path(folder) / split if split else Path(folder)
-    files = sorted(folder.glob("*.json"))
-    if not files:
-        raise FileNotFoundError(f"no ReasonSeg .json annotations in {folder}")
     samples = []
-    for file in files:
-        annotation = json.loads(file.read_text())
-        image = next((file.with_suffix(s) for s in (".jpg", ".jpeg", ".png") if file.with_suffix(s).exists()), None)
-        if image is None:
-            raise FileNotFoundError(f"no image next to {file}")
-        polygons = {"target": [], "ignore": []}
-        for shape in annotation["shapes"]:
-            label = "ignore" if shape["label"].lower() == "ignore" else "target"
-            polygons[label].append({"polygons": [[float(v) for point in shape["points"] for v in point]]})
-        text = annotation["text"][0] if isinstance(annotation["text"], list) else annotation["text"]
-        prompt = REASON_PROMPT.format(text) if annotation.get("is_sentence") else RES_PROMPT.format(text)
-        samples.append(EvalSample(file.stem, image, prompt, polygons["target"], polygons["ignore"], root=folder))
+    for annotation in read_reasonseg(folder, split):
+        template = REASON_PROMPT if annotation.is_sentence else RES_PROMPT
+        samples.append(EvalSample(annotation.name, annotation.image, template.format(annotation.texts[0]),
+                                  annotation.targets, annotation.ignore, root=annotation.image.parent))
     return samples
 
 
 def load_samples(data, split=None, split_by="unc", image_root=None, allow_pickle=False, prompt=RES_PROMPT):
     """Pick the loader from what `data` is: a .jsonl file, a REFER folder (refs(*).p), a gRefCOCO folder
     (grefs(*).json) or a ReasonSeg folder (NAME.json + NAME.jpg, optionally in a split subfolder)."""
-    data = Path(data)
-    if data.is_file() and data.suffix == ".jsonl":
+    kind = detect_format(data, split)
+    if kind == "jsonl":
         return load_jsonl_samples(data)
-    if not data.is_dir():
-        raise FileNotFoundError(f"no such data file or folder: {data}")
-    if any(data.glob("grefs(*).json")):
+    if kind == "grefcoco":
         return load_grefcoco(data, split or "val", split_by, image_root, prompt)
-    if any(data.glob("refs(*).p")):
+    if kind == "refer":
         return load_refer(data, split or "val", split_by, image_root, allow_pickle, prompt)
-    return load_reasonseg(data, split)
+    if kind == "reasonseg":
+        return load_reasonseg(data, split)
+    raise ValueError(f"{data}: {kind} data has no referring segmentation samples to evaluate")
 
 
 def _sample_masks(sample: EvalSample, size) -> tuple[np.ndarray, np.ndarray | None]:

@@ -3,7 +3,7 @@
 The config file (YAML or JSON) of `stamp-hf train CONFIG` / `train(config)`:
 
     model: org/stamp-2b             # a STAMP checkpoint (folder or Hub id); the processor is read from it too
-    data: data/train.jsonl          # the JSON Lines training format (stamp_hf.data)
+    data: data/train.jsonl          # the JSON Lines training format (stamp_hf.data); a list of files reads as one
     eval_data: data/val.jsonl       # optional, same format: eval_loss at every checkpoint (or once at the end)
     output_dir: runs/stamp-2b-ft    # checkpoints, then the final model (a plain STAMP checkpoint, also after LoRA)
     finetuning: full                # full | lora
@@ -69,9 +69,9 @@ class TrainConfig:
     """What `stamp-hf train` reads from its config file; see the module docstring for the file format."""
 
     model: str
-    data: str
+    data: str | list[str]
     output_dir: str
-    eval_data: str | None = None
+    eval_data: str | list[str] | None = None
     finetuning: str = "full"
     freeze_vision_tower: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -145,9 +145,14 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{path}: unknown setting(s) {unknown}")
         # relative paths in the file are relative to the file, so a config runs from any directory
+        def resolve(value):
+            return value if Path(value).is_absolute() else str((path.parent / value).resolve())
+
         for key in ("data", "output_dir", "eval_data"):
-            if raw.get(key) is not None and not Path(raw[key]).is_absolute():
-                raw[key] = str((path.parent / raw[key]).resolve())
+            if isinstance(raw.get(key), list):  # several data files, read as one data set
+                raw[key] = [resolve(value) for value in raw[key]]
+            elif raw.get(key) is not None:
+                raw[key] = resolve(raw[key])
         def beside_config(value):  # a model folder or DeepSpeed file next to the config; else a Hub id / as given
             return str((path.parent / value).resolve()) if isinstance(value, str) and (path.parent / value).exists() else value
 
