@@ -174,32 +174,33 @@ def default_mask_resample(mask_loss_resolution: str) -> str:
 # ------------------------------------------------------------------ the one image loader and message builder
 
 
-def load_image(source, timeout=None) -> Image.Image:
+def load_image(source, timeout=None, upright: bool = True) -> Image.Image:
     """
     Every image STAMP sees comes through here: a path, an http(s) URL, a PIL image or a numpy array, as an upright
-    (EXIF orientation applied) RGB PIL image. 16-bit and 32-bit integer images are rescaled from their full range
+    (EXIF orientation applied) RGB PIL image. `upright=False` keeps the stored pixel orientation: dataset annotations
+    (COCO, REFER, the training format) are drawn in it. 16-bit and 32-bit integer images are rescaled from their full range
     (65535 -> 255), float images from [0, 1] (or from their own min..max when outside it), transparent pixels are
     composited on white (ALPHA_BACKGROUND), animated images give their first frame. Problems (a missing file, not an
     image, an aspect ratio Qwen2-VL cannot resize) are a one-line ValueError / OSError naming the source.
     """
     if isinstance(source, Image.Image):
-        return _checked(_to_rgb(source), "the PIL image")
+        return _checked(_to_rgb(source, upright), "the PIL image")
     if isinstance(source, np.ndarray):
-        return _checked(_to_rgb(_array_image(source)), f"the {source.dtype} array of shape {source.shape}")
+        return _checked(_to_rgb(_array_image(source), upright), f"the {source.dtype} array of shape {source.shape}")
     if isinstance(source, Path) or isinstance(source, str):
         source = str(source)
         if source.startswith(("http://", "https://")):
-            return _checked(_to_rgb(_download(source, timeout)), source)
-        return _checked(_read_file(source), source)
+            return _checked(_to_rgb(_download(source, timeout), upright), source)
+        return _checked(_read_file(source, upright), source)
     raise TypeError(f"an image must be a path, URL, PIL image or numpy array, got {type(source).__name__}")
 
 
-def _read_file(path: str) -> Image.Image:
+def _read_file(path: str, upright: bool) -> Image.Image:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such image file")
     try:
         with Image.open(path) as image:
-            return _to_rgb(image)
+            return _to_rgb(image, upright)
     except Image.DecompressionBombError as error:
         raise ValueError(f"{path}: the image is too large ({error})") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
@@ -246,10 +247,11 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.round(values * (255.0 / full_range)), 0, 255).astype(np.uint8)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _to_rgb(image: Image.Image, upright: bool = True) -> Image.Image:
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)
-    image = ImageOps.exif_transpose(image)
+    if upright:
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         image = Image.fromarray(_to_uint8(np.asarray(image)), "L")
     if image.mode == "P" and "transparency" in image.info:

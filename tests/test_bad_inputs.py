@@ -93,6 +93,15 @@ def test_image_modes_and_arrays_come_out_rgb_from_their_real_range():
         load_image(np.zeros((3, 4, 7), np.uint8))
 
 
+def test_exif_orientation_is_applied_for_users_and_kept_for_dataset_annotations(tmp_path):
+    image = Image.new("RGB", (30, 10), "red")
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert load_image(tmp_path / "rotated.jpg").size == (10, 30)  # what a person sees
+    assert load_image(tmp_path / "rotated.jpg", upright=False).size == (30, 10)  # what COCO masks are drawn on
+
+
 def test_an_animated_image_gives_its_first_frame(tmp_path):
     frames = [Image.new("RGB", (8, 8), colour) for colour in ("blue", "red")]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])

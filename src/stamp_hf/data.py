@@ -27,6 +27,7 @@ from transformers.utils.chat_template_utils import encode_marked_chat, mark_cont
 
 from .configuration_stamp import MASK_LOSS_RESOLUTIONS
 from .modeling_stamp import mask_target
+from .processing_stamp import load_image
 
 SEG_TOKEN = "<|seg|>"
 IGNORE_INDEX = -100
@@ -43,11 +44,11 @@ class Record:
     where: str  # "file.jsonl:line", for error messages
 
     def load_image(self) -> Image.Image:
+        """The record's image as RGB, through the one image loader, in its stored orientation (the masks' own)."""
         try:
-            with Image.open(self.image) as image:
-                return image.convert("RGB")
-        except OSError as error:
-            raise OSError(f"{self.where}: cannot read image {self.image}: {error}") from None
+            return load_image(self.image, upright=False)
+        except (OSError, ValueError) as error:
+            raise type(error)(f"{self.where}: {error}") from None
 
     def load_masks(self, size: tuple[int, int]) -> list[np.ndarray]:
         """The ground-truth masks as boolean (height, width) arrays; `size` is the image's (width, height)."""

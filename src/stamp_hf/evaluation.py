@@ -261,7 +261,7 @@ def _evaluate_batch(model, processor, samples: list[EvalSample], refiner, max_ne
     images, encoded = [], []
     for sample in samples:
         try:
-            images.append(load_image(sample.image))
+            images.append(load_image(sample.image, upright=False))  # the annotations' own pixel orientation
         except (OSError, ValueError) as error:
             raise type(error)(f"sample {sample.id}: {error}") from None
         encoded.append(processor.encode_chat([user_turn([images[-1]], sample.prompt)])[0])
