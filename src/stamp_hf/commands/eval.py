@@ -19,8 +19,8 @@ def add_arguments(parser):
     parser.add_argument("--output", required=True, type=Path, help="folder for results.jsonl and the summary")
     parser.add_argument("--split-by", default="unc", help="REFER / gRefCOCO partition: unc, umd, google (default unc)")
     parser.add_argument("--images", type=Path, default=None, help="image folder for REFER / gRefCOCO (COCO train2014)")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow loading REFER's refs(*).p pickle "
-                        "(loading a pickle can run code: only for files you trust)")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow loading pickles: REFER's refs(*).p, "
+                        "a model with only pytorch_model.bin (a pickle can run code: only for files you trust)")
     parser.add_argument("--prompt", default=None, help="question template for REFER / gRefCOCO, '{}' = the "
                         "expression (default: 'Please segment only the {} in the image.')")
     parser.add_argument("--refine-sam", metavar="CKPT", default=None, help="also score masks refined with SAM: a "
@@ -47,7 +47,8 @@ def run(args) -> int:
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype, None)
     if dtype is None:
         raise CommandError(f"unknown --dtype {args.dtype!r}")
-    model = AutoModel.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    model = AutoModel.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code,
+                                      allow_pickle=args.allow_pickle)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     refiner = None
     if args.refine_sam:
