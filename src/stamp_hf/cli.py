@@ -14,6 +14,7 @@ COMMANDS = {
     "push": "publish a STAMP folder to the Hugging Face Hub with its model card",
     "train": "fine-tune STAMP on JSON Lines data (full or LoRA) with transformers' Trainer",
     "eval": "evaluate STAMP on referring segmentation data (cIoU, gIoU, N-acc, T-acc)",
+    "demo": "serve the web demo (gradio): upload, request, masks, chat, a /segment API",
 }
 
 

@@ -1,0 +1,304 @@
+"""The web demo as users meet it: `stamp-hf demo` started as a subprocess on a free port of 127.0.0.1 (once for the
+module), driven by a real headless Chromium (Debian's chromium through playwright) and by gradio_client, with the
+bundled demo model. The true masks come from stamp_hf.synthetic: examples/shapes.png is its test scene 200010097."""
+
+import io
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio", reason='the demo extra is not installed (pip install -e ".[demo]")')
+from gradio_client import Client, handle_file  # noqa: E402
+
+from stamp_hf.synthetic import make_sample  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ROOT / "examples" / "shapes.png"
+SHAPES_SEED = 200010097  # examples/shapes.png (tests/test_demo_model.py checks the bytes)
+RED_CIRCLE = 1  # index of the big red circle among the scene's shapes
+REQUEST = "Please segment the big red circle."
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+# Measured with the shipped demo model: IoU 0.95 with the red circle's true mask, 0.954 for the other client's target.
+IOU_FLOOR = 0.85
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The URL of a `stamp-hf demo` subprocess with the bundled demo model, stopped after the module."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("demo") / "server.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    script = Path(sys.executable).with_name("stamp-hf")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([str(script), "demo", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"stamp-hf demo did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A fresh headless Chromium (new user-data-dir); skipped when Debian's chromium or playwright is missing."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no {CHROMIUM}: install it with apt-get install -y chromium chromium-driver (.ci/install does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (.ci/install does)")
+    profile = tempfile.mkdtemp(prefix="stamp-demo-chromium-")
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 1000}
+        )
+        yield context
+        context.close()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def true_mask(seed=SHAPES_SEED, index=RED_CIRCLE) -> np.ndarray:
+    return make_sample(seed).object_masks[index]
+
+
+def iou(mask: np.ndarray, truth: np.ndarray) -> float:
+    return float((mask & truth).sum() / (mask | truth).sum())
+
+
+def changed_pixels(overlay: Image.Image, original: Image.Image) -> np.ndarray:
+    return (np.asarray(overlay.convert("RGB")) != np.asarray(original.convert("RGB"))).any(-1)
+
+
+def assert_overlay_marks_only(overlay: Image.Image, original: Image.Image, truth: np.ndarray):
+    """The overlay differs from the input inside the true mask and not outside it (up to the predicted mask's own
+    error: at IoU 0.95, a few percent of the true mask's area)."""
+    assert overlay.size == original.size
+    changed = changed_pixels(overlay, original)
+    assert changed[truth].mean() >= 0.9, changed[truth].mean()
+    assert changed[~truth].sum() <= 0.1 * truth.sum(), (changed[~truth].sum(), truth.sum())
+
+
+def open_page(browser, url):
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_selector("#prompt textarea", timeout=60_000)
+    return page
+
+
+def upload(page, path):
+    page.locator("#image input[type=file]").set_input_files(str(path))
+    page.wait_for_selector("#image img", timeout=30_000)
+
+
+def submit(page, text):
+    """Type `text` as the single request, press Segment and return the status line once the request is done."""
+    page.fill("#prompt textarea", text)
+    page.evaluate("document.querySelector('#status').setAttribute('data-seen', document.querySelector('#status').innerText)")
+    page.click("#segment")
+    page.wait_for_function(  # a new final line (while it works, the status box shows gradio's progress and timer)
+        "() => { const s = document.querySelector('#status'); const t = s.innerText.trim(); "
+        "return t !== s.getAttribute('data-seen').trim() && /^(Answered in|Problem:)/.test(t); }", timeout=60_000)
+    return page.inner_text("#status").strip()
+
+
+def fetch_image(page, url) -> Image.Image:
+    """The image the page shows at `url`, fetched with the browser's own session."""
+    response = page.request.get(url)
+    assert response.ok, url
+    return Image.open(io.BytesIO(response.body()))
+
+
+def bot_messages(page) -> list[str]:
+    return page.locator("#chatbot .message-row.bot-row, #chatbot .bot-row").all_inner_texts()
+
+
+def ask(page, text):
+    """Send `text` in the chat tab and return the texts of the bot's messages once a new one has appeared."""
+    count = len(bot_messages(page))
+    page.fill("#message textarea", text)
+    page.click("#send")
+    page.wait_for_function(
+        "count => document.querySelectorAll('#chatbot .bot-row').length > count", arg=count, timeout=60_000)
+    return bot_messages(page)
+
+
+def test_page_segments_an_upload_and_answers_a_follow_up_in_chat(server, browser):
+    page = open_page(browser, server)
+    upload(page, SHAPES)
+    status = submit(page, REQUEST)
+    assert re.match(r"Answered in \d+\.\d\d s \(image .* model .* overlay .*\); 1 mask\(s\)\.", status), status
+    assert page.input_value("#answer textarea") == "Sure, it is <|seg|>."
+    assert "mask 1: Sure, it is" in page.inner_text("#labels")
+    (link,) = page.locator("#mask_files a").all()  # the mask, downloadable as PNG
+    with fetch_image(page, link.get_attribute("href")) as mask:
+        assert mask.mode == "L" and iou(np.asarray(mask) > 127, true_mask()) >= IOU_FLOOR
+    with fetch_image(page, page.get_attribute("#overlay img", "src")) as overlay, Image.open(SHAPES) as original:
+        assert_overlay_marks_only(overlay, original, true_mask())
+
+    page.get_by_role("tab", name="Chat").click()
+    first = ask(page, "How many shapes are there?")
+    assert first == ["There are four shapes."], first
+    answers = ask(page, REQUEST)  # the follow-up runs on the conversation's cache
+    assert len(answers) == 2 and answers[1].startswith("Sure, it is <|seg|>."), answers
+    assert "mask 1 (orange): Sure, it is" in answers[1]
+    (shown,) = page.locator("#chatbot .bot-row img").all()  # the answer's masks, shown under it
+    with fetch_image(page, shown.get_attribute("src")) as overlay, Image.open(SHAPES) as original:
+        assert_overlay_marks_only(overlay, original, true_mask())
+    assert "1 mask(s)" in page.inner_text("#chat_status")
+    page.close()
+
+
+def test_page_reports_a_file_that_is_not_an_image_and_an_empty_request_then_keeps_serving(server, browser, tmp_path):
+    page = open_page(browser, server)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("these are words, not pixels")
+    page.locator("#image input[type=file]").set_input_files(str(not_an_image))
+    status = submit(page, REQUEST)
+    assert status.startswith("Problem: notes.png is not an image this demo can read"), status
+    assert page.input_value("#answer textarea") == ""
+
+    upload(page, SHAPES)
+    status = submit(page, "   ")
+    assert status == 'Problem: Type a request first, e.g. "Please segment the big red circle."', status
+
+    status = submit(page, REQUEST)
+    assert status.startswith("Answered in") and page.input_value("#answer textarea") == "Sure, it is <|seg|>."
+    page.close()
+
+
+def test_segment_endpoint_through_gradio_client(server):
+    client = Client(server, verbose=False)
+    text, overlay_path, mask_paths = client.predict(handle_file(str(SHAPES)), REQUEST, api_name="/segment")
+    assert text == "Sure, it is <|seg|>."
+    assert len(mask_paths) == 1
+    with Image.open(mask_paths[0]) as mask:
+        assert mask.mode == "L" and iou(np.asarray(mask) > 127, true_mask()) >= IOU_FLOOR
+    with Image.open(overlay_path) as overlay, Image.open(SHAPES) as original:
+        assert_overlay_marks_only(overlay, original, true_mask())
+
+
+def test_segment_endpoint_refuses_bad_input_in_one_line_and_keeps_serving(server, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    client = Client(server, verbose=False)
+    not_an_image = tmp_path / "table.csv"
+    not_an_image.write_text("a,b\n1,2\n")
+    Image.new("RGB", (4097, 4097), (200, 200, 200)).save(tmp_path / "huge.png")
+    Image.new("RGB", (1000, 3), (200, 200, 200)).save(tmp_path / "thin.png")
+    cases = [
+        (not_an_image, REQUEST, "table.csv is not an image this demo can read"),
+        (SHAPES, "", "Type a request first"),
+        (tmp_path / "huge.png", REQUEST, "huge.png is 4097x4097 px, over the demo's limit of 16.8 megapixels"),
+        (tmp_path / "thin.png", REQUEST, "The model cannot answer this: absolute aspect ratio must be smaller than 200"),
+        (SHAPES, "segment " * 5000, "over the model's context of 4096 tokens"),
+    ]
+    for path, prompt, message in cases:
+        with pytest.raises(AppError, match=re.escape(message)) as raised:
+            client.predict(handle_file(str(path)), prompt, api_name="/segment")
+        assert "\n" not in str(raised.value) and "/tmp/gradio" not in str(raised.value)
+    text, _, masks = client.predict(handle_file(str(SHAPES)), REQUEST, api_name="/segment")
+    assert text == "Sure, it is <|seg|>." and len(masks) == 1
+
+
+def chat_session(server, image_path, first, follow_up):
+    """Two turns of the /chat endpoint from one client (its own session); the chat it sees and its masks."""
+    client = Client(server, verbose=False)
+    messages, _, masks, _ = client.predict(handle_file(str(image_path)), first, api_name="/chat")
+    with Image.open(masks[0]) as mask:
+        first_mask = np.asarray(mask) > 127
+    messages, _, _, status = client.predict(handle_file(str(image_path)), follow_up, api_name="/chat")
+    return messages, first_mask, status
+
+
+def test_two_clients_in_parallel_keep_their_own_chats(server, tmp_path):
+    other_seed, yellow_circle = 200010006, 1  # a test scene with a big yellow circle and no red one
+    make_sample(other_seed).image.save(tmp_path / "other.png")
+    jobs = [(SHAPES, REQUEST), (tmp_path / "other.png", "Please segment the big yellow circle.")]
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(chat_session, server, path, text, "How many shapes are there?") for path, text in jobs]
+        results = [future.result(timeout=300) for future in futures]
+    for (path, text), (messages, mask, status), truth in zip(jobs, results, [true_mask(), true_mask(other_seed, yellow_circle)]):
+        users = [m["content"][0]["text"] for m in messages if m["role"] == "user"]
+        assert users == [text, "How many shapes are there?"]  # only this client's turns
+        assert iou(mask, truth) >= IOU_FLOOR, (path, iou(mask, truth))
+        assert status.startswith("Answered in"), status
+
+
+def test_examples_are_answered_by_the_bundled_demo_model():
+    """Every example of the page gets the scene's true answer: the named shape's mask, an empty mask for a shape
+    that is not there, the count for a question."""
+    from transformers import AutoModel, AutoProcessor
+
+    from stamp_hf.commands._common import DEFAULT_MODEL
+    from stamp_hf.webdemo import EXAMPLES, EXAMPLES_DIR, StampDemo
+
+    app = StampDemo(AutoModel.from_pretrained(DEFAULT_MODEL).eval(), AutoProcessor.from_pretrained(DEFAULT_MODEL))
+    sample = make_sample(SHAPES_SEED)
+    for name, request in EXAMPLES:
+        answer = app.segment(str(EXAMPLES_DIR / name), request)
+        if request.startswith("How many"):
+            assert answer.text == f"There are four shapes." and len(sample.shapes) == 4, answer.text
+            continue
+        size, colour, kind = re.search(r"the (?:(big|small) )?(\w+) (\w+)\.", request).groups()
+        matches = [k for k, s in enumerate(sample.shapes) if s.colour == colour and s.kind == kind
+                   and size in (None, s.size)]
+        (entry,) = answer.masks
+        mask = np.asarray(entry["mask"]) > 127
+        if matches:
+            assert answer.text == "Sure, it is <|seg|>." and iou(mask, sample.object_masks[matches[0]]) >= 0.8, request
+        else:
+            assert answer.text.startswith("Sorry, there is no") and not mask.any(), request
+
+
+def test_demo_command_without_gradio_says_how_to_install_it(tmp_path):
+    code = ("import sys; sys.modules['gradio'] = None\n"
+            "from stamp_hf.cli import main\n"
+            "sys.exit(main(['demo', '--port', '1']))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("stamp-hf demo: error: the demo needs gradio")
+    assert 'pip install -e ".[demo]"' in result.stderr and "Traceback" not in result.stderr
+
+
+def test_space_entry_point_builds_the_demo_from_the_repository_as_is():
+    """app.py, run by a Space from the repository root, imports stamp_hf from src/ and builds the demo with the
+    options in $STAMP_DEMO_ARGS (it launches only when run as a script)."""
+    code = ("import runpy, sys\n"
+            "namespace = runpy.run_path('app.py')\n"
+            "print(type(namespace['demo']).__name__, namespace['demo'].stamp_app.max_new_tokens,"
+            " sys.modules['stamp_hf'].__file__)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "STAMP_DEMO_ARGS": "--max-new-tokens 32"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kind, tokens, package = result.stdout.split()[-3:]
+    assert (kind, tokens) == ("Blocks", "32")
+    assert Path(package) == ROOT / "src" / "stamp_hf" / "__init__.py"
