@@ -128,6 +128,13 @@ def submit(page, text):
     return page.inner_text("#status").strip()
 
 
+def save_screenshot(page, name):
+    """With STAMP_DEMO_SCREENSHOTS=docs, the page as the test left it goes to docs/<name> (the README's screenshots)."""
+    folder = os.environ.get("STAMP_DEMO_SCREENSHOTS")
+    if folder:
+        page.screenshot(path=str(Path(folder) / name), full_page=True)
+
+
 def fetch_image(page, url) -> Image.Image:
     """The image the page shows at `url`, fetched with the browser's own session."""
     response = page.request.get(url)
@@ -161,6 +168,7 @@ def test_page_segments_an_upload_and_answers_a_follow_up_in_chat(server, browser
         assert mask.mode == "L" and iou(np.asarray(mask) > 127, true_mask()) >= IOU_FLOOR
     with fetch_image(page, page.get_attribute("#overlay img", "src")) as overlay, Image.open(SHAPES) as original:
         assert_overlay_marks_only(overlay, original, true_mask())
+    save_screenshot(page, "demo_single.png")
 
     page.get_by_role("tab", name="Chat").click()
     first = ask(page, "How many shapes are there?")
@@ -172,6 +180,7 @@ def test_page_segments_an_upload_and_answers_a_follow_up_in_chat(server, browser
     with fetch_image(page, shown.get_attribute("src")) as overlay, Image.open(SHAPES) as original:
         assert_overlay_marks_only(overlay, original, true_mask())
     assert "1 mask(s)" in page.inner_text("#chat_status")
+    save_screenshot(page, "demo_chat.png")
     page.close()
 
 
@@ -251,15 +260,21 @@ def test_two_clients_in_parallel_keep_their_own_chats(server, tmp_path):
         assert status.startswith("Answered in"), status
 
 
-def test_examples_are_answered_by_the_bundled_demo_model():
-    """Every example of the page gets the scene's true answer: the named shape's mask, an empty mask for a shape
-    that is not there, the count for a question."""
+@pytest.fixture(scope="module")
+def demo_model():
     from transformers import AutoModel, AutoProcessor
 
     from stamp_hf.commands._common import DEFAULT_MODEL
+
+    return AutoModel.from_pretrained(DEFAULT_MODEL).eval(), AutoProcessor.from_pretrained(DEFAULT_MODEL)
+
+
+def test_examples_are_answered_by_the_bundled_demo_model(demo_model):
+    """Every example of the page gets the scene's true answer: the named shape's mask, an empty mask for a shape
+    that is not there, the count for a question."""
     from stamp_hf.webdemo import EXAMPLES, EXAMPLES_DIR, StampDemo
 
-    app = StampDemo(AutoModel.from_pretrained(DEFAULT_MODEL).eval(), AutoProcessor.from_pretrained(DEFAULT_MODEL))
+    app = StampDemo(*demo_model)
     sample = make_sample(SHAPES_SEED)
     for name, request in EXAMPLES:
         answer = app.segment(str(EXAMPLES_DIR / name), request)
@@ -275,6 +290,35 @@ def test_examples_are_answered_by_the_bundled_demo_model():
             assert answer.text == "Sure, it is <|seg|>." and iou(mask, sample.object_masks[matches[0]]) >= 0.8, request
         else:
             assert answer.text.startswith("Sorry, there is no") and not mask.any(), request
+
+
+def mask_of(answer) -> np.ndarray:
+    (entry,) = answer.masks
+    return np.asarray(entry["mask"]) > 127
+
+
+def test_options_reach_the_model_threshold_tokens_and_sam(demo_model):
+    from stamp_hf.sam_stamp import TransformersSamRefiner
+    from stamp_hf.testing import tiny_sam
+    from stamp_hf.webdemo import BadInput, StampDemo
+
+    plain = StampDemo(*demo_model)
+    with pytest.raises(BadInput, match="SAM refinement needs a SAM checkpoint: start the demo with --refine-sam"):
+        plain.segment(str(SHAPES), REQUEST, refine=True)
+    areas = [mask_of(plain.segment(str(SHAPES), REQUEST, threshold=t)).sum() for t in (-4.0, 0.0, 4.0)]
+    assert areas[0] > areas[1] > areas[2] > 0, areas  # a lower logit threshold keeps more of the mask
+    short = plain.segment(str(SHAPES), REQUEST, max_new_tokens=2)
+    assert short.text == "Sure," and not short.masks  # two tokens, cut before the <|seg|>
+
+    refiner = TransformersSamRefiner(*tiny_sam())  # a random tiny SAM: its masks are noise, its run is real
+    app = StampDemo(*demo_model, refiner=refiner)
+    coarse = mask_of(app.segment(str(SHAPES), REQUEST))
+    with Image.open(SHAPES) as image:
+        expected = refiner.refine(image.convert("RGB"), coarse, seed=0)
+    assert not np.array_equal(expected, coarse)
+    assert np.array_equal(mask_of(app.segment(str(SHAPES), REQUEST, refine=True)), expected)
+    _, _, answer = app.ask(None, str(SHAPES), REQUEST, refine=True)
+    assert np.array_equal(mask_of(answer), expected)  # the chat refines with the same SAM
 
 
 def test_demo_command_without_gradio_says_how_to_install_it(tmp_path):
@@ -302,3 +346,21 @@ def test_space_entry_point_builds_the_demo_from_the_repository_as_is():
     kind, tokens, package = result.stdout.split()[-3:]
     assert (kind, tokens) == ("Blocks", "32")
     assert Path(package) == ROOT / "src" / "stamp_hf" / "__init__.py"
+
+
+def test_space_card_and_requirements_match_the_package():
+    """spaces/README.md is a Space card for app.py with a gradio inside the demo extra's range; spaces/requirements.txt
+    lists the package's own dependencies (plus torchvision), so the Space runs what the package declares."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    card = (ROOT / "spaces" / "README.md").read_text()
+    front = dict(re.findall(r"^(\w+): (.*)$", card.split("---")[1], flags=re.M))
+    assert front["sdk"] == "gradio" and (ROOT / front["app_file"]).is_file()
+    (gradio_pin,) = project["optional-dependencies"]["demo"]
+    assert front["sdk_version"] in Requirement(gradio_pin).specifier
+    lines = [line for line in (ROOT / "spaces" / "requirements.txt").read_text().splitlines()
+             if line and not line.startswith("#")]
+    assert sorted(lines) == sorted(project["dependencies"] + ["torchvision"])
