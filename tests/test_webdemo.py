@@ -77,7 +77,8 @@ def browser():
     profile = tempfile.mkdtemp(prefix="stamp-demo-chromium-")
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 1000}
+            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 1000},
         )
         yield context
         context.close()
@@ -120,7 +121,7 @@ def upload(page, path):
 def submit(page, text):
     """Type `text` as the single request, press Segment and return the status line once the request is done."""
     page.fill("#prompt textarea", text)
-    page.evaluate("document.querySelector('#status').setAttribute('data-seen', document.querySelector('#status').innerText)")
+    page.evaluate("() => { const s = document.querySelector('#status'); s.setAttribute('data-seen', s.innerText); }")
     page.click("#segment")
     page.wait_for_function(  # a new final line (while it works, the status box shows gradio's progress and timer)
         "() => { const s = document.querySelector('#status'); const t = s.innerText.trim(); "
@@ -175,7 +176,7 @@ def test_page_segments_an_upload_and_answers_a_follow_up_in_chat(server, browser
     assert first == ["There are four shapes."], first
     answers = ask(page, REQUEST)  # the follow-up runs on the conversation's cache
     assert len(answers) == 2 and answers[1].startswith("Sure, it is <|seg|>."), answers
-    assert "mask 1 (orange): Sure, it is" in answers[1]
+    assert "mask 1: Sure, it is (orange)" in answers[1]
     (shown,) = page.locator("#chatbot .bot-row img").all()  # the answer's masks, shown under it
     with fetch_image(page, shown.get_attribute("src")) as overlay, Image.open(SHAPES) as original:
         assert_overlay_marks_only(overlay, original, true_mask())
@@ -213,6 +214,16 @@ def test_segment_endpoint_through_gradio_client(server):
         assert_overlay_marks_only(overlay, original, true_mask())
 
 
+def test_readme_client_call_runs_as_written(server, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    (block,) = re.findall(r"```python\n(from gradio_client import .*?)```", readme, flags=re.S)
+    assert 'api_name="/segment"' in block and "http://127.0.0.1:7860/" in block
+    monkeypatch.chdir(ROOT)  # the README runs from the repository root
+    namespace = {}
+    exec(block.replace("http://127.0.0.1:7860/", server), namespace)
+    assert namespace["answer"] == "Sure, it is <|seg|>." and len(namespace["masks"]) == 1
+
+
 def test_segment_endpoint_refuses_bad_input_in_one_line_and_keeps_serving(server, tmp_path):
     from gradio_client.exceptions import AppError
 
@@ -225,7 +236,7 @@ def test_segment_endpoint_refuses_bad_input_in_one_line_and_keeps_serving(server
         (not_an_image, REQUEST, "table.csv is not an image this demo can read"),
         (SHAPES, "", "Type a request first"),
         (tmp_path / "huge.png", REQUEST, "huge.png is 4097x4097 px, over the demo's limit of 16.8 megapixels"),
-        (tmp_path / "thin.png", REQUEST, "The model cannot answer this: absolute aspect ratio must be smaller than 200"),
+        (tmp_path / "thin.png", REQUEST, "cannot answer this: absolute aspect ratio must be smaller than 200"),
         (SHAPES, "segment " * 5000, "over the model's context of 4096 tokens"),
     ]
     for path, prompt, message in cases:
@@ -253,7 +264,8 @@ def test_two_clients_in_parallel_keep_their_own_chats(server, tmp_path):
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(chat_session, server, path, text, "How many shapes are there?") for path, text in jobs]
         results = [future.result(timeout=300) for future in futures]
-    for (path, text), (messages, mask, status), truth in zip(jobs, results, [true_mask(), true_mask(other_seed, yellow_circle)]):
+    truths = [true_mask(), true_mask(other_seed, yellow_circle)]
+    for (path, text), (messages, mask, status), truth in zip(jobs, results, truths):
         users = [m["content"][0]["text"] for m in messages if m["role"] == "user"]
         assert users == [text, "How many shapes are there?"]  # only this client's turns
         assert iou(mask, truth) >= IOU_FLOOR, (path, iou(mask, truth))

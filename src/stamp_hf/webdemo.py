@@ -58,6 +58,7 @@ class Answer:
     masks: list = field(default_factory=list)
     overlay: Image.Image | None = None
     files: list[str] = field(default_factory=list)
+    overlay_file: str | None = None  # the overlay as a PNG next to the masks (None without masks)
     seconds: dict = field(default_factory=dict)
 
 
@@ -68,11 +69,16 @@ class Chat:
     conversation: Conversation
     messages: list = field(default_factory=list)
 
+    def tokens_used(self) -> int:
+        sequences = self.conversation.sequences
+        return 0 if sequences is None else sequences.shape[1]
+
 
 class StampDemo:
     """What the page and the API call: model, processor, optional SAM refiner and the demo's limits."""
 
-    def __init__(self, model, processor, refiner=None, max_new_tokens: int = 256, max_image_pixels: int = MAX_IMAGE_PIXELS):
+    def __init__(self, model, processor, refiner=None, max_new_tokens: int = 256,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS):
         from transformers import pipeline
 
         self.model, self.processor, self.refiner = model, processor, refiner
@@ -139,8 +145,7 @@ class StampDemo:
         """A chat turn through `Conversation`: the first turn reads the image, later ones reuse its cache."""
         max_new_tokens = int(max_new_tokens or self.max_new_tokens)
         start = time.perf_counter()
-        used = chat.conversation.sequences.shape[1] if chat is not None and chat.conversation.sequences is not None else 0
-        text = self.check_request(text, max_new_tokens, used)
+        text = self.check_request(text, max_new_tokens, chat.tokens_used() if chat is not None else 0)
         refiner = self.refiner_for(refine)
         if chat is None:
             chat = Chat(Conversation(self.model, self.processor, self.read_upload(upload)))
@@ -156,25 +161,26 @@ class StampDemo:
         answered = time.perf_counter()
         masks = result["masks"]
         overlay = overlay_masks(image, [m["mask"] for m in masks]) if masks else image
-        files = self._write_masks(masks)
+        answer = Answer(result["text"], masks, overlay)
+        if masks:
+            self._write_files(answer)
         done = time.perf_counter()
-        seconds = {"image": read - start, "model": answered - read, "overlay": done - answered, "total": done - start}
-        return Answer(result["text"], masks, overlay, files, seconds)
+        answer.seconds = {"image": read - start, "model": answered - read, "overlay": done - answered,
+                          "total": done - start}
+        return answer
 
-    def _write_masks(self, masks) -> list[str]:
-        """Each mask as a PNG (0 / 255) in a fresh folder, for the download list; folders past FILES_TTL_S go."""
+    def _write_files(self, answer: Answer) -> None:
+        """Each mask as a PNG (0 / 255) and the overlay in a fresh folder, for downloads and the chat; folders older
+        than FILES_TTL_S go."""
         for old in self.files.iterdir():
             if time.time() - old.stat().st_mtime > FILES_TTL_S:
                 shutil.rmtree(old, ignore_errors=True)
-        if not masks:
-            return []
         folder = Path(tempfile.mkdtemp(dir=self.files))
-        paths = []
-        for k, entry in enumerate(masks, 1):
-            path = folder / f"mask_{k}.png"
-            entry["mask"].save(path)
-            paths.append(str(path))
-        return paths
+        for k, entry in enumerate(answer.masks, 1):
+            entry["mask"].save(folder / f"mask_{k}.png")
+            answer.files.append(str(folder / f"mask_{k}.png"))
+        answer.overlay.save(folder / "overlay.png")
+        answer.overlay_file = str(folder / "overlay.png")
 
 
 # ---------------------------------------------------------------------- what the page shows
@@ -189,9 +195,14 @@ def colour_name(k: int) -> str:
     return COLOUR_NAMES[k % len(COLOUR_NAMES)]
 
 
-def legend(answer: Answer) -> list[tuple[str, str | None]]:
-    """HighlightedText entries: one per mask, "mask k: label", in its overlay colour."""
-    return [(f"mask {k}: {m['label'] or '(no label)'} ", colour_name(k - 1)) for k, m in enumerate(answer.masks, 1)]
+def mask_titles(answer: Answer) -> list[str]:
+    """"mask k: label" for each mask, numbered from 1 as the PNG files are."""
+    return [f"mask {k}: {m['label'] or '(no label)'}" for k, m in enumerate(answer.masks, 1)]
+
+
+def legend(answer: Answer) -> list[tuple[str, str]]:
+    """HighlightedText entries: each mask's title in its overlay colour."""
+    return [(title + " ", colour_name(k)) for k, title in enumerate(mask_titles(answer))]
 
 
 COLOUR_MAP = {name: "#%02x%02x%02x" % rgb for name, rgb in zip(COLOUR_NAMES, PALETTE)}
@@ -207,13 +218,13 @@ def problem(message: str) -> str:
     return f"**Problem:** {message}"
 
 
-def chat_entry(answer: Answer, overlay_path: str | None) -> dict:
+def chat_entry(answer: Answer) -> dict:
     """The assistant message: the answer (the `<|seg|>` tokens kept visible) and, under it, its masks' overlay."""
     text = answer.text.replace("<|seg|>", "`<|seg|>`")
     if not answer.masks:
         return {"role": "assistant", "content": text}
-    names = ", ".join(f"mask {k} ({colour_name(k - 1)}): {m['label'] or '(no label)'}" for k, m in enumerate(answer.masks, 1))
-    return {"role": "assistant", "content": [text, {"path": overlay_path, "alt_text": names}, names]}
+    names = ", ".join(f"{title} ({colour_name(k)})" for k, title in enumerate(mask_titles(answer)))
+    return {"role": "assistant", "content": [text, {"path": answer.overlay_file, "alt_text": names}, names]}
 
 
 # ---------------------------------------------------------------------- the page
@@ -242,7 +253,7 @@ def build_demo(model, processor, refiner=None, max_new_tokens: int = 256, concur
         try:
             answer = app.segment(upload, prompt)
         except BadInput as error:
-            raise gr.Error(str(error)) from None
+            raise gr.Error(str(error), title="Bad input", print_exception=False) from None
         return answer.text, answer.overlay, answer.files
 
     def run_chat(upload, text, chat, refine, threshold, tokens, progress=gr.Progress()):
@@ -251,11 +262,7 @@ def build_demo(model, processor, refiner=None, max_new_tokens: int = 256, concur
             chat, text, answer = app.ask(chat, upload, text, refine, threshold, tokens)
         except BadInput as error:
             return gr.skip(), chat, gr.skip(), gr.skip(), problem(str(error))
-        overlay_path = None
-        if answer.masks:
-            overlay_path = str(Path(answer.files[0]).with_name("overlay.png"))
-            answer.overlay.save(overlay_path)
-        chat.messages += [{"role": "user", "content": text}, chat_entry(answer, overlay_path)]
+        chat.messages += [{"role": "user", "content": text}, chat_entry(answer)]
         return chat.messages, chat, "", answer.files, timing_line(answer)
 
     def new_chat():
@@ -292,7 +299,7 @@ def build_demo(model, processor, refiner=None, max_new_tokens: int = 256, concur
                     examples = [[str(examples_dir / name), text] for name, text in EXAMPLES
                                 if (examples_dir / name).is_file()]
                     if examples:
-                        gr.Examples(examples, inputs=[image, prompt], label="Examples (bundled demo model)")
+                        gr.Examples(examples, inputs=[image, prompt], label="Examples (the bundled demo model answers them)")
                 with gr.Tab("Chat"):
                     chatbot = gr.Chatbot(label="Chat about the image", height=560, elem_id="chatbot")
                     message = gr.Textbox(label="Message", placeholder="How many shapes are there?", elem_id="message")

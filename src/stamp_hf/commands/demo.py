@@ -22,9 +22,10 @@ def build(args):
         raise CommandError(f"--concurrency must be at least 1, got {args.concurrency}")
     webdemo = _webdemo()
     model, processor, refiner = load(args)
-    name = "the bundled demo model (synthetic shapes; not the paper's STAMP)" if args.model == DEFAULT_MODEL else f"`{args.model}`"
+    bundled = args.model == DEFAULT_MODEL
+    name = "the bundled demo model (synthetic shapes; not the paper's STAMP)" if bundled else f"`{args.model}`"
     return webdemo.build_demo(model, processor, refiner, max_new_tokens=args.max_new_tokens,
-                      concurrency_limit=args.concurrency, model_name=name)
+                              concurrency_limit=args.concurrency, model_name=name)
 
 
 def parse_environment(text: str):
