@@ -40,6 +40,7 @@ EXAMPLES = (
 )
 CHAT_EXAMPLES = ("How many shapes are there?", "What colour is the diamond?", "Please segment the big red circle.")
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger uploads are refused: decoding them costs memory the model never uses
+MAX_UPLOAD = "50mb"  # gradio refuses bigger files at upload, before anything reads them
 CHAT_TTL_S = 3600  # a chat nobody touched for an hour is dropped with its cache
 QUEUE_SIZE = 64  # requests waiting beyond this are turned away by gradio with "queue full"
 FILES_TTL_S = 3600  # mask PNGs written for download are removed after an hour
@@ -335,4 +336,5 @@ def _intro(name: str, refiner) -> str:
 
 def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False):
     """Serve the demo (blocks until stopped). host/port None: gradio's defaults and its GRADIO_SERVER_* variables."""
-    demo.launch(server_name=host, server_port=port, share=share, theme=THEME, show_error=False)
+    demo.launch(server_name=host, server_port=port, share=share, theme=THEME, show_error=False,
+                max_file_size=MAX_UPLOAD)
