@@ -33,7 +33,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 # Measured with the shipped demo model: IoU 0.95 with the red circle's true mask, 0.954 for the other client's target.
-IOU_FLOOR = 0.85
+IOU_FLOOR = 0.9
 
 
 def free_port() -> int:
@@ -98,12 +98,13 @@ def changed_pixels(overlay: Image.Image, original: Image.Image) -> np.ndarray:
 
 
 def assert_overlay_marks_only(overlay: Image.Image, original: Image.Image, truth: np.ndarray):
-    """The overlay differs from the input inside the true mask and not outside it (up to the predicted mask's own
-    error: at IoU 0.95, a few percent of the true mask's area)."""
+    """The overlay differs from the input inside the true mask and not outside it, up to the predicted mask's own
+    error (measured on the red circle: 97.8 % of the true mask changed, and outside it 51 pixels, 2.9 % of the
+    mask's area)."""
     assert overlay.size == original.size
     changed = changed_pixels(overlay, original)
-    assert changed[truth].mean() >= 0.9, changed[truth].mean()
-    assert changed[~truth].sum() <= 0.1 * truth.sum(), (changed[~truth].sum(), truth.sum())
+    assert changed[truth].mean() >= 0.93, changed[truth].mean()
+    assert changed[~truth].sum() <= 0.06 * truth.sum(), (changed[~truth].sum(), truth.sum())
 
 
 def open_page(browser, url):
@@ -282,8 +283,8 @@ def demo_model():
 
 
 def test_examples_are_answered_by_the_bundled_demo_model(demo_model):
-    """Every example of the page gets the scene's true answer: the named shape's mask, an empty mask for a shape
-    that is not there, the count for a question."""
+    """Every example of the page gets the scene's true answer: the named shape's mask (IoU measured 0.95, 0.857,
+    0.941; floor 0.8), an empty mask for a shape that is not there, the count for a question."""
     from stamp_hf.webdemo import EXAMPLES, EXAMPLES_DIR, StampDemo
 
     app = StampDemo(*demo_model)
@@ -291,7 +292,7 @@ def test_examples_are_answered_by_the_bundled_demo_model(demo_model):
     for name, request in EXAMPLES:
         answer = app.segment(str(EXAMPLES_DIR / name), request)
         if request.startswith("How many"):
-            assert answer.text == f"There are four shapes." and len(sample.shapes) == 4, answer.text
+            assert answer.text == "There are four shapes." and len(sample.shapes) == 4, answer.text
             continue
         size, colour, kind = re.search(r"the (?:(big|small) )?(\w+) (\w+)\.", request).groups()
         matches = [k for k, s in enumerate(sample.shapes) if s.colour == colour and s.kind == kind
