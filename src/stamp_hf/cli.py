@@ -16,6 +16,7 @@ COMMANDS = {
     "train": "fine-tune STAMP on JSON Lines data (full or LoRA) with transformers' Trainer",
     "eval": "evaluate STAMP on referring segmentation data (cIoU, gIoU, N-acc, T-acc)",
     "prepare-data": "turn RefCOCO*/gRefCOCO/ReasonSeg/LLaVA data into the JSON Lines training format",
+    "demo": "serve the web demo (gradio): upload, request, masks, chat, a /segment API",
 }
 
 

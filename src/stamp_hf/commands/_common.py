@@ -53,7 +53,10 @@ def load(args):
     """Model, processor and SAM refiner (or None) from the command-line options, timed on stderr."""
     from transformers import AutoModel, AutoProcessor
 
+    from ..modeling_stamp import register_auto_classes
     from ..sam_stamp import sam_refiner
+
+    register_auto_classes()  # AutoModel / AutoProcessor load STAMP folders without trust_remote_code
 
     start = time.perf_counter()
     device = resolve_device(args.device)

@@ -1,0 +1,52 @@
+"""Serve the web demo: upload an image, type a request, see the answer and its masks; chat about the image; an API
+endpoint /segment for gradio_client. Needs the demo extra: pip install -e ".[demo]"."""
+
+import shlex
+
+from ..cli import CommandError
+from ._common import DEFAULT_MODEL, add_model_arguments, load
+
+
+def add_arguments(parser):
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    parser.add_argument("--concurrency", type=int, default=1, metavar="N",
+                        help="model calls run at once; more requests wait in gradio's queue (default 1)")
+
+
+def build(args):
+    """The gr.Blocks for the parsed options (model loaded, queue set up)."""
+    if args.concurrency < 1:
+        raise CommandError(f"--concurrency must be at least 1, got {args.concurrency}")
+    webdemo = _webdemo()
+    model, processor, refiner = load(args)
+    bundled = args.model == DEFAULT_MODEL
+    name = "the bundled demo model (synthetic shapes; not the paper's STAMP)" if bundled else f"`{args.model}`"
+    return webdemo.build_demo(model, processor, refiner, max_new_tokens=args.max_new_tokens,
+                              concurrency_limit=args.concurrency, model_name=name)
+
+
+def parse_environment(text: str):
+    """Options given as one string (the Space entry point reads them from $STAMP_DEMO_ARGS)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="app.py", description=__doc__)
+    add_arguments(parser)
+    return parser.parse_args(shlex.split(text))
+
+
+def _webdemo():
+    """stamp_hf.webdemo, or a one-line error naming the missing extra."""
+    try:
+        from .. import webdemo
+    except ImportError as error:
+        raise CommandError(f'the demo needs gradio ({error}); install it with pip install -e ".[demo]"') from None
+    return webdemo
+
+
+def run(args):
+    demo = build(args)
+    _webdemo().launch(demo, host=args.host, port=args.port, share=args.share)
+    return 0
