@@ -8,10 +8,12 @@ len(tokenizer) and a Linear(hidden, 1) classifier is added. The base's weights a
 without the new tokens the result gives the base's logits.
 """
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
+from transformers.utils import logging
 
 from .configuration_stamp import STAMP_CONFIGS, STAMP_MODEL_TYPES, STAMP_TOKENS
 from .convert import (
@@ -77,10 +79,11 @@ def init_from_base(
     tokenizer = _base_tokenizer(folder, base)
     placeholders = {"min_placeholders": min_placeholders, "max_placeholders": max_placeholders}
     config = _stamp_config(config_dict, folder, placeholders, accepted=BASE_TYPES, expected=EXPECTED_BASE)
-    model, info = STAMP_MODELS[config.model_type].from_pretrained(
-        folder, config=config, dtype=dtype, use_safetensors=shapes is not None, output_loading_info=True
-    )
-    _check_loading(info, folder, allowed_missing=("classifier.",))  # the classifier is new
+    with _quiet_loading():  # its report lists the new classifier as missing; _check_loading checks the rest
+        model, info = STAMP_MODELS[config.model_type].from_pretrained(
+            folder, config=config, dtype=dtype, use_safetensors=shapes is not None, output_loading_info=True
+        )
+    _check_loading(info, folder, allowed_missing=("classifier.",))
     first_new_id = len(tokenizer)
     ids = add_stamp_tokens(tokenizer)
     assert list(ids.values()) == list(range(first_new_id, first_new_id + len(STAMP_TOKENS))), ids
@@ -143,6 +146,16 @@ def init_classifier(classifier: torch.nn.Linear, std: float, seed: int) -> None:
         weight = torch.randn(classifier.weight.shape, generator=generator) * std
         classifier.weight.copy_(weight.to(classifier.weight.dtype))
         classifier.bias.zero_()
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def _check_base_type(config_dict: dict, base) -> None:

@@ -280,8 +280,8 @@ def tiny_base(
     """Write a random tiny Qwen-VL base checkpoint (no STAMP tokens, no classifier) to `folder`, as the Hub repos hold
     them, and return the folder. It is saved by transformers' own class; `layout="hub"` then rewrites it as the
     repos of Qwen/Qwen2-VL-2B-Instruct (tie=True), Qwen2-VL-7B-Instruct (tie=False) and Qwen2.5-VL-3B/7B-Instruct are:
-    flat config.json (text settings at the top, `rope_scaling` of type mrope, legacy vision keys), legacy weight names
-    (`model.layers.*`, `visual.*`, no lm_head when tied). `layout="current"` keeps transformers 5's own save. Both
+    flat config.json (text settings at the top, `rope_scaling` of type mrope, legacy vision keys), bfloat16 weights
+    under legacy names (`model.layers.*`, `visual.*`, no lm_head when tied). `layout="current"` keeps transformers 5's own save. Both
     come with the repos' chat_template.json, preprocessor_config.json (min/max_pixels), generation_config.json and
     tokenizer files. `rows`: embedding rows (default: 29 more than tokens, as the real ones have spare rows)."""
     from dataclasses import fields
@@ -347,5 +347,5 @@ def _rewrite_as_hub_repo(folder: Path, backbone: str, tie: bool, load_file, save
             elif key.startswith("model.visual."):
                 key = key.removeprefix("model.")
             if not (tie and key == "lm_head.weight"):
-                legacy[key] = value
+                legacy[key] = value.to(torch.bfloat16) if value.is_floating_point() else value  # as released
         save_file(legacy, file, metadata={"format": "pt"})
