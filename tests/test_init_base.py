@@ -24,6 +24,7 @@ from shapes_data import one_thread, SHAPES, write_shapes_dataset  # noqa: F401 (
 from stamp_hf import init_from_base
 from stamp_hf.cli import main as cli
 from stamp_hf.testing import put_in_hub_cache, tiny_base, tiny_tokenizer
+from test_hub import hub  # noqa: F401 (fixture)
 from test_phase2 import generate, reference_mask_logits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,3 +267,21 @@ def test_training_from_a_base_overfits_and_eval_reports_it(made, offline_hub, tm
     assert len(results) == len(SHAPES) and all(r["masks"] == 1 and r["iou"] > 0.87 for r in results)
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())["STAMP"]
     assert summary["gIoU"] > 93 and np.isclose(summary["gIoU"], 100 * np.mean([r["iou"] for r in results]))
+
+
+def test_push_publishes_a_qwen25_stamp_with_its_card(made, tmp_path, hub):
+    """`hub` (test_hub) stands in for the Hub's HTTP write endpoints: the network boundary, nothing else."""
+    from stamp_hf import push_folder
+
+    folder = made[2]["Qwen/Qwen2.5-VL-3B-Instruct"]
+    push_folder(folder, "stamp-org/stamp-qwen2.5-vl-3b")
+    (commit,) = hub.commits
+    files = commit["files"]
+    config = json.loads(files["config.json"])
+    assert config["model_type"] == "stamp_qwen2_5_vl"
+    assert config["auto_map"]["AutoModel"] == "modeling_stamp.STAMPQwen2_5_VLModel"
+    for name in ("configuration_stamp.py", "modeling_stamp.py", "pipeline_stamp.py", "processing_stamp.py"):
+        assert files[name] == (ROOT / name).read_bytes(), name
+    card = ModelCard(files["README.md"].decode())
+    assert "Untrained STAMP head on Qwen/Qwen2.5-VL-3B-Instruct" in card.text and "Qwen2.5-VL that chats" in card.text
+    assert card.data.base_model == "Qwen/Qwen2.5-VL-3B-Instruct" and "qwen2_5_vl" in card.data.tags
