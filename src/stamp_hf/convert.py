@@ -248,7 +248,7 @@ def _check_loading(info: dict, folder: Path, allowed_missing: tuple = ()) -> Non
     details = [f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
                for kind, keys in problems.items() if keys]  # fmt: skip
     if details:
-        raise CheckpointError(f"the weights in {folder} do not fit a Qwen2-VL model with its config: {'; '.join(details)}")
+        raise CheckpointError(f"the weights in {folder} do not fit a Qwen-VL model with its config: {'; '.join(details)}")
 
 
 # ---------------------------------------------------------------------------------------------------- full checkpoints

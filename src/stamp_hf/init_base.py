@@ -86,7 +86,9 @@ def init_from_base(
     _check_loading(info, folder, allowed_missing=("classifier.",))
     first_new_id = len(tokenizer)
     ids = add_stamp_tokens(tokenizer)
-    assert list(ids.values()) == list(range(first_new_id, first_new_id + len(STAMP_TOKENS))), ids
+    if list(ids.values()) != list(range(first_new_id, first_new_id + len(STAMP_TOKENS))):
+        raise BaseModelError(f"the tokenizer of {base} gave the STAMP tokens the ids {ids}, not the next ones after "
+                             f"its {first_new_id} tokens: its vocabulary has gaps")
     resize_vocabulary(model, len(tokenizer))
     init_classifier(model.classifier, config.text_config.initializer_range, seed)
     model.config.set_stamp_token_ids(tokenizer)
