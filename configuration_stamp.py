@@ -1,9 +1,15 @@
-"""STAMPConfig: a Qwen2-VL configuration plus the settings of STAMP's all-mask head.
+"""STAMP configurations: a Qwen2-VL or Qwen2.5-VL configuration plus the settings of STAMP's all-mask head.
+
+The STAMP settings are defined once, in `STAMPConfigMixin`; `STAMPConfig` (Qwen2-VL, model type "stamp") and
+`STAMPQwen2_5_VLConfig` (Qwen2.5-VL, model type "stamp_qwen2_5_vl") add them to the backbone's own configuration.
 
 Hub remote code: imports only transformers (and huggingface_hub, which it ships with).
 """
 
+from dataclasses import dataclass
+
 from huggingface_hub.dataclasses import strict
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLConfig
 
 # Appended in this order after the Qwen2-VL vocabulary by the released checkpoints.
@@ -11,10 +17,10 @@ STAMP_TOKENS = ("<|seg|>", "<|mask|>", "<|yes|>", "<|no|>")
 MASK_LOSS_RESOLUTIONS = ("patch", "image")
 
 
-@strict
-class STAMPConfig(Qwen2VLConfig):
+@dataclass(repr=False, eq=False, kw_only=True)
+class STAMPConfigMixin:
     r"""
-    Everything of [`Qwen2VLConfig`] (``text_config``, ``vision_config``, image token ids) plus:
+    Everything of the backbone's configuration (``text_config``, ``vision_config``, image token ids) plus:
 
     seg_token / mask_token / yes_token / no_token (`str`):
         The STAMP vocabulary additions. ``<|seg|>`` asks for a mask, ``<|mask|>`` is the phase-2 placeholder.
@@ -47,8 +53,6 @@ class STAMPConfig(Qwen2VLConfig):
         True (the paper): placeholder j is embed(`<|mask|>`) + merged patch feature j. False: embed(`<|mask|>`) alone
         (the paper's "w/o E_mask" ablation).
     """
-
-    model_type = "stamp"
 
     seg_token: str = STAMP_TOKENS[0]
     mask_token: str = STAMP_TOKENS[1]
@@ -99,4 +103,30 @@ class STAMPConfig(Qwen2VLConfig):
             setattr(self, f"{name}_token_id", token_id)
 
 
-__all__ = ["MASK_LOSS_RESOLUTIONS", "STAMPConfig", "STAMP_TOKENS"]
+@strict
+class STAMPConfig(STAMPConfigMixin, Qwen2VLConfig):
+    """STAMP on Qwen2-VL: [`Qwen2VLConfig`] plus the STAMP settings of [`STAMPConfigMixin`]."""
+
+    model_type = "stamp"
+
+
+@strict
+class STAMPQwen2_5_VLConfig(STAMPConfigMixin, Qwen2_5_VLConfig):
+    """STAMP on Qwen2.5-VL: [`Qwen2_5_VLConfig`] plus the STAMP settings of [`STAMPConfigMixin`]."""
+
+    model_type = "stamp_qwen2_5_vl"
+
+
+# backbone model type -> the STAMP configuration built on it
+STAMP_CONFIGS = {"qwen2_vl": STAMPConfig, "qwen2_5_vl": STAMPQwen2_5_VLConfig}
+STAMP_MODEL_TYPES = tuple(config.model_type for config in STAMP_CONFIGS.values())
+
+__all__ = [
+    "MASK_LOSS_RESOLUTIONS",
+    "STAMPConfig",
+    "STAMPConfigMixin",
+    "STAMPQwen2_5_VLConfig",
+    "STAMP_CONFIGS",
+    "STAMP_MODEL_TYPES",
+    "STAMP_TOKENS",
+]

@@ -1,4 +1,5 @@
-"""STAMPModel: transformers' Qwen2-VL with STAMP's all-mask prediction head.
+"""STAMP: transformers' Qwen2-VL (`STAMPModel`) or Qwen2.5-VL (`STAMPQwen2_5_VLModel`) with STAMP's all-mask
+prediction head. Both are the backbone's own class plus `STAMPMixin`, the one implementation of everything below.
 
 Phase 1 is ordinary generation. Phase 2 decodes every `<|seg|>` of a response in one language-model forward on the
 phase-1 cache: each `<|seg|>` gets N `<|mask|>` placeholders (N = merged patches of its image), placeholder j embedded
@@ -18,11 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
-from .configuration_stamp import STAMPConfig
+from .configuration_stamp import STAMPConfig, STAMPQwen2_5_VLConfig
 from .pipeline_stamp import PIPELINE_TASK, STAMPSegmentationPipeline, register_pipeline
 from .processing_stamp import upsample_mask_logits
 
@@ -30,10 +32,14 @@ logger = logging.get_logger(__name__)
 
 # Released STAMP checkpoints (and Qwen2-VL ones) carry the legacy Qwen2-VL keys (`model.layers.*`, `visual.*`).
 # transformers renames them for its own Qwen2-VL class only, not for a subclass defined outside it: give the "stamp"
-# model type the same renaming, so `from_pretrained` (and peft's adapter loading) accepts both layouts.
-register_checkpoint_conversion_mapping(
-    "stamp", get_checkpoint_conversion_mapping("Qwen2VLForConditionalGeneration"), overwrite=True
-)
+# model types the same renaming, so `from_pretrained` (and peft's adapter loading) accepts both layouts.
+for _stamp_type, _backbone_class in (
+    (STAMPConfig.model_type, "Qwen2VLForConditionalGeneration"),
+    (STAMPQwen2_5_VLConfig.model_type, "Qwen2_5_VLForConditionalGeneration"),
+):
+    register_checkpoint_conversion_mapping(
+        _stamp_type, get_checkpoint_conversion_mapping(_backbone_class), overwrite=True
+    )
 
 
 @dataclass
@@ -86,11 +92,11 @@ class _SegQuery:
     image: int
 
 
-class STAMPModel(Qwen2VLForConditionalGeneration):
-    config_class = STAMPConfig
-    config: STAMPConfig
+class STAMPMixin:
+    """STAMP on a Qwen-VL backbone: the classifier, the mask loss, phase 2 and the helpers. A concrete class puts it
+    before the backbone's `...ForConditionalGeneration` (see `STAMPModel`, `STAMPQwen2_5_VLModel`)."""
 
-    def __init__(self, config: STAMPConfig):
+    def __init__(self, config):
         super().__init__(config)
         self.classifier = nn.Linear(config.text_config.hidden_size, 1)
         self.post_init()
@@ -248,7 +254,7 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
             embeds = embeds.masked_scatter(image_slots, torch.cat(features).to(embeds.dtype))
         if mm_token_type_ids is None:
             mm_token_type_ids = self._mm_token_type_ids(input_ids)
-        positions = self.model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, None, attention_mask)[0]
+        positions = self._rope_positions(input_ids, mm_token_type_ids, image_grid_thw, attention_mask)
         seg_indices = [torch.nonzero(row == self._token_id("seg")).flatten().tolist() for row in input_ids]
         queries = self._seg_queries(seg_indices, positions, mm_token_type_ids, self._images_per_row(mm_token_type_ids))
         return self._decode_placeholders(
@@ -404,7 +410,7 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
             attention_mask = torch.ones_like(sequences)
         if mm_token_type_ids is None:
             mm_token_type_ids = self._mm_token_type_ids(sequences)
-        positions = self.model.get_rope_index(sequences, mm_token_type_ids, image_grid_thw, None, attention_mask)[0]
+        positions = self._rope_positions(sequences, mm_token_type_ids, image_grid_thw, attention_mask)
         seg_indices = [
             (torch.nonzero(row[response_start:] == self._token_id("seg")).flatten() + response_start).tolist()
             for row in sequences
@@ -523,6 +529,13 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
 
     # ------------------------------------------------------------------ helpers
 
+    def _rope_positions(self, input_ids, mm_token_type_ids, image_grid_thw, attention_mask) -> torch.LongTensor:
+        """(3, batch, seq_len) M-RoPE positions of a sequence with images, from the backbone's own rope index (by
+        keyword: Qwen2.5-VL's takes second_per_grid_ts, for videos, before attention_mask)."""
+        return self.model.get_rope_index(
+            input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+        )[0]
+
     def _token_id(self, name: str) -> int:
         token_id = getattr(self.config, f"{name}_token_id")
         if token_id is None:
@@ -640,20 +653,41 @@ def _chunks(queries, limit, size):
     yield chunk
 
 
+class STAMPModel(STAMPMixin, Qwen2VLForConditionalGeneration):
+    """STAMP on transformers' Qwen2-VL (the released checkpoints)."""
+
+    config_class = STAMPConfig
+    config: STAMPConfig
+
+
+class STAMPQwen2_5_VLModel(STAMPMixin, Qwen2_5_VLForConditionalGeneration):
+    """STAMP on transformers' Qwen2.5-VL: the same head and phase 2; the vision tower (window attention) and the
+    rope index are Qwen2.5-VL's own."""
+
+    config_class = STAMPQwen2_5_VLConfig
+    config: STAMPQwen2_5_VLConfig
+
+
+# STAMP model type -> class
+STAMP_MODELS = {cls.config_class.model_type: cls for cls in (STAMPModel, STAMPQwen2_5_VLModel)}
+
+
 def register_auto_classes() -> None:
-    """Teach this process's Auto classes the "stamp" model type (AutoConfig / AutoModel / AutoProcessor load a STAMP
+    """Teach this process's Auto classes both STAMP model types (AutoConfig / AutoModel / AutoProcessor load a STAMP
     folder without trust_remote_code) and make `save_pretrained` write `auto_map` and the remote-code files, so the
     folder loads without this package. The installed package calls it when it imports this file."""
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
     from .processing_stamp import STAMPProcessor
 
-    AutoConfig.register(STAMPConfig.model_type, STAMPConfig, exist_ok=True)
-    AutoModel.register(STAMPConfig, STAMPModel, exist_ok=True)
-    AutoModelForImageTextToText.register(STAMPConfig, STAMPModel, exist_ok=True)
-    AutoProcessor.register(STAMPConfig, STAMPProcessor, exist_ok=True)
-    STAMPConfig.register_for_auto_class()
-    STAMPModel.register_for_auto_class("AutoModel")
+    for model_class in STAMP_MODELS.values():
+        config_class = model_class.config_class
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModel.register(config_class, model_class, exist_ok=True)
+        AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
+        AutoProcessor.register(config_class, STAMPProcessor, exist_ok=True)
+        config_class.register_for_auto_class()
+        model_class.register_for_auto_class("AutoModel")
     STAMPProcessor.register_for_auto_class()
 
 
@@ -661,4 +695,14 @@ register_pipeline()  # pipeline(PIPELINE_TASK, model=<a loaded STAMP>) works wit
 if __name__.startswith("stamp_hf."):  # the installed package, not a Hub remote-code copy (that one comes with auto_map)
     register_auto_classes()
 
-__all__ = ["STAMPModel", "STAMPOutput", "STAMPGenerateOutput", "bce_dice_loss", "mask_target", "register_auto_classes"]
+__all__ = [
+    "STAMP_MODELS",
+    "STAMPMixin",
+    "STAMPModel",
+    "STAMPQwen2_5_VLModel",
+    "STAMPOutput",
+    "STAMPGenerateOutput",
+    "bce_dice_loss",
+    "mask_target",
+    "register_auto_classes",
+]

@@ -49,6 +49,13 @@ def tiny_eager():
     return model, processor
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen25():
+    """The Qwen2.5-VL backbone (window attention in the vision tower, its own rope index) at toy size."""
+    model, processor = tiny_stamp(seed=0, backbone="qwen2_5_vl")
+    return model, processor
+
+
 # A None entry in sys.modules makes `import stamp_hf` fail and find_spec report it missing, as if never installed.
 BLOCK_STAMP_HF = "import sys\nsys.modules['stamp_hf'] = None\n"
 

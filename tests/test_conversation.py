@@ -2,6 +2,7 @@
 equals running the whole conversation from scratch."""
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import chat, random_image
@@ -9,8 +10,9 @@ from stamp_hf.conversation import Conversation
 from stamp_hf.testing import answer_with_masks, tiny_stamp
 
 
-def test_follow_up_runs_only_new_tokens_and_matches_a_fresh_run():
-    model, processor = tiny_stamp(seed=2)
+@pytest.mark.parametrize("backbone", ["qwen2_vl", "qwen2_5_vl"])
+def test_follow_up_runs_only_new_tokens_and_matches_a_fresh_run(backbone):
+    model, processor = tiny_stamp(seed=2, backbone=backbone)
     answer_with_masks(model, processor, segs=1)
     image = random_image(60, 90, seed=1)
     conversation = Conversation(model, processor, image)

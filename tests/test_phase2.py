@@ -64,7 +64,7 @@ def reference_mask_logits(model, inputs, sequence, causal_placeholders=False):
     return [chunk for chunk in logits.split(n)]
 
 
-@pytest.mark.parametrize("fixture", ["tiny", "tiny_eager"])
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_eager", "tiny_qwen25"])
 def test_cached_phase2_equals_no_cache_reference(fixture, request):
     model, processor = request.getfixturevalue(fixture)
     image = random_image(90, 150)  # non-square: a 3 x 5 mask grid
@@ -80,8 +80,9 @@ def test_cached_phase2_equals_no_cache_reference(fixture, request):
     assert (out.mask_logits[0][0] - out.mask_logits[0][2]).abs().max() > 1e-4
 
 
-def test_predict_masks_agrees_with_generate_with_masks(tiny):
-    model, processor = tiny
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_qwen25"])
+def test_predict_masks_agrees_with_generate_with_masks(fixture, request):
+    model, processor = request.getfixturevalue(fixture)
     image = random_image(120, 64, seed=3)
     inputs, out = generate(model, processor, image)
     teacher = dict(inputs)
@@ -145,8 +146,9 @@ def test_vision_tower_runs_once_for_a_batch_of_images(tiny):
     assert len(out.mask_logits) == 2
 
 
-def test_batched_generation_matches_single_samples(tiny):
-    model, processor = tiny
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_qwen25"])
+def test_batched_generation_matches_single_samples(fixture, request):
+    model, processor = request.getfixturevalue(fixture)
     images = [random_image(60, 60, 1), random_image(84, 140, 2)]
     singles = []
     for image in images:

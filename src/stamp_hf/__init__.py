@@ -1,4 +1,4 @@
-"""stamp-hf: STAMP segmentation MLLM on transformers' Qwen2-VL.
+"""stamp-hf: STAMP segmentation MLLM on transformers' Qwen2-VL and Qwen2.5-VL.
 
 The model code lives in the top-level `*_stamp.py` files (the Hub remote code); this package reaches them through
 symlinks, so there is one copy. Importing the package is light (the `stamp-hf` console script's --help needs no
@@ -14,9 +14,14 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "STAMP_TOKENS": "configuration_stamp",
     "STAMPConfig": "configuration_stamp",
+    "STAMPQwen2_5_VLConfig": "configuration_stamp",
     "STAMPGenerateOutput": "modeling_stamp",
     "STAMPModel": "modeling_stamp",
     "STAMPOutput": "modeling_stamp",
+    "STAMPQwen2_5_VLModel": "modeling_stamp",
+    "STAMP_MODELS": "modeling_stamp",
+    "BaseModelError": "init_base",
+    "init_from_base": "init_base",
     "STAMPProcessor": "processing_stamp",
     "load_image": "processing_stamp",
     "add_stamp_tokens": "vocab",

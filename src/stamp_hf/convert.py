@@ -17,12 +17,14 @@ from safetensors import safe_open
 from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-from .configuration_stamp import STAMP_TOKENS, STAMPConfig
+from .configuration_stamp import STAMP_CONFIGS, STAMP_TOKENS, STAMPConfig
 from .hub import render_model_card, save_for_hub
 from .modeling_stamp import STAMPModel
 from .processing_stamp import STAMPProcessor
 
 QWEN2_VL_TYPES = ("qwen2_vl", STAMPConfig.model_type)
+# a backbone's or a STAMP model type -> the STAMP configuration class
+CONFIG_CLASSES = {**STAMP_CONFIGS, **{config.model_type: config for config in STAMP_CONFIGS.values()}}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 EMBED_KEYS = ("model.language_model.embed_tokens.weight", "model.embed_tokens.weight")
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -80,13 +82,25 @@ def convert_checkpoint(
         base_model_relation="finetune" if base_model else None,
         converted_from=str(source) if _is_repo_id(source) else None,
     )
+    return write_folder(destination, lambda staging: save_for_hub(model, processor, staging, card, max_shard_size))
+
+
+def write_folder(destination: Path, write) -> Path:
+    """Build a folder with `write(staging)` next to `destination`, then rename it into place: a failure leaves
+    nothing half-written. Whatever is at `destination` (checked by the caller) is replaced only once the new folder
+    is complete."""
+    destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
     try:
-        save_for_hub(model, processor, staging, card, max_shard_size=max_shard_size)
+        write(staging)
         if destination.exists():
-            destination.rmdir()  # empty, checked above
-        os.replace(staging, destination)
+            old = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
+            os.replace(destination, old / "old")
+            os.replace(staging, destination)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, destination)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -173,19 +187,25 @@ def _weight_shapes(folder: Path, allow_pickle: bool, prefix: str = "") -> dict[s
     return shapes
 
 
-def _stamp_config(config_dict: dict, folder: Path, placeholders: dict) -> STAMPConfig:
+def _stamp_config(
+    config_dict: dict,
+    folder: Path,
+    placeholders: dict,
+    accepted=QWEN2_VL_TYPES,
+    expected="STAMP checkpoints are Qwen2-VL ('qwen2_vl')",
+) -> STAMPConfig:
+    """The STAMP configuration of a Qwen-VL config.json (flat legacy or nested text_config) whose model_type is one
+    of `accepted` (`expected` says which, in the error)."""
     model_type = config_dict.get("model_type")
-    if model_type not in QWEN2_VL_TYPES:
-        raise CheckpointError(
-            f"{folder}/config.json has model_type {model_type!r}: STAMP checkpoints are Qwen2-VL ('qwen2_vl')"
-        )
+    if model_type not in accepted:
+        raise CheckpointError(f"{folder}/config.json has model_type {model_type!r}: {expected}")
     settings = {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures", "auto_map")}
     settings.pop("transformers_version", None)
     settings.update(placeholders)
     try:
-        return STAMPConfig(**settings)
+        return CONFIG_CLASSES[model_type](**settings)
     except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{folder}/config.json is not a valid Qwen2-VL config: {error}".splitlines()[0]) from None
+        raise CheckpointError(f"{folder}/config.json is not a valid {model_type} config: {error}".splitlines()[0]) from None
 
 
 def _tokenizer(folder: Path, rows: int):
@@ -229,7 +249,7 @@ def _check_loading(info: dict, folder: Path, allowed_missing: tuple = ()) -> Non
     details = [f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
                for kind, keys in problems.items() if keys]  # fmt: skip
     if details:
-        raise CheckpointError(f"the weights in {folder} do not fit a Qwen2-VL model with its config: {'; '.join(details)}")
+        raise CheckpointError(f"the weights in {folder} do not fit a Qwen-VL model with its config: {'; '.join(details)}")
 
 
 # ---------------------------------------------------------------------------------------------------- full checkpoints

@@ -18,6 +18,10 @@ DEFAULT_TRAINING_DATA = (
     "multi- and no-object expressions. A fine-tune should state its own data here."
 )
 DEFAULT_DATASETS = ["lichengunc/refcoco", "lichengunc/refcocog"]
+UNTRAINED_DATA = "None yet: the STAMP head (classifier and STAMP token rows) is untrained. Fine-tune it with `stamp-hf train`."
+BACKBONE_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
+# STAMP model type -> backbone model type (the tag and the name the card gives)
+STAMP_BACKBONES = {"stamp": "qwen2_vl", "stamp_qwen2_5_vl": "qwen2_5_vl"}
 
 
 class PublishError(ValueError):
@@ -66,8 +70,12 @@ def render_model_card(
     license: str = "apache-2.0",
     datasets: list[str] | None = None,
     training_data: str = DEFAULT_TRAINING_DATA,
+    backbone: str = "qwen2_vl",
+    initialized_from: str | None = None,
 ) -> ModelCard:
-    """The STAMP model card for `repo_id`; `eval_results` as returned by `read_eval_results` (adds a model-index)."""
+    """The STAMP model card for `repo_id`; `eval_results` as returned by `read_eval_results` (adds a model-index).
+    `backbone`: "qwen2_vl" or "qwen2_5_vl". `initialized_from`: the base of a fresh `init_from_base` folder (the card
+    then says it is an untrained STAMP head on that base, and the card data keeps it for `push`)."""
     index = []
     for row in eval_results or []:
         for metric, value in (("cIoU", row["ciou"]), ("gIoU", row["giou"])):
@@ -92,9 +100,10 @@ def render_model_card(
         pipeline_tag="image-segmentation",
         base_model=base_model,
         base_model_relation=base_model_relation if base_model else None,
-        tags=["stamp", "qwen2_vl", "image-segmentation", "referring-segmentation", "custom_code"],
+        tags=["stamp", backbone, "image-segmentation", "referring-segmentation", "custom_code"],
         datasets=DEFAULT_DATASETS if datasets is None else datasets,
         eval_results=index or None,
+        **({"stamp_initialized_from": initialized_from} if initialized_from else {}),
     )
     return ModelCard.from_template(
         card_data,
@@ -104,7 +113,9 @@ def render_model_card(
         base_model=base_model,
         converted_from=converted_from,
         eval_results=eval_results,
-        training_data=training_data,
+        training_data=UNTRAINED_DATA if initialized_from else training_data,
+        backbone_name=BACKBONE_NAMES[backbone],
+        initialized_from=initialized_from,
     )
 
 
@@ -130,15 +141,16 @@ def push_folder(
     folder that does not load is refused before anything is uploaded) and saved again with the current remote code,
     with a model card that keeps the folder card's base model and adds `eval_results` (a path, see
     `read_eval_results`). Returns the commit info."""
-    from . import STAMPConfig, STAMPModel, STAMPProcessor
+    from . import STAMP_MODELS, STAMPProcessor
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise PublishError(f"{folder} is not a saved model folder (no config.json)")
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    if model_type != STAMPConfig.model_type:
+    if model_type not in STAMP_BACKBONES:
         raise PublishError(
-            f"{folder}/config.json has model_type {model_type!r}, not 'stamp'; convert it first: stamp-hf convert"
+            f"{folder}/config.json has model_type {model_type!r}, not a STAMP one ({', '.join(STAMP_BACKBONES)}); "
+            "convert it first (stamp-hf convert) or make one from a base (stamp-hf init)"
         )
     results = read_eval_results(eval_results) if eval_results is not None else None
     previous = ModelCard.load(folder / "README.md").data if (folder / "README.md").is_file() else ModelCardData()
@@ -149,8 +161,10 @@ def push_folder(
         eval_results=results,
         license=previous.license or "apache-2.0",
         datasets=previous.datasets,
+        backbone=STAMP_BACKBONES[model_type],
+        initialized_from=getattr(previous, "stamp_initialized_from", None),
     )
-    model = STAMPModel.from_pretrained(folder, dtype="auto")
+    model = STAMP_MODELS[model_type].from_pretrained(folder, dtype="auto")
     processor = STAMPProcessor.from_pretrained(folder)
     for loading_flag in ("is_local", "local_files_only"):  # how we loaded it, not a setting to publish
         processor.tokenizer.init_kwargs.pop(loading_flag, None)

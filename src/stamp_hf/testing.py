@@ -1,7 +1,8 @@
 """Tiny STAMP models, tokenizers and processors built entirely offline, for tests (ours and users').
 
-Everything is real: transformers' Qwen2-VL classes with a few small layers, a byte-level BPE tokenizer with the
-Qwen2-VL special tokens and the STAMP tokens, the Qwen2-VL image processor and chat template.
+Everything is real: transformers' Qwen2-VL / Qwen2.5-VL classes with a few small layers, a byte-level BPE tokenizer
+with the Qwen2-VL special tokens and the STAMP tokens, the Qwen2-VL image processor and chat template. `tiny_base`
+writes a tiny Qwen-VL base checkpoint laid out as the Hub repos are, for `init_from_base`.
 """
 
 import hashlib
@@ -17,9 +18,9 @@ from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.utils import is_torchvision_available
 
-from .configuration_stamp import STAMPConfig
-from .modeling_stamp import STAMPModel
-from .processing_stamp import STAMPProcessor, default_mask_resample
+from .configuration_stamp import STAMP_CONFIGS, STAMPConfig
+from .modeling_stamp import STAMP_MODELS, STAMPModel
+from .processing_stamp import QWEN2_VL_CHAT_TEMPLATE, STAMPProcessor, default_mask_resample
 from .vocab import add_stamp_tokens
 
 # Qwen2-VL's special tokens, in its id order (151643-151656 in the real vocabulary).
@@ -67,10 +68,10 @@ class ForceTokens(LogitsProcessor):
         return scores
 
 
-def tiny_tokenizer(vocab_size: int = 512, corpus=None) -> Qwen2Tokenizer:
+def tiny_tokenizer(vocab_size: int = 512, corpus=None, stamp_tokens: bool = True) -> Qwen2Tokenizer:
     """A Qwen2-style byte-level BPE tokenizer: Qwen2-VL's special tokens after a small vocabulary learned on `corpus`
-    (texts; a few chat sentences by default), then the four STAMP tokens, in the same order as the real Qwen2-VL /
-    STAMP vocabularies."""
+    (texts; a few chat sentences by default), then the four STAMP tokens (unless `stamp_tokens=False`: a base
+    model's tokenizer), in the same order as the real Qwen2-VL / STAMP vocabularies."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
@@ -82,7 +83,8 @@ def tiny_tokenizer(vocab_size: int = 512, corpus=None) -> Qwen2Tokenizer:
         vocab=bpe.get_vocab(), merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_VL_SPECIAL_TOKENS], special_tokens=True)
-    add_stamp_tokens(tokenizer)
+    if stamp_tokens:
+        add_stamp_tokens(tokenizer)
     return tokenizer
 
 
@@ -121,9 +123,12 @@ def tiny_config(
     vision_embed_dim: int = 32,
     patch_size: int = 14,
     merge_size: int = 2,
+    backbone: str = "qwen2_vl",
     **overrides,
 ) -> STAMPConfig:
-    """A STAMPConfig with Qwen2-VL's structure at toy size; token ids read from `tokenizer`."""
+    """A STAMP config with the structure of `backbone` ("qwen2_vl": STAMPConfig, "qwen2_5_vl": STAMPQwen2_5_VLConfig,
+    with window attention in all but the last vision block) at toy size; token ids read from `tokenizer` (when it has
+    the STAMP tokens)."""
     ids = tokenizer.convert_tokens_to_ids
     half_head = hidden_size // 4 // 2  # M-RoPE splits half the head dim 1/4, 3/8, 3/8 (t, h, w), as Qwen2-VL does
     mrope_section = [half_head // 4, 3 * half_head // 8, half_head - half_head // 4 - 3 * half_head // 8]
@@ -141,15 +146,7 @@ def tiny_config(
             eos_token_id=ids("<|im_end|>"),
             pad_token_id=ids("<|endoftext|>"),
         ),
-        vision_config=dict(
-            depth=vision_depth,
-            embed_dim=vision_embed_dim,
-            hidden_size=hidden_size,
-            num_heads=2,
-            mlp_ratio=2,
-            patch_size=patch_size,
-            spatial_merge_size=merge_size,
-        ),
+        vision_config=_tiny_vision_config(backbone, vision_depth, vision_embed_dim, hidden_size, patch_size, merge_size),
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
@@ -158,15 +155,28 @@ def tiny_config(
         max_placeholders=64,
     )
     settings.update(overrides)
-    config = STAMPConfig(**settings)
-    config.set_stamp_token_ids(tokenizer)
+    config = STAMP_CONFIGS[backbone](**settings)
+    if "<|seg|>" in tokenizer.get_vocab():
+        config.set_stamp_token_ids(tokenizer)
     return config
+
+
+def _tiny_vision_config(backbone, depth, width, out_size, patch_size, merge_size) -> dict:
+    if backbone == "qwen2_vl":
+        return dict(depth=depth, embed_dim=width, hidden_size=out_size, num_heads=2, mlp_ratio=2, patch_size=patch_size,
+                    spatial_merge_size=merge_size)
+    # Qwen2.5-VL names the ViT width hidden_size and the merger's output out_hidden_size; windows of 2 x 2 merged
+    # patches, so the tiny images of the tests span several windows
+    return dict(depth=depth, hidden_size=width, out_hidden_size=out_size, intermediate_size=2 * width, num_heads=2,
+                patch_size=patch_size, spatial_merge_size=merge_size, window_size=2 * patch_size * merge_size,
+                fullatt_block_indexes=[depth - 1], tokens_per_second=2)
 
 
 def tiny_stamp(
     seed: int = 0, attn_implementation: str = "sdpa", tokenizer=None, **config_overrides
 ) -> tuple[STAMPModel, STAMPProcessor]:
-    """A random tiny STAMP model and its processor, ready for `generate_with_masks` and `save_pretrained`."""
+    """A random tiny STAMP model (backbone="qwen2_5_vl" for Qwen2.5-VL) and its processor, ready for
+    `generate_with_masks` and `save_pretrained`."""
     tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
     config = tiny_config(tokenizer, **config_overrides)
     processor = tiny_processor(
@@ -179,7 +189,7 @@ def tiny_stamp(
     )
     torch.manual_seed(seed)
     config._attn_implementation = attn_implementation
-    model = STAMPModel(config).eval()
+    model = STAMP_MODELS[config.model_type](config).eval()
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>")],
         pad_token_id=tokenizer.pad_token_id,
@@ -257,3 +267,88 @@ def answer_with_masks(model, processor, answer: str = " it is", segs: int = 1) -
     # each token gets a bias when the answer so far precedes it; later tokens of the answer get larger ones
     model.generation_config.sequence_bias = [[ids[: k + 1], 1000.0 * (k + 1)] for k in range(len(ids))]
     return ids
+
+
+# Hub layout of the Qwen-VL base repos: processor class, architecture, and how their config.json differs from a save
+# by transformers 5 (flat text settings with rope_scaling, legacy vision keys)
+_BASE_LAYOUTS = {
+    "qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLForConditionalGeneration"),
+    "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2_5_VLForConditionalGeneration"),
+}
+
+
+def tiny_base(
+    folder, backbone: str = "qwen2_vl", tie: bool = True, layout: str = "hub", rows: int | None = None, seed: int = 0
+) -> Path:
+    """Write a random tiny Qwen-VL base checkpoint (no STAMP tokens, no classifier) to `folder`, as the Hub repos hold
+    them, and return the folder. It is saved by transformers' own class; `layout="hub"` then rewrites it as the
+    repos of Qwen/Qwen2-VL-2B-Instruct (tie=True), Qwen2-VL-7B-Instruct (tie=False) and Qwen2.5-VL-3B/7B-Instruct are:
+    flat config.json (text settings at the top, `rope_scaling` of type mrope, legacy vision keys), bfloat16 weights
+    under legacy names (`model.layers.*`, `visual.*`, no lm_head when tied). `layout="current"` keeps transformers 5's own save. Both
+    come with the repos' chat_template.json, preprocessor_config.json (min/max_pixels), generation_config.json and
+    tokenizer files. `rows`: embedding rows (default: 29 more than tokens, as the real ones have spare rows)."""
+    from dataclasses import fields
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from .configuration_stamp import STAMPConfigMixin
+
+    folder = Path(folder)
+    tokenizer = tiny_tokenizer(stamp_tokens=False)
+    stamp_config = tiny_config(tokenizer, backbone=backbone, tie_word_embeddings=tie)
+    settings = {k: v for k, v in stamp_config.to_dict().items() if k not in {f.name for f in fields(STAMPConfigMixin)}}
+    settings["text_config"]["vocab_size"] = rows if rows is not None else len(tokenizer) + 29
+    for key in ("model_type", "auto_map", "architectures", "transformers_version"):
+        settings.pop(key, None)
+    config = AutoConfig.for_model(backbone, **settings)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=True, top_k=1, top_p=0.001,
+        temperature=0.01, repetition_penalty=1.0,
+        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id],
+    )  # the Instruct repos' generation_config.json
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    processor_class, _ = _BASE_LAYOUTS[backbone]
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}, indent=2))
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor_class,
+    }, indent=2))  # fmt: skip
+    if layout == "hub":
+        _rewrite_as_hub_repo(folder, backbone, tie, load_file, save_file)
+    elif layout != "current":
+        raise ValueError(f"layout must be 'hub' or 'current', got {layout!r}")
+    return folder
+
+
+def _rewrite_as_hub_repo(folder: Path, backbone: str, tie: bool, load_file, save_file) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    text = config.pop("text_config")
+    rope = text.pop("rope_parameters")
+    for key in ("model_type", "dtype", "architectures"):
+        text.pop(key, None)
+    vision = config["vision_config"]
+    vision.pop("dtype", None)
+    vision.update(in_chans=vision.pop("in_channels", 3), spatial_patch_size=vision["patch_size"])
+    if backbone == "qwen2_5_vl":
+        vision["model_type"] = "qwen2_5_vl"  # as in the Qwen2.5-VL repos' config.json
+    flat = {**text, **config, "torch_dtype": "bfloat16", "rope_theta": rope["rope_theta"], "tie_word_embeddings": tie}
+    flat.pop("dtype", None)
+    flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    flat["architectures"] = [_BASE_LAYOUTS[backbone][1]]
+    (folder / "config.json").write_text(json.dumps(flat, indent=2))
+    for file in folder.glob("*.safetensors"):
+        state = load_file(file)
+        legacy = {}
+        for key, value in state.items():
+            if key.startswith("model.language_model."):
+                key = "model." + key.removeprefix("model.language_model.")
+            elif key.startswith("model.visual."):
+                key = key.removeprefix("model.")
+            if not (tie and key == "lm_head.weight"):
+                legacy[key] = value.to(torch.bfloat16) if value.is_floating_point() else value  # as released
+        save_file(legacy, file, metadata={"format": "pt"})

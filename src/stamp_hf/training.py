@@ -2,7 +2,11 @@
 
 The config file (YAML or JSON) of `stamp-hf train CONFIG` / `train(config)`:
 
-    model: org/stamp-2b             # a STAMP checkpoint (folder or Hub id); the processor is read from it too
+    model: org/stamp-2b             # a STAMP checkpoint (folder or Hub id); the processor is read from it too. Or a
+                                    # Qwen2-VL / Qwen2.5-VL base (e.g. Qwen/Qwen2-VL-2B-Instruct): training then starts
+                                    # from init_from_base(model) (stamp_hf.init_base), an untrained STAMP head
+    min_placeholders: null          # with a base only: bounds on N per image (null: the paper's 1024 / 1280)
+    max_placeholders: null
     data: data/train.jsonl          # the JSON Lines training format (stamp_hf.data); a list of files reads as one
     eval_data: data/val.jsonl       # optional, same format: eval_loss at every checkpoint (or once at the end)
     output_dir: runs/stamp-2b-ft    # checkpoints, then the final model (a plain STAMP checkpoint, also after LoRA)
@@ -29,10 +33,14 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
+from transformers.utils import logging
 
-from .configuration_stamp import MASK_LOSS_RESOLUTIONS
+from .configuration_stamp import MASK_LOSS_RESOLUTIONS, STAMP_MODEL_TYPES
 from .data import STAMPCollator, STAMPDataset
 from .processing_stamp import default_mask_resample
+from .init_base import BASE_TYPES, base_model_type, init_from_base
+
+logger = logging.get_logger(__name__)
 
 # The paper's optimisation settings (Table S1); batch size 96 = devices x per_device x gradient_accumulation.
 PAPER_TRAINING_ARGUMENTS = {
@@ -82,6 +90,8 @@ class TrainConfig:
     resume: bool | str = False
     dtype: str = "float32"  # the weights the optimizer updates; mixed precision comes from training.bf16
     trust_remote_code: bool = False
+    min_placeholders: int | None = None
+    max_placeholders: int | None = None
     training: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -255,6 +265,24 @@ def merge_and_save(model, processor, folder) -> Path:
     return folder
 
 
+def load_starting_point(config: TrainConfig):
+    """(model, processor) to train from: the STAMP checkpoint `config.model`, or, when it names a Qwen2-VL /
+    Qwen2.5-VL base, a STAMP made from it by `init_from_base` (said on the log)."""
+    dtype = getattr(torch, config.dtype)
+    bounds = {k: getattr(config, k) for k in ("min_placeholders", "max_placeholders") if getattr(config, k) is not None}
+    if base_model_type(config.model) in BASE_TYPES:
+        logger.warning(f"{config.model} is a base model, not a STAMP checkpoint: training starts from "
+                       f"init_from_base({config.model!r}) (its weights, the STAMP tokens, an untrained mask classifier)")
+        return init_from_base(config.model, dtype=dtype, **bounds)
+    if bounds:
+        raise ValueError("min_placeholders / max_placeholders apply when model is a base; a STAMP checkpoint keeps its own")
+    processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+    model = AutoModel.from_pretrained(config.model, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    if getattr(model.config, "model_type", None) not in STAMP_MODEL_TYPES:
+        raise ValueError(f"{config.model} is not a STAMP checkpoint (model_type {model.config.model_type!r})")
+    return model, processor
+
+
 def train(config: TrainConfig | dict | str | Path) -> STAMPTrainer:
     """Fine-tune a STAMP checkpoint as `config` says (a TrainConfig, a dict of its fields, or a config file) and save
     the result to `config.output_dir` as a plain STAMP checkpoint. Returns the Trainer (its `state.log_history` holds
@@ -268,12 +296,7 @@ def train(config: TrainConfig | dict | str | Path) -> STAMPTrainer:
         raise FileExistsError(f"{output_dir} already holds a model; choose another output_dir or set resume: true")
     args = config.training_arguments()
 
-    processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
-    model = AutoModel.from_pretrained(
-        config.model, dtype=getattr(torch, config.dtype), trust_remote_code=config.trust_remote_code
-    )
-    if getattr(model.config, "model_type", None) != "stamp":
-        raise ValueError(f"{config.model} is not a STAMP checkpoint (model_type {model.config.model_type!r})")
+    model, processor = load_starting_point(config)
     if config.text_loss_weight is not None:
         model.config.text_loss_weight = float(config.text_loss_weight)
     if config.mask_loss_weights is not None:
@@ -317,6 +340,7 @@ __all__ = [
     "STAMPTrainer",
     "TrainConfig",
     "apply_lora",
+    "load_starting_point",
     "merge_and_save",
     "train",
 ]

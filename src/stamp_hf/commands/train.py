@@ -1,10 +1,11 @@
 """Fine-tune a STAMP checkpoint on JSON Lines data with transformers' Trainer (full or LoRA), as CONFIG says.
 
-CONFIG is a YAML or JSON file: model, data, output_dir, and optionally eval_data, finetuning (full | lora), lora,
-freeze_vision_tower, the loss settings (text_loss_weight, mask_loss_weights, mask_loss_resolution, soft_mask_labels),
-resume and training (TrainingArguments fields; the paper's values are the defaults); stamp_hf.training documents
-each. Run it under `accelerate launch` or `torchrun` for several processes. The result in output_dir is a plain STAMP
-checkpoint."""
+CONFIG is a YAML or JSON file: model (a STAMP checkpoint, or a Qwen2-VL / Qwen2.5-VL base to start from an untrained
+STAMP head, then with optional min_placeholders / max_placeholders), data, output_dir, and optionally eval_data,
+finetuning (full | lora), lora, freeze_vision_tower, the loss settings (text_loss_weight, mask_loss_weights,
+mask_loss_resolution, soft_mask_labels), resume and training (TrainingArguments fields; the paper's values are the
+defaults); stamp_hf.training documents each. Run it under `accelerate launch` or `torchrun` for several processes.
+The result in output_dir is a plain STAMP checkpoint."""
 
 from pathlib import Path
 
