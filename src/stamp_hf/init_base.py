@@ -81,7 +81,8 @@ def init_from_base(
     config = _stamp_config(config_dict, folder, placeholders, accepted=BASE_TYPES, expected=EXPECTED_BASE)
     with _quiet_loading():  # its report lists the new classifier as missing; _check_loading checks the rest
         model, info = STAMP_MODELS[config.model_type].from_pretrained(
-            folder, config=config, dtype=dtype, use_safetensors=shapes is not None, output_loading_info=True
+            folder, config=config, dtype=dtype, use_safetensors=shapes is not None, allow_pickle=shapes is None,
+            output_loading_info=True,
         )
     _check_loading(info, folder, allowed_missing=("classifier.",))
     first_new_id = len(tokenizer)
