@@ -60,6 +60,33 @@ def write_shapes_dataset(folder, mask_format="png", shapes=SHAPES) -> Path:
     return path
 
 
+def write_shapes_refer(folder, shapes=SHAPES) -> Path:
+    """The same shapes as a REFER export (what RefCOCO ships): images/, instances.json with one polygon annotation per
+    image, refs(unc).p (a pickle, as released) with one "train" reference each, sentence "<colour> square"."""
+    import pickle
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations, refs = [], [], []
+    for k, (size, box, name, rgb) in enumerate(shapes):
+        image = np.full((*size, 3), 245, dtype=np.uint8)
+        image[shape_mask(size, box)] = rgb
+        file_name = f"COCO_train2014_{k:012d}.png"
+        Image.fromarray(image).save(folder / "images" / file_name)
+        top, left, bottom, right = box
+        images.append({"id": k, "file_name": file_name, "height": size[0], "width": size[1]})
+        annotations.append({"id": k, "image_id": k, "category_id": 1, "iscrowd": 0,
+                            "segmentation": [[left, top, right, top, right, bottom, left, bottom]]})
+        text = f"{name} square"
+        refs.append({"ref_id": k, "ann_id": k, "image_id": k, "split": "train", "category_id": 1, "sent_ids": [k],
+                     "file_name": file_name, "sentences": [{"sent_id": k, "sent": text, "raw": text,
+                                                            "tokens": text.split()}]})
+    instances = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "square"}]}
+    (folder / "instances.json").write_text(json.dumps(instances))
+    (folder / "refs(unc).p").write_bytes(pickle.dumps(refs))
+    return folder
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models train fastest on one thread; on shared cores several OpenMP threads spin against each other
