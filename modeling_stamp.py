@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import AttentionInterface
 from transformers.utils import ModelOutput, logging
 
 from .configuration_stamp import STAMPConfig
@@ -366,84 +367,102 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
         `queries`. Returns the text tokens' final hidden states and a list per row of (h, w) mask-logit grids.
 
         text_embeds: (batch, T, hidden); text_positions: (3, batch, T); key_valid: (batch, cached + T) padding mask of
-        the whole sequence; the cache, if any, is cropped back to cached + T afterwards.
+        the whole sequence. The cache, if any, gains the T text tokens and nothing else (placeholders never enter it).
         """
-        batch, text_len, hidden = text_embeds.shape
+        layout = self._phase2_layout(text_embeds, key_valid, queries, image_grid_thw, cache)
+        placeholder_embeds, placeholder_positions = self._placeholder_inputs(
+            layout, queries, features, text_embeds, text_positions
+        )
+        hidden_states = self._run_phase2(
+            torch.cat([text_embeds, placeholder_embeds], 1), torch.cat([text_positions, placeholder_positions], 2), layout
+        )
+        text_hidden, placeholder_hidden = hidden_states.split([layout.text_len, layout.width], 1)
+        return text_hidden, self._classify_blocks(placeholder_hidden, layout, queries, image_grid_thw)
+
+    def _phase2_layout(self, text_embeds, key_valid, queries, image_grid_thw, cache) -> "Phase2Layout":
+        """Where each `<|seg|>`'s block sits among the placeholders, what it may see, and the text tokens' own mask."""
+        batch, text_len, _ = text_embeds.shape
         cached = cache.get_seq_length() if cache is not None else 0
-        seq_len = cached + text_len
+        blocks, used = [], [0] * batch
+        for query in queries:
+            size = self._num_placeholders(image_grid_thw[query.image])
+            blocks.append(PlaceholderBlock(query.row, used[query.row], size, query.index + 1))
+            used[query.row] += size
+        kernel = "eager" if self.config.text_config._attn_implementation == "eager" else "sdpa"
+        key_valid = key_valid[:, : cached + text_len]
+        return Phase2Layout(
+            text_len=text_len,
+            width=max(used, default=0),
+            blocks=blocks,
+            key_valid=key_valid,
+            text_mask=self._attention_mask(self._text_allowed(key_valid, text_len), text_embeds.dtype, kernel),
+            text_kernel=kernel,
+            causal_placeholders=self.config.placeholder_attention == "causal",
+            cache=cache,
+        )
+
+    @staticmethod
+    def _text_allowed(key_valid, text_len) -> torch.Tensor:
+        """(batch, 1, T, cached + T): the text tokens' causal padding mask; left-padding rows see themselves (their
+        output is never used) so that no query row is empty."""
+        keys = key_valid.shape[1]
+        cached = keys - text_len
+        rows = torch.arange(cached, keys, device=key_valid.device)
+        allowed = (rows[:, None] >= torch.arange(keys, device=key_valid.device)[None, :])[None] & key_valid[:, None, :]
+        diagonal = torch.arange(text_len, device=key_valid.device)
+        allowed[:, diagonal, cached + diagonal] |= ~allowed.any(-1)
+        return allowed[:, None]
+
+    def _placeholder_inputs(self, layout, queries, features, text_embeds, text_positions):
+        """(batch, width, hidden) embeddings embed(`<|mask|>`) + patch feature and (3, batch, width) positions
+        continuing after each `<|seg|>`; slots past a row's last block stay zero and are never read."""
+        batch, _, hidden = text_embeds.shape
         device, dtype = text_embeds.device, text_embeds.dtype
         mask_embed = self.get_input_embeddings().weight[self._token_id("mask")]
-        fuse, causal_placeholders = self.config.fuse_patch_features, self.config.placeholder_attention == "causal"
+        embeds = text_embeds.new_zeros(batch, layout.width, hidden)
+        positions = text_positions.new_zeros(3, batch, layout.width)
+        for query, block in zip(queries, layout.blocks, strict=True):
+            span = slice(block.start, block.start + block.size)
+            patches = features[query.image].to(dtype) if self.config.fuse_patch_features else 0
+            embeds[block.row, span] = mask_embed + patches
+            positions[:, block.row, span] = query.position + 1 + torch.arange(block.size, device=device)
+        return embeds, positions
 
-        rows = [[q for q in queries if q.row == r] for r in range(batch)]
-        sizes = [[self._num_placeholders(image_grid_thw[q.image]) for q in row] for row in rows]
-        width = max((sum(s) for s in sizes), default=0)
-        total = text_len + width
-
-        placeholder_embeds = text_embeds.new_zeros(batch, width, hidden)
-        placeholder_positions = text_positions.new_zeros(3, batch, width)
-        # allowed[b, i, j]: query i (text, then placeholders) may attend to key j (cache, text, placeholders)
-        allowed = torch.zeros(batch, total, seq_len + width, dtype=torch.bool, device=device)
-        text_rows = torch.arange(cached, seq_len, device=device)
-        causal = text_rows[:, None] >= torch.arange(seq_len, device=device)[None, :]
-        allowed[:, :text_len, :seq_len] = causal[None] & key_valid[:, None, :seq_len]
-        for r, (row_queries, row_sizes) in enumerate(zip(rows, sizes)):
-            start = 0
-            for query, n in zip(row_queries, row_sizes):
-                block = slice(start, start + n)
-                placeholder_embeds[r, block] = mask_embed + (features[query.image].to(dtype) if fuse else 0)
-                placeholder_positions[:, r, block] = query.position + 1 + torch.arange(n, device=device)
-                allowed[r, text_len + start : text_len + start + n, : query.index + 1] = key_valid[r, : query.index + 1]
-                allowed[r, text_len + start : text_len + start + n, seq_len + start : seq_len + start + n] = (
-                    torch.ones(n, n, dtype=torch.bool, device=device).tril() if causal_placeholders else True
-                )
-                start += n
-            # padding slots (this row has fewer placeholders than the widest) only see themselves
-            pad = torch.arange(start, width, device=device)
-            allowed[r, text_len + pad, seq_len + pad] = True
-        # a query must see something: left-padding text rows see themselves (their output is never used)
-        diagonal = torch.arange(text_len, device=device)
-        allowed[:, diagonal, cached + diagonal] |= ~allowed[:, :text_len].any(-1)
-
-        inputs_embeds = torch.cat([text_embeds, placeholder_embeds], 1)
-        position_ids = torch.cat([text_positions, placeholder_positions], 2)
+    def _run_phase2(self, inputs_embeds, position_ids, layout) -> torch.Tensor:
+        """The language model with STAMP's block attention: the layout travels to it through the forward kwargs."""
         with self._mask_capable_attention():
-            attention = self._attention_mask(allowed[:, None], dtype)
             outputs = self.model.language_model(
                 inputs_embeds=inputs_embeds,
                 position_ids=position_ids,
-                attention_mask={"full_attention": attention, "sliding_attention": attention},
-                cache=cache,
-                use_cache=cache is not None,
+                attention_mask={"full_attention": None, "sliding_attention": None},
+                use_cache=False,
+                stamp_layout=layout,
             )
-        if cache is not None:
-            cache.crop(-width) if width else None
-        hidden_states = outputs.last_hidden_state
-        patch_logits = self.classifier(hidden_states[:, text_len:]).squeeze(-1)  # (batch, width)
-        mask_logits = []
-        for r, (row_queries, row_sizes) in enumerate(zip(rows, sizes)):
-            grids = patch_logits[r].split(row_sizes + [width - sum(row_sizes)])[: len(row_sizes)]
-            mask_logits.append(
-                [g.reshape(self._mask_grid(image_grid_thw[q.image])) for g, q in zip(grids, row_queries)]
-            )
-        return hidden_states[:, :text_len], mask_logits
+        return outputs.last_hidden_state
 
-    def _attention_mask(self, allowed: torch.Tensor, dtype) -> torch.Tensor:
-        """sdpa and flex take a boolean mask; eager needs an additive one (a boolean mask is silently wrong there)."""
-        if self.config.text_config._attn_implementation == "sdpa":
+    def _classify_blocks(self, placeholder_hidden, layout, queries, image_grid_thw) -> list[list[torch.Tensor]]:
+        """Classifier logits of each block, reshaped to its image's (h, w) mask grid, a list per row."""
+        patch_logits = self.classifier(placeholder_hidden).squeeze(-1)  # (batch, width)
+        mask_logits = [[] for _ in range(patch_logits.shape[0])]
+        for query, block in zip(queries, layout.blocks, strict=True):
+            grid = patch_logits[block.row, block.start : block.start + block.size]
+            mask_logits[block.row].append(grid.reshape(self._mask_grid(image_grid_thw[query.image])))
+        return mask_logits
+
+    @staticmethod
+    def _attention_mask(allowed: torch.Tensor, dtype, kernel: str) -> torch.Tensor:
+        """sdpa takes a boolean mask; eager math needs an additive one (a boolean mask is silently wrong there)."""
+        if kernel == "sdpa":
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
     @contextlib.contextmanager
     def _mask_capable_attention(self):
-        """Flash-attention takes no 4D mask: run phase 2 with sdpa (same weights, same result) and say so."""
+        """Run the language model with `block_attention` whatever kernel is configured (flash takes no block layout;
+        the text tokens keep eager math if configured, sdpa otherwise: see _phase2_layout)."""
         text_config = self.config.text_config
         original = text_config._attn_implementation
-        if original is None or "flash" not in original:
-            yield
-            return
-        logger.warning_once(f"{original} cannot take STAMP's hybrid attention mask; phase 2 runs with sdpa")
-        text_config._attn_implementation = "sdpa"
+        text_config._attn_implementation = BLOCK_ATTENTION
         try:
             yield
         finally:
@@ -548,6 +567,135 @@ def _chunks(queries, limit, size):
         chunk.append(query)
         used += n
     yield chunk
+
+
+# ---------------------------------------------------------------------- phase 2's block attention
+
+BLOCK_ATTENTION = "stamp_block_attention"
+_SCORE_CHUNK = 2**23  # attention scores held at once per block (32 MiB in float32): bounds phase 2's peak memory
+
+
+@dataclass
+class PlaceholderBlock:
+    """The N placeholders of one `<|seg|>`: its row, its offset among that row's placeholders, N, and how many keys
+    of the sequence it attends to (everything up to and including its `<|seg|>`)."""
+
+    row: int
+    start: int
+    size: int
+    prefix: int
+
+
+@dataclass
+class Phase2Layout:
+    """What `block_attention` needs beyond query/key/value: it reaches every attention layer through the forward
+    kwargs (`stamp_layout=`). The language model's input is T text tokens, then `width` placeholder slots per row."""
+
+    text_len: int
+    width: int
+    blocks: list[PlaceholderBlock]
+    key_valid: torch.Tensor  # (batch, cached + T) bool: padding mask of the sequence
+    text_mask: torch.Tensor  # (batch, 1, T, cached + T): causal padding mask of the text tokens (bool or additive)
+    text_kernel: str  # "sdpa" or "eager"
+    causal_placeholders: bool
+    cache: Cache | None  # read in place; gains the T text tokens' keys/values
+
+
+def block_attention(module, query, key, value, attention_mask=None, scaling=None, stamp_layout=None, **kwargs):
+    """
+    Phase 2's attention (registered with transformers' AttentionInterface as BLOCK_ATTENTION). The text tokens attend
+    causally to the cache and to themselves; each `<|seg|>`'s placeholders attend to the sequence up to that `<|seg|>`
+    and to their own block only. The prefix is read from the cache (or from this forward's text keys) in place, one
+    block at a time: nothing is copied per block and no score is computed for a key the mask hides.
+
+    query: (batch, heads, T + width, head_dim); key/value: (batch, kv_heads, T + width, head_dim), this forward's
+    tokens only (the language model runs without a cache; the layout carries it). Returns (batch, T + width, heads,
+    head_dim) and no weights, as transformers' attention functions do. Attention dropout is not applied.
+    """
+    layout = stamp_layout
+    if layout is None:
+        raise ValueError(f"{BLOCK_ATTENTION} needs the phase-2 layout (stamp_layout=...) in the forward kwargs")
+    scaling = module.scaling if scaling is None else scaling
+    text_len = layout.text_len
+    text_keys, text_values = key[:, :, :text_len], value[:, :, :text_len]
+    if layout.cache is not None and text_len:
+        text_keys, text_values = layout.cache.update(text_keys, text_values, module.layer_idx)
+    elif layout.cache is not None:
+        cached = layout.cache.layers[module.layer_idx]
+        text_keys, text_values = cached.keys, cached.values
+    output = query.new_zeros(query.shape)
+    if text_len:
+        output[:, :, :text_len] = _text_attention(
+            query[:, :, :text_len], text_keys, text_values, layout.text_mask, scaling, layout.text_kernel
+        )
+    for block in layout.blocks:
+        span = slice(text_len + block.start, text_len + block.start + block.size)
+        output[block.row, :, span] = prefix_and_block_attention(
+            query[block.row, :, span],
+            text_keys[block.row, :, : block.prefix],
+            text_values[block.row, :, : block.prefix],
+            layout.key_valid[block.row, : block.prefix],
+            key[block.row, :, span],
+            value[block.row, :, span],
+            scaling,
+            layout.causal_placeholders,
+        )
+    return output.transpose(1, 2), None
+
+
+def _text_attention(query, key, value, mask, scaling, kernel):
+    """Causal attention of the text tokens over (cache +) themselves, with the kernel the model is configured for."""
+    if kernel == "sdpa":
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    weights = (query @ key.transpose(-1, -2) * scaling + mask).softmax(-1, dtype=torch.float32)
+    return weights.to(value.dtype) @ value
+
+
+def prefix_and_block_attention(query, prefix_keys, prefix_values, prefix_valid, block_keys, block_values, scaling, causal):
+    """
+    Exact softmax attention of one block's queries over the union of its prefix and its own keys, computed as two
+    score matrices merged through a shared maximum (so the prefix is never concatenated with the block, i.e. never
+    copied), in chunks of queries that hold at most _SCORE_CHUNK scores. Query heads are grouped by the key head
+    they share (grouped-query attention without repeating the keys).
+
+    query: (heads, n, head_dim); prefix_keys/values: (kv_heads, s, head_dim); prefix_valid: (s,) bool;
+    block_keys/values: (kv_heads, n, head_dim); causal: block queries see only the block keys up to themselves.
+    Returns (heads, n, head_dim).
+    """
+    heads, n, head_dim = query.shape
+    kv_heads, s = prefix_keys.shape[0], prefix_keys.shape[1]
+    groups = heads // kv_heads
+    grouped = query.view(kv_heads, groups, n, head_dim)  # query head h uses key head h // groups
+    output = torch.empty_like(grouped)
+    prefix_bias = None
+    if not bool(prefix_valid.all()):
+        prefix_bias = torch.zeros(s, device=query.device).masked_fill(~prefix_valid, float("-inf"))
+    block_bias = None
+    if causal:
+        block_bias = torch.ones(n, n, dtype=torch.bool, device=query.device).tril().logical_not()
+        block_bias = torch.zeros(n, n, device=query.device).masked_fill(block_bias, float("-inf"))
+    step = max(1, _SCORE_CHUNK // (heads * (s + n)))
+    for begin in range(0, n, step):
+        end = min(begin + step, n)
+        rows = end - begin
+        q = grouped[:, :, begin:end].reshape(kv_heads, groups * rows, head_dim)
+        prefix_scores = (q @ prefix_keys.transpose(1, 2)).float() * scaling  # (kv_heads, groups * rows, s)
+        block_scores = (q @ block_keys.transpose(1, 2)).float() * scaling  # (kv_heads, groups * rows, n)
+        if prefix_bias is not None:
+            prefix_scores += prefix_bias
+        if block_bias is not None:
+            block_scores = (block_scores.view(kv_heads, groups, rows, n) + block_bias[begin:end]).view_as(block_scores)
+        top = torch.maximum(prefix_scores.amax(-1, keepdim=True), block_scores.amax(-1, keepdim=True))
+        prefix_weights, block_weights = (prefix_scores - top).exp_(), (block_scores - top).exp_()
+        total = prefix_weights.sum(-1, keepdim=True) + block_weights.sum(-1, keepdim=True)
+        mixed = prefix_weights.to(prefix_values.dtype) @ prefix_values + block_weights.to(block_values.dtype) @ block_values
+        output[:, :, begin:end] = (mixed.float() / total).to(output.dtype).view(kv_heads, groups, rows, head_dim)
+    return output.view(heads, n, head_dim)
+
+
+AttentionInterface.register(BLOCK_ATTENTION, block_attention)
 
 
 register_pipeline()  # pipeline(PIPELINE_TASK, model=<a loaded STAMP>) works without importing stamp_hf

@@ -65,19 +65,72 @@ def reference_mask_logits(model, inputs, sequence, causal_placeholders=False):
 
 
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_eager"])
-def test_cached_phase2_equals_no_cache_reference(fixture, request):
+@pytest.mark.parametrize("segs", [1, 3])
+def test_cached_phase2_equals_no_cache_reference(fixture, segs, request):
     model, processor = request.getfixturevalue(fixture)
     image = random_image(90, 150)  # non-square: a 3 x 5 mask grid
-    inputs, out = generate(model, processor, image)
-    assert len(out.seg_positions[0]) == 3
+    inputs, out = generate(model, processor, image, segs=segs)
+    assert len(out.seg_positions[0]) == segs
     grid = processor.mask_grid(inputs["image_grid_thw"][0])
     assert grid == (3, 5)
     reference = reference_mask_logits(model, inputs, out.sequences)
     for got, want in zip(out.mask_logits[0], reference, strict=True):
         assert got.shape == grid
         assert (got.flatten() - want).abs().max().item() <= 1e-5
-    # the three blocks see different histories, so their masks differ
-    assert (out.mask_logits[0][0] - out.mask_logits[0][2]).abs().max() > 1e-4
+    if segs == 3:  # the three blocks see different histories, so their masks differ
+        assert (out.mask_logits[0][0] - out.mask_logits[0][2]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_eager"])
+@pytest.mark.parametrize("segs", [1, 3])
+def test_left_padded_batch_equals_the_reference_of_each_sample(fixture, segs, request):
+    model, processor = request.getfixturevalue(fixture)
+    images = [random_image(60, 60, 1), random_image(84, 140, 2)]  # different grids: the first row is padded
+    texts = ["Please segment the cat.", "Segment it"]
+    processor.tokenizer.padding_side = "left"
+    messages = [
+        [{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": t}]}]
+        for im, t in zip(images, texts)
+    ]
+    batch = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True
+    )
+    assert not batch["attention_mask"].all()
+    response = forced_response(model, processor, segs=segs)
+    out = model.generate_with_masks(
+        **batch, max_new_tokens=len(response), logits_processor=[ForceTokens(response, batch["input_ids"].shape[1])]
+    )
+    for row, (image, text) in enumerate(zip(images, texts)):
+        single = chat(processor, image, text)
+        valid = torch.cat([batch["attention_mask"][row], torch.ones(len(response), dtype=torch.long)]).bool()
+        reference = reference_mask_logits(model, single, out.sequences[row][valid][None])
+        assert len(out.mask_logits[row]) == segs
+        for got, want in zip(out.mask_logits[row], reference, strict=True):
+            assert (got.flatten() - want).abs().max().item() <= 1e-5
+
+
+def test_block_attention_equals_softmax_over_the_concatenated_keys(monkeypatch):
+    """The two-part softmax (prefix read in place, own block apart) against one softmax over prefix + block, with
+    grouped-query heads, a padded prefix, causal and bidirectional blocks, and score chunks smaller than a block."""
+    from stamp_hf import modeling_stamp
+
+    monkeypatch.setattr(modeling_stamp, "_SCORE_CHUNK", 200)  # several chunks per block
+    generator = torch.Generator().manual_seed(0)
+    heads, kv_heads, n, s, d = 6, 2, 7, 11, 8
+    query = torch.randn(heads, n, d, generator=generator)
+    prefix_k, prefix_v = torch.randn(2, kv_heads, s, d, generator=generator)
+    block_k, block_v = torch.randn(2, kv_heads, n, d, generator=generator)
+    valid = torch.ones(s, dtype=torch.bool)
+    valid[:3] = False  # left padding
+    for causal in (False, True):
+        got = modeling_stamp.prefix_and_block_attention(
+            query, prefix_k, prefix_v, valid, block_k, block_v, 0.3, causal
+        )
+        keys = torch.cat([prefix_k, block_k], 1).repeat_interleave(heads // kv_heads, 0)
+        values = torch.cat([prefix_v, block_v], 1).repeat_interleave(heads // kv_heads, 0)
+        allowed = torch.cat([valid.expand(n, s), torch.ones(n, n, dtype=torch.bool).tril() if causal else torch.ones(n, n, dtype=torch.bool)], 1)
+        scores = (query @ keys.transpose(1, 2) * 0.3).masked_fill(~allowed, float("-inf"))
+        torch.testing.assert_close(got, scores.softmax(-1) @ values, atol=1e-6, rtol=1e-5)
 
 
 def test_predict_masks_agrees_with_generate_with_masks(tiny):
@@ -94,6 +147,12 @@ def test_predict_masks_agrees_with_generate_with_masks(tiny):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+def _cache_length(kwargs):
+    """Tokens in the cache a language-model call reads: phase 2 passes it in its layout, generate as `cache`."""
+    cache = kwargs["stamp_layout"].cache if "stamp_layout" in kwargs else kwargs.get("cache")
+    return cache.get_seq_length() if cache is not None else 0
+
+
 def test_work_counts_vision_once_one_phase2_forward_no_prefix_recompute(tiny):
     model, processor = tiny
     vision_calls, lm_calls = [], []
@@ -101,7 +160,7 @@ def test_work_counts_vision_once_one_phase2_forward_no_prefix_recompute(tiny):
         model.model.visual.register_forward_hook(lambda *a: vision_calls.append(1)),
         model.model.language_model.register_forward_pre_hook(
             lambda module, args, kwargs: lm_calls.append(
-                (kwargs["inputs_embeds"].shape[1], kwargs["cache"].get_seq_length() if kwargs.get("cache") else 0)
+                (kwargs["inputs_embeds"].shape[1], _cache_length(kwargs), "stamp_layout" in kwargs)
             ),
             with_kwargs=True,
         ),
@@ -118,11 +177,12 @@ def test_work_counts_vision_once_one_phase2_forward_no_prefix_recompute(tiny):
     new_tokens = total_len - prompt_len
     # phase 1: prefill + one call per further token; phase 2: exactly one call for the 3 <|seg|>
     assert len(lm_calls) == 1 + (new_tokens - 1) + 1
-    queries, cached_before = lm_calls[-1]
+    assert [phase2 for _, _, phase2 in lm_calls] == [False] * new_tokens + [True]
+    queries, cached_before, _ = lm_calls[-1]
     uncached = total_len - cached_before  # the last token: generate never feeds it back
     assert uncached == 1
     assert queries == uncached + 3 * n  # no token already in the cache is processed again
-    assert out.cache.get_seq_length() == total_len
+    assert out.cache.get_seq_length() == total_len  # the last token joined the cache, the placeholders did not
 
 
 def test_vision_tower_runs_once_for_a_batch_of_images(tiny):
@@ -170,12 +230,10 @@ def test_batched_generation_matches_single_samples(tiny):
 
 
 def _phase2_hook(model, edit):
-    """Pre-hook that lets a test edit the inputs of the phase-2 language-model call (the one with a cache and more
-    than one new token)."""
+    """Pre-hook that lets a test edit the inputs of the phase-2 language-model call (the one given a layout)."""
 
     def hook(module, args, kwargs):
-        cache = kwargs.get("cache")
-        if cache is not None and cache.get_seq_length() > 0 and kwargs["inputs_embeds"].shape[1] > 1:
+        if "stamp_layout" in kwargs:
             edit(kwargs)
         return args, kwargs
 
@@ -205,29 +263,19 @@ def test_placeholders_attend_bidirectionally_within_their_block_only(tiny):
     torch.testing.assert_close(first_block_after, first_block_before, atol=1e-6, rtol=0)
 
 
-def test_causal_placeholders_give_different_logits(tiny):
-    model, processor = tiny
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_eager"])
+def test_causal_placeholders_equal_the_causal_reference(fixture, request):
+    model, processor = request.getfixturevalue(fixture)
     image = random_image(90, 150)
     _, base = generate(model, processor, image)
-    n = base.mask_logits[0][0].numel()
-
-    def make_blocks_causal(kwargs):
-        mask = kwargs["attention_mask"]["full_attention"].clone()
-        width = 3 * n
-        keys = mask.shape[-1]
-        for b in range(3):
-            start = mask.shape[-2] - width + b * n
-            key_start = keys - width + b * n
-            block = mask[:, :, start : start + n, key_start : key_start + n]
-            mask[:, :, start : start + n, key_start : key_start + n] = block & torch.ones(n, n, dtype=torch.bool).tril()
-        kwargs["attention_mask"] = {"full_attention": mask, "sliding_attention": mask}
-
-    hook = _phase2_hook(model, make_blocks_causal)
+    model.config.placeholder_attention = "causal"
     try:
-        _, causal = generate(model, processor, image)
+        inputs, causal = generate(model, processor, image)
     finally:
-        hook.remove()
-    for bidirectional, one_way in zip(base.mask_logits[0], causal.mask_logits[0]):
+        model.config.placeholder_attention = "bidirectional"
+    reference = reference_mask_logits(model, inputs, causal.sequences, causal_placeholders=True)
+    for bidirectional, one_way, want in zip(base.mask_logits[0], causal.mask_logits[0], reference, strict=True):
+        assert (one_way.flatten() - want).abs().max().item() <= 1e-5
         assert (bidirectional - one_way).abs().max() > 1e-4
 
 
@@ -287,20 +335,19 @@ def test_beam_search_is_refused_with_a_clear_error(tiny):
         model.generate_with_masks(**inputs, max_new_tokens=3, num_beams=2)
 
 
-def test_flash_attention_falls_back_to_sdpa_for_phase2_with_a_warning(tiny, caplog):
+def test_flash_attention_configured_phase2_runs_block_attention(tiny):
     model, processor = tiny
     inputs, out = generate(model, processor, random_image(90, 150))
     features = list(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
     text_config = model.config.text_config
-    text_config._attn_implementation = "flash_attention_2"  # flash takes no 4D mask; phase 2 must not use it
+    text_config._attn_implementation = "flash_attention_2"  # flash takes no block layout; phase 2 must not use it
     try:
-        with caplog.at_level("WARNING"):
-            again = model.decode_masks(
-                out.sequences, out.cache, features, inputs["image_grid_thw"], response_start=inputs["input_ids"].shape[1]
-            )
+        again = model.decode_masks(
+            out.sequences, out.cache, features, inputs["image_grid_thw"], response_start=inputs["input_ids"].shape[1]
+        )
+        assert text_config._attn_implementation == "flash_attention_2"  # restored after phase 2
     finally:
         text_config._attn_implementation = "sdpa"
-    assert "phase 2 runs with sdpa" in caplog.text
     for a, b in zip(out.mask_logits[0], again.mask_logits[0]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert again.cache.get_seq_length() == out.sequences.shape[1]
