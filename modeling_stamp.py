@@ -395,7 +395,7 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
             width=max(used, default=0),
             blocks=blocks,
             key_valid=key_valid,
-            text_mask=self._attention_mask(self._text_allowed(key_valid, text_len), text_embeds.dtype, kernel),
+            text_mask=kernel_mask(self._text_allowed(key_valid, text_len), text_embeds.dtype, kernel),
             text_kernel=kernel,
             causal_placeholders=self.config.placeholder_attention == "causal",
             cache=cache,
@@ -448,13 +448,6 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
             grid = patch_logits[block.row, block.start : block.start + block.size]
             mask_logits[block.row].append(grid.reshape(self._mask_grid(image_grid_thw[query.image])))
         return mask_logits
-
-    @staticmethod
-    def _attention_mask(allowed: torch.Tensor, dtype, kernel: str) -> torch.Tensor:
-        """sdpa takes a boolean mask; eager math needs an additive one (a boolean mask is silently wrong there)."""
-        if kernel == "sdpa":
-            return allowed
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
     @contextlib.contextmanager
     def _mask_capable_attention(self):
@@ -572,7 +565,6 @@ def _chunks(queries, limit, size):
 # ---------------------------------------------------------------------- phase 2's block attention
 
 BLOCK_ATTENTION = "stamp_block_attention"
-_SCORE_CHUNK = 2**23  # attention scores held at once per block (32 MiB in float32): bounds phase 2's peak memory
 
 
 @dataclass
@@ -600,13 +592,27 @@ class Phase2Layout:
     causal_placeholders: bool
     cache: Cache | None  # read in place; gains the T text tokens' keys/values
 
+    def block_mask(self, block: PlaceholderBlock, dtype) -> torch.Tensor:
+        """(1, 1, 1 or n, S + n) mask of one block over the sequence (S = cached + T keys) then its own keys: its
+        prefix (less padding) and its block, all of it, or up to itself with causal placeholders."""
+        length = self.key_valid.shape[1]
+        sees = torch.cat([self.key_valid[block.row].clone(), self.key_valid.new_ones(block.size)])
+        sees[block.prefix : length] = False
+        allowed = sees[None, None, None]
+        if self.causal_placeholders:
+            own = torch.ones(block.size, block.size, dtype=torch.bool, device=sees.device).tril()
+            allowed = torch.cat([sees[:length].expand(block.size, length), own], 1)[None, None]
+        return kernel_mask(allowed, dtype, self.text_kernel)
+
 
 def block_attention(module, query, key, value, attention_mask=None, scaling=None, stamp_layout=None, **kwargs):
     """
     Phase 2's attention (registered with transformers' AttentionInterface as BLOCK_ATTENTION). The text tokens attend
     causally to the cache and to themselves; each `<|seg|>`'s placeholders attend to the sequence up to that `<|seg|>`
-    and to their own block only. The prefix is read from the cache (or from this forward's text keys) in place, one
-    block at a time: nothing is copied per block and no score is computed for a key the mask hides.
+    and to their own block only, one block at a time: the sequence's keys are laid out once per layer with room for
+    one block after them, each block writes its keys there, and a key mask of one row hides the text after its
+    `<|seg|>`. No block sees (or pays for) another block's keys, the cache is not copied per block, and no mask or
+    score matrix spans the blocks.
 
     query: (batch, heads, T + width, head_dim); key/value: (batch, kv_heads, T + width, head_dim), this forward's
     tokens only (the language model runs without a cache; the layout carries it). Returns (batch, T + width, heads,
@@ -625,74 +631,63 @@ def block_attention(module, query, key, value, attention_mask=None, scaling=None
         text_keys, text_values = cached.keys, cached.values
     output = query.new_zeros(query.shape)
     if text_len:
-        output[:, :, :text_len] = _text_attention(
+        output[:, :, :text_len] = _attend(
             query[:, :, :text_len], text_keys, text_values, layout.text_mask, scaling, layout.text_kernel
         )
+    room = max((block.size for block in layout.blocks), default=0)
+    keys, values = _SequenceThenBlock(text_keys, room), _SequenceThenBlock(text_values, room)
     for block in layout.blocks:
         span = slice(text_len + block.start, text_len + block.start + block.size)
-        output[block.row, :, span] = prefix_and_block_attention(
-            query[block.row, :, span],
-            text_keys[block.row, :, : block.prefix],
-            text_values[block.row, :, : block.prefix],
-            layout.key_valid[block.row, : block.prefix],
-            key[block.row, :, span],
-            value[block.row, :, span],
+        row = slice(block.row, block.row + 1)
+        output[row, :, span] = _attend(
+            query[row, :, span],
+            keys.with_block(block.row, key[row, :, span]),
+            values.with_block(block.row, value[row, :, span]),
+            layout.block_mask(block, query.dtype),
             scaling,
-            layout.causal_placeholders,
+            layout.text_kernel,
         )
     return output.transpose(1, 2), None
 
 
-def _text_attention(query, key, value, mask, scaling, kernel):
-    """Causal attention of the text tokens over (cache +) themselves, with the kernel the model is configured for."""
+class _SequenceThenBlock:
+    """One row's keys (or values) of the sequence followed by one block's: the sequence is copied once per layer into
+    a buffer with room for a block after it, and each block overwrites that room. With gradients on (training),
+    autograd keeps every block's keys, so each block gets its own concatenation instead."""
+
+    def __init__(self, sequence: torch.Tensor, room: int):
+        self.sequence = sequence  # (batch, kv_heads, S, head_dim)
+        self.buffer = None
+        if room and not torch.is_grad_enabled():
+            batch, heads, length, dim = sequence.shape
+            self.buffer = sequence.new_empty(batch, heads, length + room, dim)
+            self.buffer[:, :, :length] = sequence
+
+    def with_block(self, row: int, block: torch.Tensor) -> torch.Tensor:
+        """(1, kv_heads, S + n, head_dim): row `row` of the sequence, then `block` (1, kv_heads, n, head_dim)."""
+        if self.buffer is None:
+            return torch.cat([self.sequence[row : row + 1], block], 2)
+        length, size = self.sequence.shape[2], block.shape[2]
+        self.buffer[row : row + 1, :, length : length + size] = block
+        return self.buffer[row : row + 1, :, : length + size]
+
+
+def kernel_mask(allowed: torch.Tensor, dtype, kernel: str) -> torch.Tensor:
+    """sdpa takes a boolean mask; eager math needs an additive one (a boolean mask is silently wrong there)."""
+    if kernel == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _attend(query, key, value, mask, scaling, kernel):
+    """Attention with the kernel the model is configured for (sdpa, or eager math with an additive mask); key/value
+    may have fewer heads than query (grouped-query attention)."""
     if kernel == "sdpa":
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     weights = (query @ key.transpose(-1, -2) * scaling + mask).softmax(-1, dtype=torch.float32)
     return weights.to(value.dtype) @ value
-
-
-def prefix_and_block_attention(query, prefix_keys, prefix_values, prefix_valid, block_keys, block_values, scaling, causal):
-    """
-    Exact softmax attention of one block's queries over the union of its prefix and its own keys, computed as two
-    score matrices merged through a shared maximum (so the prefix is never concatenated with the block, i.e. never
-    copied), in chunks of queries that hold at most _SCORE_CHUNK scores. Query heads are grouped by the key head
-    they share (grouped-query attention without repeating the keys).
-
-    query: (heads, n, head_dim); prefix_keys/values: (kv_heads, s, head_dim); prefix_valid: (s,) bool;
-    block_keys/values: (kv_heads, n, head_dim); causal: block queries see only the block keys up to themselves.
-    Returns (heads, n, head_dim).
-    """
-    heads, n, head_dim = query.shape
-    kv_heads, s = prefix_keys.shape[0], prefix_keys.shape[1]
-    groups = heads // kv_heads
-    grouped = query.view(kv_heads, groups, n, head_dim)  # query head h uses key head h // groups
-    output = torch.empty_like(grouped)
-    prefix_bias = None
-    if not bool(prefix_valid.all()):
-        prefix_bias = torch.zeros(s, device=query.device).masked_fill(~prefix_valid, float("-inf"))
-    block_bias = None
-    if causal:
-        block_bias = torch.ones(n, n, dtype=torch.bool, device=query.device).tril().logical_not()
-        block_bias = torch.zeros(n, n, device=query.device).masked_fill(block_bias, float("-inf"))
-    step = max(1, _SCORE_CHUNK // (heads * (s + n)))
-    for begin in range(0, n, step):
-        end = min(begin + step, n)
-        rows = end - begin
-        q = grouped[:, :, begin:end].reshape(kv_heads, groups * rows, head_dim)
-        prefix_scores = (q @ prefix_keys.transpose(1, 2)).float() * scaling  # (kv_heads, groups * rows, s)
-        block_scores = (q @ block_keys.transpose(1, 2)).float() * scaling  # (kv_heads, groups * rows, n)
-        if prefix_bias is not None:
-            prefix_scores += prefix_bias
-        if block_bias is not None:
-            block_scores = (block_scores.view(kv_heads, groups, rows, n) + block_bias[begin:end]).view_as(block_scores)
-        top = torch.maximum(prefix_scores.amax(-1, keepdim=True), block_scores.amax(-1, keepdim=True))
-        prefix_weights, block_weights = (prefix_scores - top).exp_(), (block_scores - top).exp_()
-        total = prefix_weights.sum(-1, keepdim=True) + block_weights.sum(-1, keepdim=True)
-        mixed = prefix_weights.to(prefix_values.dtype) @ prefix_values + block_weights.to(block_values.dtype) @ block_values
-        output[:, :, begin:end] = (mixed.float() / total).to(output.dtype).view(kv_heads, groups, rows, head_dim)
-    return output.view(heads, n, head_dim)
 
 
 AttentionInterface.register(BLOCK_ATTENTION, block_attention)

@@ -109,29 +109,23 @@ def test_left_padded_batch_equals_the_reference_of_each_sample(fixture, segs, re
             assert (got.flatten() - want).abs().max().item() <= 1e-5
 
 
-def test_block_attention_equals_softmax_over_the_concatenated_keys(monkeypatch):
-    """The two-part softmax (prefix read in place, own block apart) against one softmax over prefix + block, with
-    grouped-query heads, a padded prefix, causal and bidirectional blocks, and score chunks smaller than a block."""
-    from stamp_hf import modeling_stamp
-
-    monkeypatch.setattr(modeling_stamp, "_SCORE_CHUNK", 200)  # several chunks per block
-    generator = torch.Generator().manual_seed(0)
-    heads, kv_heads, n, s, d = 6, 2, 7, 11, 8
-    query = torch.randn(heads, n, d, generator=generator)
-    prefix_k, prefix_v = torch.randn(2, kv_heads, s, d, generator=generator)
-    block_k, block_v = torch.randn(2, kv_heads, n, d, generator=generator)
-    valid = torch.ones(s, dtype=torch.bool)
-    valid[:3] = False  # left padding
-    for causal in (False, True):
-        got = modeling_stamp.prefix_and_block_attention(
-            query, prefix_k, prefix_v, valid, block_k, block_v, 0.3, causal
-        )
-        keys = torch.cat([prefix_k, block_k], 1).repeat_interleave(heads // kv_heads, 0)
-        values = torch.cat([prefix_v, block_v], 1).repeat_interleave(heads // kv_heads, 0)
-        allowed = torch.cat([valid.expand(n, s), torch.ones(n, n, dtype=torch.bool).tril() if causal else torch.ones(n, n, dtype=torch.bool)], 1)
-        scores = (query @ keys.transpose(1, 2) * 0.3).masked_fill(~allowed, float("-inf"))
-        torch.testing.assert_close(got, scores.softmax(-1) @ values, atol=1e-6, rtol=1e-5)
-
+def test_teacher_forced_masks_with_gradients_equal_the_inference_ones(tiny):
+    """With autograd on (training), each block gets its own copy of the keys instead of the shared buffer: the
+    logits are the same and the gradient reaches the language model through the placeholders' attention."""
+    model, processor = tiny
+    inputs, out = generate(model, processor, random_image(90, 150))
+    teacher = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+    teacher["input_ids"] = out.sequences
+    teacher["attention_mask"] = torch.ones_like(out.sequences)
+    expected = model.predict_masks(**teacher)[0]
+    labels = [torch.ones(3, *expected[0].shape)]
+    model.zero_grad()
+    result = model(**teacher, mask_labels=labels)
+    result.mask_loss.backward()
+    for got, want in zip(result.mask_logits[0], expected, strict=True):
+        torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=0)
+    assert model.model.language_model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
+    model.zero_grad()
 
 def test_predict_masks_agrees_with_generate_with_masks(tiny):
     model, processor = tiny
@@ -351,3 +345,22 @@ def test_flash_attention_configured_phase2_runs_block_attention(tiny):
     for a, b in zip(out.mask_logits[0], again.mask_logits[0]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert again.cache.get_seq_length() == out.sequences.shape[1]
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_eager"])
+@pytest.mark.parametrize("segs", [1, 3])
+def test_official_procedure_restated_equals_generate_with_masks(fixture, segs, request):
+    """The official per-<|seg|> procedure (vision re-run, cache sliced per <|seg|>, one forward of its placeholders),
+    as benchmarks/speed.py times it, gives the masks of generate_with_masks and leaves the cache untouched."""
+    from stamp_hf.baselines import official_mask_logits
+
+    model, processor = request.getfixturevalue(fixture)
+    inputs, out = generate(model, processor, random_image(90, 150), segs=segs)
+    length = out.cache.get_seq_length()
+    official = official_mask_logits(
+        model, out.sequences, inputs["pixel_values"], inputs["image_grid_thw"], out.cache, inputs["input_ids"].shape[1]
+    )
+    assert out.cache.get_seq_length() == length
+    assert len(official) == segs
+    for got, want in zip(out.mask_logits[0], official, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
