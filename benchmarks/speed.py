@@ -2,7 +2,8 @@
 
 One model (Qwen2-VL-2B layer shapes: text hidden 1536 / MLP 8960 / 12 heads / 2 KV heads, vision 1280-dim / 16 heads;
 depth reduced to --text-layers and --vision-layers), one prompt, one forced answer with 1 or 3 `<|seg|>`, images of
-N = 256, 1024 and 1280 merged patches. Per `<|seg|>`, median of alternating rounds (the first round warms up):
+N = 256, 1024 and 1280 merged patches. Per `<|seg|>`, median of alternating rounds (a and d warm up once first;
+b and c, the slow ones, run in the first --official-rounds / --autoregressive-rounds rounds only):
 
   (a) ours: generate_with_masks' phase 2 (`decode_masks` on the phase-1 cache, all `<|seg|>` in one forward);
   (b) the official procedure restated on this model (stamp_hf.baselines.official_mask_logits): per `<|seg|>` the
@@ -12,11 +13,11 @@ N = 256, 1024 and 1280 merged patches. Per `<|seg|>`, median of alternating roun
       vocabulary head is the tiny test tokenizer's (512 rows, not Qwen2's 151,936), so (c) is a lower bound;
   (d) the ideal: one plain language-model forward of N tokens on the cached prefix.
 
-Prints b/a, c/a and a/d (targets: a/d <= 1.05, b/a >= 3 at N = 1024, c/a >= 10), then the peak memory added by
+Prints b/a and a/d (medians of same-round ratios), c/a (ratio of medians) (targets: a/d <= 1.05, b/a >= 3 at N = 1024, c/a >= 10), then the peak memory added by
 plain `generate`, by `generate_with_masks` and by one plain forward of N tokens (one block's activations), each in a
 fresh process (target: generate_with_masks <= 1.2 x generate + one block). Writes everything to --json.
 
-Run: .venv/bin/python benchmarks/speed.py [--text-layers 1] [--vision-layers 1] [--repeats 3] [--n 256 1024 1280]
+Run: .venv/bin/python benchmarks/speed.py [--text-layers 1] [--vision-layers 1] [--repeats 5] [--n 256 1024 1280]
      [--segs 1 3] [--device cpu|cuda] [--dtype float32|bfloat16] [--json benchmarks/results/speed.json]
 """
 
@@ -85,27 +86,37 @@ def request(model, processor, n, segs, device):
     return inputs, answer
 
 
-def timed_rounds(calls, repeats, device):
-    """Seconds of each named call over `repeats` rounds, the calls alternating within a round (a change in machine
-    load hits all alike); one round more runs first, untimed, to warm up."""
+def timed_rounds(calls, rounds, device, warm=()):
+    """Seconds of each named call, the calls alternating within a round so that a change in machine load hits all
+    alike. calls: name -> (function, how many of the first rounds it runs in). The calls in `warm` run once untimed
+    first. Returns name -> list of seconds, one per round it ran in."""
     times = {name: [] for name in calls}
-    for round_index in range(repeats + 1):
-        for name, call in calls.items():
+    for name in warm:
+        calls[name][0]()
+    for round_index in range(rounds):
+        for name, (call, runs) in calls.items():
+            if round_index >= runs:
+                continue
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             call()
             if device == "cuda":
                 torch.cuda.synchronize()
-            if round_index:
-                times[name].append(time.perf_counter() - start)
+            times[name].append(time.perf_counter() - start)
     return times
 
 
 def summary(seconds, per):
-    """Median and range per `<|seg|>` in milliseconds."""
+    """Median and range per `<|seg|>` in milliseconds, and every round's figure."""
     values = [s / per * 1e3 for s in seconds]
-    return {"median_ms": statistics.median(values), "min_ms": min(values), "max_ms": max(values), "runs": len(values)}
+    return {"median_ms": statistics.median(values), "min_ms": min(values), "max_ms": max(values), "ms": values}
+
+
+def paired_ratio(top, bottom):
+    """Median over rounds of top / bottom measured in the same round (robust to load that drifts between rounds)."""
+    pairs = [t / b for t, b in zip(top["ms"], bottom["ms"])]
+    return statistics.median(pairs)
 
 
 @torch.no_grad()
@@ -133,15 +144,16 @@ def speed_rows(model, processor, args):
                                                            inputs["image_grid_thw"])[0].max()) + 1
             embeds = torch.randn(1, n, hidden, device=args.device, dtype=model.dtype)
             calls = {
-                "a": lambda: model.decode_masks(sequences, cache, features, inputs["image_grid_thw"], response_start=prompt_len),
-                "b": lambda: official_mask_logits(
-                    model, sequences, inputs["pixel_values"], inputs["image_grid_thw"], cache, prompt_len
-                ),
-                "d": lambda: plain_forward(model, cache, embeds, next_position),
+                "a": (lambda: model.decode_masks(sequences, cache, features, inputs["image_grid_thw"],
+                                                 response_start=prompt_len), args.repeats),
+                "d": (lambda: plain_forward(model, cache, embeds, next_position), args.repeats),
+                "b": (lambda: official_mask_logits(model, sequences, inputs["pixel_values"], inputs["image_grid_thw"],
+                                                   cache, prompt_len), args.official_rounds),
             }
             if segs == args.segs[0]:  # one N-token decode per <|seg|>, whatever their number: timed once per N
-                calls["c"] = lambda: autoregressive_mask_decoding(model, cache, model.config.seg_token_id, next_position, n)
-            times = timed_rounds(calls, args.repeats, args.device)
+                calls["c"] = (lambda: autoregressive_mask_decoding(model, cache, model.config.seg_token_id,
+                                                                   next_position, n), args.autoregressive_rounds)
+            times = timed_rounds(calls, args.repeats, args.device, warm=("a", "d"))
             assert cache.get_seq_length() == length  # every call left the cache as it found it
             row = {"n": n, "segs": segs, "prefix": length, "max_abs_difference_official": difference}
             row.update({name: summary(times[name], segs if name in ("a", "b") else 1) for name in times})
@@ -151,8 +163,10 @@ def speed_rows(model, processor, args):
 
 
 def ratio(row, rows, top, bottom):
-    """Ratio of two medians; (c) comes from the first row of the same N."""
+    """top / bottom, paired round by round; (c), timed with the first row of the same N, over the medians."""
     pick = lambda name: (row if name in row else next(r for r in rows if r["n"] == row["n"] and name in r))[name]  # noqa: E731
+    if top in row and bottom in row:
+        return paired_ratio(row[top], row[bottom])
     return pick(top)["median_ms"] / pick(bottom)["median_ms"]
 
 
@@ -172,7 +186,7 @@ def print_row(row, rows):
 @torch.no_grad()
 def peak_memory(args, mode):
     """Bytes one call adds at its peak, after the model is loaded (CUDA: allocator peak; CPU: resident-set peak
-    sampled every millisecond). mode: "generate", "generate_with_masks", or "forward" (one plain N-token forward on
+    sampled every millisecond, with MALLOC_MMAP_THRESHOLD_ fixed by the parent). mode: "generate", "generate_with_masks", or "forward" (one plain N-token forward on
     the cache that generate_with_masks left: one block's activations)."""
     model, processor = build(args)
     inputs, answer = request(model, processor, args.memory_n, args.memory_segs, args.device)
@@ -213,7 +227,10 @@ def memory_figures(args):
             item for key in ("text_layers", "vision_layers", "device", "dtype", "memory_n", "memory_segs")
             for item in (f"--{key.replace('_', '-')}", str(getattr(args, key)))
         ]
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        # a fixed mmap threshold hands every large block back to the OS when freed, so the resident set follows
+        # the live tensors (glibc's adaptive threshold otherwise keeps freed activations resident)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
         peaks[mode] = json.loads(result.stdout.strip().splitlines()[-1])
     mib = {mode: value / 2**20 for mode, value in peaks.items()}
     bound = 1.2 * mib["generate"] + mib["forward"]
@@ -234,7 +251,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text-layers", type=int, default=1)
     parser.add_argument("--vision-layers", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of (a) and (d)")
+    parser.add_argument("--official-rounds", type=int, default=3, help="of those, rounds that also run (b)")
+    parser.add_argument("--autoregressive-rounds", type=int, default=1, help="rounds that also run (c), the slowest")
     parser.add_argument("--n", type=int, nargs="+", default=[256, 1024, 1280], choices=sorted(GRIDS))
     parser.add_argument("--segs", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -254,7 +273,8 @@ def main():
 
     print(f"STAMP mask pass at Qwen2-VL-2B layer shapes, {args.text_layers} text / {args.vision_layers} vision layers "
           f"(the real model: 28 / 32), random weights, {args.dtype}, sdpa; {machine(args)}")
-    print("times per <|seg|>: median (min-max) ms over", args.repeats, "alternating rounds")
+    print(f"times per <|seg|>: median (min-max) ms over alternating rounds: (a), (d) {args.repeats}, (b) "
+          f"{args.official_rounds}, (c) {args.autoregressive_rounds}; b/a and a/d: median of same-round ratios")
     model, processor = build(args)
     rows = speed_rows(model, processor, args)
     del model
