@@ -373,9 +373,8 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
         placeholder_embeds, placeholder_positions = self._placeholder_inputs(
             layout, queries, features, text_embeds, text_positions
         )
-        hidden_states = self._run_phase2(
-            torch.cat([text_embeds, placeholder_embeds], 1), torch.cat([text_positions, placeholder_positions], 2), layout
-        )
+        inputs_embeds = torch.cat([text_embeds, placeholder_embeds], 1)
+        hidden_states = self._run_phase2(inputs_embeds, torch.cat([text_positions, placeholder_positions], 2), layout)
         text_hidden, placeholder_hidden = hidden_states.split([layout.text_len, layout.width], 1)
         return text_hidden, self._classify_blocks(placeholder_hidden, layout, queries, image_grid_thw)
 

@@ -1,9 +1,9 @@
 """Where the time of one request goes, end to end, and what batching buys.
 
 1. One `pipeline("stamp-segmentation")` call at speed.py's shapes (Qwen2-VL-2B layer shapes, reduced depth, random
-   weights, a 896 x 896 image: N = 1024, an answer forced to one `<|seg|>` through the generation config), refined
-   with a tiny SAM (stamp_hf.testing.tiny_sam), split into: image load, preprocessing (chat template + image
-   processor), batching, vision tower, prefill, decode (per token), generate's own work (vocabulary head, logits
+   weights, a 896 x 896 image: N = 1024 by default, an answer forced to one `<|seg|>` through the generation
+   config), refined with a tiny SAM (stamp_hf.testing.tiny_sam) and again without SAM, split into: image load,
+   preprocessing (chat template + image processor), batching, vision tower, prefill, decode (per token), generate's own work (vocabulary head, logits
    processors, stopping), phase 2 (its language-model forward, and the rest of decode_masks), post-processing,
    SAM refinement, and what is left (the pipeline's own bookkeeping).
 2. `stamp-hf segment` on the demo model (demo_model/) with --out, --overlay and a tiny SAM folder (--refine-sam), in a
@@ -15,8 +15,8 @@ Each figure is the median of --repeats calls (after one warm-up call). The split
 real functions and forward hooks on the vision tower and language model; nothing is changed in what runs.
 
 Run: .venv/bin/python benchmarks/breakdown.py [--text-layers 1] [--vision-layers 1] [--repeats 3] [--batches 1 2 4]
-     [--json benchmarks/results/breakdown_cpu.json] [--device cuda --dtype bfloat16 --sam-h]  (--sam-h: SAM ViT-H
-     shapes, random weights, instead of the tiny SAM)
+     [--n 1024] [--json benchmarks/results/breakdown_cpu.json]
+     [--device cuda --dtype bfloat16 --sam-h --vocab-size 151936]   (--sam-h: SAM ViT-H shapes, random weights)
 """
 
 import argparse
@@ -195,7 +195,7 @@ def build_pipeline(args):
     from stamp_hf.testing import answer_with_masks, tiny_processor, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
-    config = qwen2_vl_2b_config(tokenizer, args.text_layers, args.vision_layers)
+    config = qwen2_vl_2b_config(tokenizer, args.text_layers, args.vision_layers, args.vocab_size)
     torch.manual_seed(0)
     model = STAMPModel(config).eval().to(args.device, getattr(torch, args.dtype))
     processor = tiny_processor(tokenizer, 256, 1280)
@@ -208,15 +208,22 @@ def build_pipeline(args):
     return pipeline(PIPELINE_TASK, model=model, processor=processor, device=model.device), model, len(answer)
 
 
-def images(count, size=896):
+def images(count, n):
+    """`count` different images of N merged patches (28 px each: 896 x 896 for N = 1024, 1120 x 896 for 1280)."""
     from PIL import Image
 
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from speed import GRIDS
+
+    h, w = GRIDS[n]
     rng = np.random.RandomState(0)
-    return [Image.fromarray((rng.rand(size // 8, size // 8, 3) * 255).astype("uint8")).resize((size, size))
-            for _ in range(count)]
+    return [Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")).resize((w * 28, h * 28)) for _ in range(count)]
 
 
-def pipeline_breakdown(args, pipe, model, answer_length):
+PAPER_SECONDS = {True: 1.3, False: 0.9}  # STAMP-2B at 896 x 896 on an A800, with / without SAM (Table S3)
+
+
+def pipeline_breakdown(args, pipe, model, answer_length, refine: bool):
     import torch
 
     from stamp_hf.sam_stamp import TransformersSamRefiner
@@ -224,20 +231,23 @@ def pipeline_breakdown(args, pipe, model, answer_length):
     sync = torch.cuda.synchronize if args.device == "cuda" else None
     timers = Timers(sync)
     split_of = instrument_pipeline(timers, pipe, model)
-    refiner = TransformersSamRefiner(*sam_model(args))
-    image = images(1)[0]
+    refiner = TransformersSamRefiner(*sam_model(args)) if refine else None
+    image = images(1, args.n)[0]
     prompt = "Please segment the cat."
     splits = []
     for call in range(args.repeats + 1):
         timers.reset()
         with timers.stage("total"):
-            result = pipe(image, prompt, max_new_tokens=answer_length + 2, refine=True, sam_model=refiner)
+            result = pipe(image, prompt, max_new_tokens=answer_length + 2, refine=refine, sam_model=refiner)
         assert len(result["masks"]) == 1, result["text"]
         if call:  # the first call warms up
             splits.append(dict(split_of(timers.seconds["total"]), total=timers.seconds["total"]))
     timers.undo()
     split = median_split(splits)
-    print_split(f"pipeline call (N = 1024, 1 <|seg|>, {'SAM ViT-H shapes' if args.sam_h else 'tiny SAM'})", split)
+    sam = ("SAM ViT-H shapes" if args.sam_h else "tiny SAM") if refine else "no SAM"
+    print_split(f"pipeline call (N = {args.n}, 1 <|seg|>, {sam})", split)
+    print(f"  latency per request {split['total']:.3f} s, per <|seg|> (phase 2) {split['phase 2 forward'] + split['phase 2 (rest)']:.3f} s"
+          f"; the paper's STAMP-2B (A800, 896 x 896, {'with' if refine else 'without'} SAM): {PAPER_SECONDS[refine]} s")
     return split
 
 
@@ -246,7 +256,7 @@ def batching(args, pipe, answer_length):
 
     prompt = "Please segment the cat."
     rows = []
-    pool = images(max(args.batches), size=896)
+    pool = images(max(args.batches), args.n)
     for batch in args.batches:
         times = []
         for call in range(args.repeats + 1):
@@ -263,7 +273,7 @@ def batching(args, pipe, answer_length):
         rows.append({"batch": batch, "seconds_per_call": seconds, "images_per_second": batch / seconds,
                      "min_s": min(times), "max_s": max(times)})
     base = rows[0]["images_per_second"]
-    print("\nimages per second through the pipeline (N = 1024, no SAM):")
+    print(f"\nimages per second through the pipeline (N = {args.n}, no SAM):")
     for row in rows:
         print(f"  batch {row['batch']}: {row['seconds_per_call']:.2f} s per call ({row['min_s']:.2f}-{row['max_s']:.2f}), "
               f"{row['images_per_second']:.3f} images/s, x{row['images_per_second'] / base:.2f} vs batch {rows[0]['batch']}")
@@ -328,7 +338,7 @@ def cli_breakdown(args):
     runs = []
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        sample = make_sample(0)
+        sample = make_sample(0, task="refer")
         image_path = folder / "scene.png"
         sample.image.save(image_path)
         sam, sam_processor = tiny_sam(seed=0)
@@ -337,7 +347,7 @@ def cli_breakdown(args):
         child = folder / "cli_child.py"
         child.write_text(CLI_CHILD)
         for run in range(args.repeats + 1):
-            argv = ["segment", str(image_path), sample.prompt, "--out", str(folder / f"mask{run}.png"),
+            argv = ["segment", str(image_path), sample.messages[0]["content"], "--out", str(folder / f"mask{run}.png"),
                     "--overlay", str(folder / f"overlay{run}.png"), "--refine-sam", str(folder / "tiny-sam"),
                     "--device", "cpu"]
             env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -371,6 +381,8 @@ def main():
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--n", type=int, default=1024, choices=[256, 1024, 1280], help="merged patches of the image")
+    parser.add_argument("--vocab-size", type=int, default=None, help="embedding rows (default: the tiny tokenizer's 512)")
     parser.add_argument("--sam-h", action="store_true", help="SAM ViT-H shapes (random weights) instead of a tiny SAM")
     parser.add_argument("--skip-cli", action="store_true")
     parser.add_argument("--skip-batching", action="store_true")
@@ -383,7 +395,9 @@ def main():
     print(f"STAMP request breakdown: Qwen2-VL-2B layer shapes, {args.text_layers} text / {args.vision_layers} vision "
           f"layers, random weights, {args.dtype}, sdpa; {machine}")
     pipe, model, answer_length = build_pipeline(args)
-    report = {"machine": machine, "args": vars(args), "pipeline": pipeline_breakdown(args, pipe, model, answer_length)}
+    report = {"machine": machine, "args": vars(args),
+              "pipeline": pipeline_breakdown(args, pipe, model, answer_length, refine=True),
+              "pipeline_without_sam": pipeline_breakdown(args, pipe, model, answer_length, refine=False)}
     if not args.skip_batching:
         report["batching"] = batching(args, pipe, answer_length)
     if not args.skip_cli:

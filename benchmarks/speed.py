@@ -10,12 +10,13 @@ b and c, the slow ones, run in the first --official-rounds / --autoregressive-ro
       vision tower again, the cache sliced (copied) to that `<|seg|>`, one forward of its N placeholders; its logits are
       checked against (a) here;
   (c) autoregressive mask decoding (the next-token paradigm, Text4Seg-style): N tokens one by one on the cache. Its
-      vocabulary head is the tiny test tokenizer's (512 rows, not Qwen2's 151,936), so (c) is a lower bound;
+      vocabulary head is the tiny test tokenizer's (512 rows, not Qwen2's 151,936) unless --vocab-size, so (c) is a
+      lower bound;
   (d) the ideal: one plain language-model forward of N tokens on the cached prefix.
 
-Prints b/a and a/d (medians of same-round ratios), c/a (ratio of medians) (targets: a/d <= 1.05, b/a >= 3 at N = 1024, c/a >= 10), then the peak memory added by
-plain `generate`, by `generate_with_masks` and by one plain forward of N tokens (one block's activations), each in a
-fresh process (target: generate_with_masks <= 1.2 x generate + one block). Writes everything to --json.
+Prints b/a and a/d (medians of same-round ratios), c/a (ratio of medians) (targets: a/d <= 1.05, b/a >= 3 at
+N = 1024, c/a >= 10), then the peak memory added by plain `generate`, by `generate_with_masks` and by one plain
+forward of N tokens (one block's activations), each in a fresh process (target: generate_with_masks <= 1.2 x generate + one block). Writes everything to --json.
 
 Run: .venv/bin/python benchmarks/speed.py [--text-layers 1] [--vision-layers 1] [--repeats 5] [--n 256 1024 1280]
      [--segs 1 3] [--device cpu|cuda] [--dtype float32|bfloat16] [--json benchmarks/results/speed.json]
@@ -43,8 +44,11 @@ GRIDS = {256: (16, 16), 1024: (32, 32), 1280: (32, 40)}  # N -> merged patch gri
 TARGETS = {"a/d": 1.05, "b/a": 3.0, "c/a": 10.0}
 
 
-def qwen2_vl_2b_config(tokenizer, text_layers, vision_layers, min_placeholders=256, max_placeholders=1280):
-    """Qwen2-VL-2B's layer shapes at the given depth (the real model: 28 text layers, 32 vision layers)."""
+def qwen2_vl_2b_config(tokenizer, text_layers, vision_layers, vocab_size=None, min_placeholders=256,
+                       max_placeholders=1280):
+    """Qwen2-VL-2B's layer shapes at the given depth (the real model: 28 text layers, 32 vision layers); the
+    vocabulary is the tokenizer's unless `vocab_size` is given (Qwen2-VL's: 151,936 rows, of which the tiny
+    tokenizer uses the first 512)."""
     config = tiny_config(
         tokenizer,
         hidden_size=1536,
@@ -60,13 +64,15 @@ def qwen2_vl_2b_config(tokenizer, text_layers, vision_layers, min_placeholders=2
     config.vision_config.embed_dim = 1280
     config.vision_config.num_heads = 16
     config.vision_config.mlp_ratio = 4
+    if vocab_size is not None:
+        config.text_config.vocab_size = vocab_size
     config._attn_implementation = "sdpa"
     return config
 
 
 def build(args):
     tokenizer = tiny_tokenizer()
-    config = qwen2_vl_2b_config(tokenizer, args.text_layers, args.vision_layers)
+    config = qwen2_vl_2b_config(tokenizer, args.text_layers, args.vision_layers, args.vocab_size)
     torch.manual_seed(0)
     model = STAMPModel(config).eval().to(args.device, getattr(torch, args.dtype))
     return model, tiny_processor(tokenizer, 256, 1280)
@@ -186,8 +192,8 @@ def print_row(row, rows):
 @torch.no_grad()
 def peak_memory(args, mode):
     """Bytes one call adds at its peak, after the model is loaded (CUDA: allocator peak; CPU: resident-set peak
-    sampled every millisecond, with MALLOC_MMAP_THRESHOLD_ fixed by the parent). mode: "generate", "generate_with_masks", or "forward" (one plain N-token forward on
-    the cache that generate_with_masks left: one block's activations)."""
+    sampled every millisecond, with MALLOC_MMAP_THRESHOLD_ fixed by the parent). mode: "generate",
+    "generate_with_masks", or "forward" (one plain N-token forward on the cache that generate_with_masks left: one block's activations)."""
     model, processor = build(args)
     inputs, answer = request(model, processor, args.memory_n, args.memory_segs, args.device)
     kwargs = dict(max_new_tokens=len(answer), logits_processor=[ForceTokens(answer, inputs["input_ids"].shape[1])])
@@ -224,7 +230,8 @@ def memory_figures(args):
     peaks = {}
     for mode in ("generate", "generate_with_masks", "forward"):
         command = [sys.executable, __file__, "--memory-only", mode] + [
-            item for key in ("text_layers", "vision_layers", "device", "dtype", "memory_n", "memory_segs")
+            item for key in ("text_layers", "vision_layers", "device", "dtype", "memory_n", "memory_segs", "vocab_size")
+            if getattr(args, key) is not None
             for item in (f"--{key.replace('_', '-')}", str(getattr(args, key)))
         ]
         # a fixed mmap threshold hands every large block back to the OS when freed, so the resident set follows
@@ -258,6 +265,7 @@ def main():
     parser.add_argument("--segs", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--vocab-size", type=int, default=None, help="embedding rows (default: the tiny tokenizer's 512)")
     parser.add_argument("--tolerance", type=float, default=None, help="max |official - ours| (default 1e-4, bf16 0.1)")
     parser.add_argument("--memory-n", type=int, default=1024, choices=sorted(GRIDS))
     parser.add_argument("--memory-segs", type=int, default=3)
