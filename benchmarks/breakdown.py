@@ -252,14 +252,14 @@ def pipeline_breakdown(args, pipe, model, answer_length, refine: bool):
 
 
 def batching(args, pipe, answer_length):
+    """Seconds per pipeline call at each batch size, the sizes alternating round by round (after one warm-up each)."""
     import torch
 
     prompt = "Please segment the cat."
-    rows = []
     pool = images(max(args.batches), args.n)
-    for batch in args.batches:
-        times = []
-        for call in range(args.repeats + 1):
+    times = {batch: [] for batch in args.batches}
+    for round_index in range(args.repeats + 1):
+        for batch in args.batches:
             if args.device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -267,11 +267,13 @@ def batching(args, pipe, answer_length):
             if args.device == "cuda":
                 torch.cuda.synchronize()
             assert len(results) == batch and all(len(r["masks"]) == 1 for r in results)
-            if call:
-                times.append(time.perf_counter() - start)
-        seconds = statistics.median(times)
-        rows.append({"batch": batch, "seconds_per_call": seconds, "images_per_second": batch / seconds,
-                     "min_s": min(times), "max_s": max(times)})
+            if round_index:
+                times[batch].append(time.perf_counter() - start)
+    rows = []
+    for batch, seconds in times.items():
+        median = statistics.median(seconds)
+        rows.append({"batch": batch, "seconds_per_call": median, "images_per_second": batch / median,
+                     "min_s": min(seconds), "max_s": max(seconds)})
     base = rows[0]["images_per_second"]
     print(f"\nimages per second through the pipeline (N = {args.n}, no SAM):")
     for row in rows:
