@@ -321,7 +321,7 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
         """
         Phase 2 alone: the masks of every `<|seg|>` at index >= `response_start` of `sequences`, read from `cache`,
         which holds the keys/values of (a prefix of) `sequences`; the tokens it lacks are run in the same forward and
-        kept, the placeholders are dropped again, so the cache ends up covering exactly `sequences`.
+        kept, the placeholders never enter it, so the cache ends up covering exactly `sequences`.
 
         image_features / image_grid_thw: the merged features (N_i, hidden) and grids of the images of `sequences`,
         row by row in order (as `get_image_features` returns them); no vision forward happens here.
@@ -450,15 +450,16 @@ class STAMPModel(Qwen2VLForConditionalGeneration):
 
     @contextlib.contextmanager
     def _mask_capable_attention(self):
-        """Run the language model with `block_attention` whatever kernel is configured (flash takes no block layout;
-        the text tokens keep eager math if configured, sdpa otherwise: see _phase2_layout)."""
-        text_config = self.config.text_config
-        original = text_config._attn_implementation
-        text_config._attn_implementation = BLOCK_ATTENTION
-        try:
-            yield
-        finally:
-            text_config._attn_implementation = original
+        """Attention layers called with a phase-2 layout run `block_attention` whatever kernel is configured (flash
+        takes no block layout; the text tokens keep eager math if configured, sdpa otherwise: see _phase2_layout).
+        The switch happens in hooks on each attention layer, per call that carries the layout, so that gradient
+        checkpointing's recomputation (during backward, after this context has closed) switches the same way."""
+        if not getattr(self, "_block_attention_hooked", False):
+            for layer in self.model.language_model.layers:
+                layer.self_attn.register_forward_pre_hook(_switch_to_block_attention, with_kwargs=True)
+                layer.self_attn.register_forward_hook(_switch_back, with_kwargs=True, always_call=True)
+            self._block_attention_hooked = True
+        yield
 
     # ------------------------------------------------------------------ helpers
 
@@ -647,6 +648,20 @@ def block_attention(module, query, key, value, attention_mask=None, scaling=None
             layout.text_kernel,
         )
     return output.transpose(1, 2), None
+
+
+def _switch_to_block_attention(module, args, kwargs):
+    """Forward pre-hook of an attention layer: a call with a phase-2 layout runs BLOCK_ATTENTION."""
+    if "stamp_layout" in kwargs and module.config._attn_implementation != BLOCK_ATTENTION:
+        module._configured_attention = module.config._attn_implementation
+        module.config._attn_implementation = BLOCK_ATTENTION
+
+
+def _switch_back(module, args, kwargs, output):
+    """Forward hook (run on errors too): restore the configured kernel after a phase-2 call."""
+    configured = module.__dict__.pop("_configured_attention", None)
+    if configured is not None:
+        module.config._attn_implementation = configured
 
 
 class _SequenceThenBlock:

@@ -364,3 +364,25 @@ def test_official_procedure_restated_equals_generate_with_masks(fixture, segs, r
     assert len(official) == segs
     for got, want in zip(out.mask_logits[0], official, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_gradient_checkpointing_recomputes_phase2_with_block_attention():
+    """The recomputation during backward runs after phase 2's forward has returned: it must take the block
+    attention again (the switch rides on each attention call that carries the layout), and give the same gradients."""
+    from stamp_hf.testing import tiny_stamp
+
+    grads = []
+    for checkpointing in (False, True):
+        model, processor = tiny_stamp(seed=0)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        inputs = chat(processor, random_image(90, 150))
+        seg = torch.tensor([[model.config.seg_token_id]])
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], seg], 1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(seg)], 1)
+        inputs.pop("mm_token_type_ids")
+        model(**inputs, mask_labels=[torch.ones(1, 3, 5)]).loss.backward()
+        grads.append(model.model.language_model.layers[0].self_attn.k_proj.weight.grad.clone())
+        assert model.config.text_config._attn_implementation == "sdpa"
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
