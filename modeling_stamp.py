@@ -22,6 +22,7 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import AttentionInterface
 from transformers.utils import ModelOutput, logging
 
 from .configuration_stamp import STAMPConfig, STAMPQwen2_5_VLConfig
@@ -394,7 +395,7 @@ class STAMPMixin:
         """
         Phase 2 alone: the masks of every `<|seg|>` at index >= `response_start` of `sequences`, read from `cache`,
         which holds the keys/values of (a prefix of) `sequences`; the tokens it lacks are run in the same forward and
-        kept, the placeholders are dropped again, so the cache ends up covering exactly `sequences`.
+        kept, the placeholders never enter it, so the cache ends up covering exactly `sequences`.
 
         image_features / image_grid_thw: the merged features (N_i, hidden) and grids of the images of `sequences`,
         row by row in order (as `get_image_features` returns them); no vision forward happens here.
@@ -444,88 +445,99 @@ class STAMPMixin:
         `queries`. Returns the text tokens' final hidden states and a list per row of (h, w) mask-logit grids.
 
         text_embeds: (batch, T, hidden); text_positions: (3, batch, T); key_valid: (batch, cached + T) padding mask of
-        the whole sequence; the cache, if any, is cropped back to cached + T afterwards.
+        the whole sequence. The cache, if any, gains the T text tokens and nothing else (placeholders never enter it).
         """
-        batch, text_len, hidden = text_embeds.shape
+        layout = self._phase2_layout(text_embeds, key_valid, queries, image_grid_thw, cache)
+        placeholder_embeds, placeholder_positions = self._placeholder_inputs(
+            layout, queries, features, text_embeds, text_positions
+        )
+        inputs_embeds = torch.cat([text_embeds, placeholder_embeds], 1)
+        hidden_states = self._run_phase2(inputs_embeds, torch.cat([text_positions, placeholder_positions], 2), layout)
+        text_hidden, placeholder_hidden = hidden_states.split([layout.text_len, layout.width], 1)
+        return text_hidden, self._classify_blocks(placeholder_hidden, layout, queries, image_grid_thw)
+
+    def _phase2_layout(self, text_embeds, key_valid, queries, image_grid_thw, cache) -> "Phase2Layout":
+        """Where each `<|seg|>`'s block sits among the placeholders, what it may see, and the text tokens' own mask."""
+        batch, text_len, _ = text_embeds.shape
         cached = cache.get_seq_length() if cache is not None else 0
-        seq_len = cached + text_len
+        blocks, used = [], [0] * batch
+        for query in queries:
+            size = self._num_placeholders(image_grid_thw[query.image])
+            blocks.append(PlaceholderBlock(query.row, used[query.row], size, query.index + 1))
+            used[query.row] += size
+        kernel = "eager" if self.config.text_config._attn_implementation == "eager" else "sdpa"
+        key_valid = key_valid[:, : cached + text_len]
+        return Phase2Layout(
+            text_len=text_len,
+            width=max(used, default=0),
+            blocks=blocks,
+            key_valid=key_valid,
+            text_mask=kernel_mask(self._text_allowed(key_valid, text_len), text_embeds.dtype, kernel),
+            text_kernel=kernel,
+            causal_placeholders=self.config.placeholder_attention == "causal",
+            cache=cache,
+        )
+
+    @staticmethod
+    def _text_allowed(key_valid, text_len) -> torch.Tensor:
+        """(batch, 1, T, cached + T): the text tokens' causal padding mask; left-padding rows see themselves (their
+        output is never used) so that no query row is empty."""
+        keys = key_valid.shape[1]
+        cached = keys - text_len
+        rows = torch.arange(cached, keys, device=key_valid.device)
+        allowed = (rows[:, None] >= torch.arange(keys, device=key_valid.device)[None, :])[None] & key_valid[:, None, :]
+        diagonal = torch.arange(text_len, device=key_valid.device)
+        allowed[:, diagonal, cached + diagonal] |= ~allowed.any(-1)
+        return allowed[:, None]
+
+    def _placeholder_inputs(self, layout, queries, features, text_embeds, text_positions):
+        """(batch, width, hidden) embeddings embed(`<|mask|>`) + patch feature and (3, batch, width) positions
+        continuing after each `<|seg|>`; slots past a row's last block stay zero and are never read."""
+        batch, _, hidden = text_embeds.shape
         device, dtype = text_embeds.device, text_embeds.dtype
         mask_embed = self.get_input_embeddings().weight[self._token_id("mask")]
-        fuse, causal_placeholders = self.config.fuse_patch_features, self.config.placeholder_attention == "causal"
+        embeds = text_embeds.new_zeros(batch, layout.width, hidden)
+        positions = text_positions.new_zeros(3, batch, layout.width)
+        for query, block in zip(queries, layout.blocks, strict=True):
+            span = slice(block.start, block.start + block.size)
+            patches = features[query.image].to(dtype) if self.config.fuse_patch_features else 0
+            embeds[block.row, span] = mask_embed + patches
+            positions[:, block.row, span] = query.position + 1 + torch.arange(block.size, device=device)
+        return embeds, positions
 
-        rows = [[q for q in queries if q.row == r] for r in range(batch)]
-        sizes = [[self._num_placeholders(image_grid_thw[q.image]) for q in row] for row in rows]
-        width = max((sum(s) for s in sizes), default=0)
-        total = text_len + width
-
-        placeholder_embeds = text_embeds.new_zeros(batch, width, hidden)
-        placeholder_positions = text_positions.new_zeros(3, batch, width)
-        # allowed[b, i, j]: query i (text, then placeholders) may attend to key j (cache, text, placeholders)
-        allowed = torch.zeros(batch, total, seq_len + width, dtype=torch.bool, device=device)
-        text_rows = torch.arange(cached, seq_len, device=device)
-        causal = text_rows[:, None] >= torch.arange(seq_len, device=device)[None, :]
-        allowed[:, :text_len, :seq_len] = causal[None] & key_valid[:, None, :seq_len]
-        for r, (row_queries, row_sizes) in enumerate(zip(rows, sizes)):
-            start = 0
-            for query, n in zip(row_queries, row_sizes):
-                block = slice(start, start + n)
-                placeholder_embeds[r, block] = mask_embed + (features[query.image].to(dtype) if fuse else 0)
-                placeholder_positions[:, r, block] = query.position + 1 + torch.arange(n, device=device)
-                allowed[r, text_len + start : text_len + start + n, : query.index + 1] = key_valid[r, : query.index + 1]
-                allowed[r, text_len + start : text_len + start + n, seq_len + start : seq_len + start + n] = (
-                    torch.ones(n, n, dtype=torch.bool, device=device).tril() if causal_placeholders else True
-                )
-                start += n
-            # padding slots (this row has fewer placeholders than the widest) only see themselves
-            pad = torch.arange(start, width, device=device)
-            allowed[r, text_len + pad, seq_len + pad] = True
-        # a query must see something: left-padding text rows see themselves (their output is never used)
-        diagonal = torch.arange(text_len, device=device)
-        allowed[:, diagonal, cached + diagonal] |= ~allowed[:, :text_len].any(-1)
-
-        inputs_embeds = torch.cat([text_embeds, placeholder_embeds], 1)
-        position_ids = torch.cat([text_positions, placeholder_positions], 2)
+    def _run_phase2(self, inputs_embeds, position_ids, layout) -> torch.Tensor:
+        """The language model with STAMP's block attention: the layout travels to it through the forward kwargs."""
         with self._mask_capable_attention():
-            attention = self._attention_mask(allowed[:, None], dtype)
             outputs = self.model.language_model(
                 inputs_embeds=inputs_embeds,
                 position_ids=position_ids,
-                attention_mask={"full_attention": attention, "sliding_attention": attention},
-                cache=cache,
-                use_cache=cache is not None,
+                attention_mask={"full_attention": None, "sliding_attention": None},
+                use_cache=False,
+                stamp_layout=layout,
             )
-        if cache is not None:
-            cache.crop(-width) if width else None
-        hidden_states = outputs.last_hidden_state
-        patch_logits = self.classifier(hidden_states[:, text_len:]).squeeze(-1)  # (batch, width)
-        mask_logits = []
-        for r, (row_queries, row_sizes) in enumerate(zip(rows, sizes)):
-            grids = patch_logits[r].split(row_sizes + [width - sum(row_sizes)])[: len(row_sizes)]
-            mask_logits.append(
-                [g.reshape(self._mask_grid(image_grid_thw[q.image])) for g, q in zip(grids, row_queries)]
-            )
-        return hidden_states[:, :text_len], mask_logits
+        return outputs.last_hidden_state
 
-    def _attention_mask(self, allowed: torch.Tensor, dtype) -> torch.Tensor:
-        """sdpa and flex take a boolean mask; eager needs an additive one (a boolean mask is silently wrong there)."""
-        if self.config.text_config._attn_implementation == "sdpa":
-            return allowed
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    def _classify_blocks(self, placeholder_hidden, layout, queries, image_grid_thw) -> list[list[torch.Tensor]]:
+        """Classifier logits of each block, reshaped to its image's (h, w) mask grid, a list per row."""
+        patch_logits = self.classifier(placeholder_hidden).squeeze(-1)  # (batch, width)
+        mask_logits = [[] for _ in range(patch_logits.shape[0])]
+        for query, block in zip(queries, layout.blocks, strict=True):
+            grid = patch_logits[block.row, block.start : block.start + block.size]
+            mask_logits[block.row].append(grid.reshape(self._mask_grid(image_grid_thw[query.image])))
+        return mask_logits
 
     @contextlib.contextmanager
     def _mask_capable_attention(self):
-        """Flash-attention takes no 4D mask: run phase 2 with sdpa (same weights, same result) and say so."""
-        text_config = self.config.text_config
-        original = text_config._attn_implementation
-        if original is None or "flash" not in original:
-            yield
-            return
-        logger.warning_once(f"{original} cannot take STAMP's hybrid attention mask; phase 2 runs with sdpa")
-        text_config._attn_implementation = "sdpa"
-        try:
-            yield
-        finally:
-            text_config._attn_implementation = original
+        """Attention layers called with a phase-2 layout run `block_attention` whatever kernel is configured (flash
+        takes no block layout; the text tokens keep eager math if configured, sdpa otherwise: see _phase2_layout).
+        The switch happens in hooks on each attention layer, per call that carries the layout, so that gradient
+        checkpointing's recomputation (during backward, after this context has closed) switches the same way."""
+        if not getattr(self, "_block_attention_hooked", False):
+            for layer in self.model.language_model.layers:
+                layer.self_attn.register_forward_pre_hook(_switch_to_block_attention, with_kwargs=True)
+                layer.self_attn.register_forward_hook(_switch_back, with_kwargs=True, always_call=True)
+            self._block_attention_hooked = True
+        yield
 
     # ------------------------------------------------------------------ helpers
 
@@ -651,6 +663,152 @@ def _chunks(queries, limit, size):
         chunk.append(query)
         used += n
     yield chunk
+
+
+# ---------------------------------------------------------------------- phase 2's block attention
+
+BLOCK_ATTENTION = "stamp_block_attention"
+
+
+@dataclass
+class PlaceholderBlock:
+    """The N placeholders of one `<|seg|>`: its row, its offset among that row's placeholders, N, and how many keys
+    of the sequence it attends to (everything up to and including its `<|seg|>`)."""
+
+    row: int
+    start: int
+    size: int
+    prefix: int
+
+
+@dataclass
+class Phase2Layout:
+    """What `block_attention` needs beyond query/key/value: it reaches every attention layer through the forward
+    kwargs (`stamp_layout=`). The language model's input is T text tokens, then `width` placeholder slots per row."""
+
+    text_len: int
+    width: int
+    blocks: list[PlaceholderBlock]
+    key_valid: torch.Tensor  # (batch, cached + T) bool: padding mask of the sequence
+    text_mask: torch.Tensor  # (batch, 1, T, cached + T): causal padding mask of the text tokens (bool or additive)
+    text_kernel: str  # "sdpa" or "eager"
+    causal_placeholders: bool
+    cache: Cache | None  # read in place; gains the T text tokens' keys/values
+
+    def block_mask(self, block: PlaceholderBlock, dtype) -> torch.Tensor:
+        """(1, 1, 1 or n, S + n) mask of one block over the sequence (S = cached + T keys) then its own keys: its
+        prefix (less padding) and its block, all of it, or up to itself with causal placeholders."""
+        length = self.key_valid.shape[1]
+        sees = torch.cat([self.key_valid[block.row].clone(), self.key_valid.new_ones(block.size)])
+        sees[block.prefix : length] = False
+        allowed = sees[None, None, None]
+        if self.causal_placeholders:
+            own = torch.ones(block.size, block.size, dtype=torch.bool, device=sees.device).tril()
+            allowed = torch.cat([sees[:length].expand(block.size, length), own], 1)[None, None]
+        return kernel_mask(allowed, dtype, self.text_kernel)
+
+
+def block_attention(module, query, key, value, attention_mask=None, scaling=None, stamp_layout=None, **kwargs):
+    """
+    Phase 2's attention (registered with transformers' AttentionInterface as BLOCK_ATTENTION). The text tokens attend
+    causally to the cache and to themselves; each `<|seg|>`'s placeholders attend to the sequence up to that `<|seg|>`
+    and to their own block only, one block at a time: the sequence's keys are laid out once per layer with room for
+    one block after them, each block writes its keys there, and a key mask of one row hides the text after its
+    `<|seg|>`. No block sees (or pays for) another block's keys, the cache is not copied per block, and no mask or
+    score matrix spans the blocks.
+
+    query: (batch, heads, T + width, head_dim); key/value: (batch, kv_heads, T + width, head_dim), this forward's
+    tokens only (the language model runs without a cache; the layout carries it). Returns (batch, T + width, heads,
+    head_dim) and no weights, as transformers' attention functions do. Attention dropout is not applied.
+    """
+    layout = stamp_layout
+    if layout is None:
+        raise ValueError(f"{BLOCK_ATTENTION} needs the phase-2 layout (stamp_layout=...) in the forward kwargs")
+    scaling = module.scaling if scaling is None else scaling
+    text_len = layout.text_len
+    text_keys, text_values = key[:, :, :text_len], value[:, :, :text_len]
+    if layout.cache is not None and text_len:
+        text_keys, text_values = layout.cache.update(text_keys, text_values, module.layer_idx)
+    elif layout.cache is not None:
+        cached = layout.cache.layers[module.layer_idx]
+        text_keys, text_values = cached.keys, cached.values
+    output = query.new_zeros(query.shape)
+    if text_len:
+        output[:, :, :text_len] = _attend(
+            query[:, :, :text_len], text_keys, text_values, layout.text_mask, scaling, layout.text_kernel
+        )
+    room = max((block.size for block in layout.blocks), default=0)
+    keys, values = _SequenceThenBlock(text_keys, room), _SequenceThenBlock(text_values, room)
+    for block in layout.blocks:
+        span = slice(text_len + block.start, text_len + block.start + block.size)
+        row = slice(block.row, block.row + 1)
+        output[row, :, span] = _attend(
+            query[row, :, span],
+            keys.with_block(block.row, key[row, :, span]),
+            values.with_block(block.row, value[row, :, span]),
+            layout.block_mask(block, query.dtype),
+            scaling,
+            layout.text_kernel,
+        )
+    return output.transpose(1, 2), None
+
+
+def _switch_to_block_attention(module, args, kwargs):
+    """Forward pre-hook of an attention layer: a call with a phase-2 layout runs BLOCK_ATTENTION."""
+    if "stamp_layout" in kwargs and module.config._attn_implementation != BLOCK_ATTENTION:
+        module._configured_attention = module.config._attn_implementation
+        module.config._attn_implementation = BLOCK_ATTENTION
+
+
+def _switch_back(module, args, kwargs, output):
+    """Forward hook (run on errors too): restore the configured kernel after a phase-2 call."""
+    configured = module.__dict__.pop("_configured_attention", None)
+    if configured is not None:
+        module.config._attn_implementation = configured
+
+
+class _SequenceThenBlock:
+    """One row's keys (or values) of the sequence followed by one block's: the sequence is copied once per layer into
+    a buffer with room for a block after it, and each block overwrites that room. With gradients on (training),
+    autograd keeps every block's keys, so each block gets its own concatenation instead."""
+
+    def __init__(self, sequence: torch.Tensor, room: int):
+        self.sequence = sequence  # (batch, kv_heads, S, head_dim)
+        self.buffer = None
+        if room and not torch.is_grad_enabled():
+            batch, heads, length, dim = sequence.shape
+            self.buffer = sequence.new_empty(batch, heads, length + room, dim)
+            self.buffer[:, :, :length] = sequence
+
+    def with_block(self, row: int, block: torch.Tensor) -> torch.Tensor:
+        """(1, kv_heads, S + n, head_dim): row `row` of the sequence, then `block` (1, kv_heads, n, head_dim)."""
+        if self.buffer is None:
+            return torch.cat([self.sequence[row : row + 1], block], 2)
+        length, size = self.sequence.shape[2], block.shape[2]
+        self.buffer[row : row + 1, :, length : length + size] = block
+        return self.buffer[row : row + 1, :, : length + size]
+
+
+def kernel_mask(allowed: torch.Tensor, dtype, kernel: str) -> torch.Tensor:
+    """sdpa takes a boolean mask; eager math needs an additive one (a boolean mask is silently wrong there)."""
+    if kernel == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _attend(query, key, value, mask, scaling, kernel):
+    """Attention with the kernel the model is configured for (sdpa, or eager math with an additive mask); key/value
+    may have fewer heads than query (grouped-query attention)."""
+    if kernel == "sdpa":
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    weights = (query @ key.transpose(-1, -2) * scaling + mask).softmax(-1, dtype=torch.float32)
+    return weights.to(value.dtype) @ value
+
+
+AttentionInterface.register(BLOCK_ATTENTION, block_attention)
+
 
 
 class STAMPModel(STAMPMixin, Qwen2VLForConditionalGeneration):

@@ -10,13 +10,13 @@ from conftest import chat, random_image
 
 
 def _phase2_inputs(model, inputs, perturb_from=None):
-    """Mask logits, and the inputs_embeds and attention mask the language model gets in the teacher-forced phase-2
+    """Mask logits, and the inputs_embeds and phase-2 layout the language model gets in the teacher-forced phase-2
     forward; with `perturb_from` = k, noise is added to the embeddings of placeholders k, k+1, ... on the way in."""
     seen = {}
 
     def hook(module, args, kwargs):
         seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
-        seen["mask"] = kwargs["attention_mask"]["full_attention"].detach().clone()
+        seen["layout"] = kwargs["stamp_layout"]
         if perturb_from is not None:
             num_placeholders = int(inputs["image_grid_thw"][0].prod()) // model.config.vision_config.spatial_merge_size**2
             embeds = kwargs["inputs_embeds"].clone()
@@ -58,11 +58,11 @@ def test_causal_placeholders_see_only_earlier_placeholders():
     model.config.placeholder_attention = "causal"
     causal, seen_causal = _phase2_inputs(model, inputs)
     n = bidirectional.numel()
-    block_bi, block_causal = seen_bi["mask"][0, 0, -n:, -n:], seen_causal["mask"][0, 0, -n:, -n:]
-    assert block_bi.all()
-    assert torch.equal(block_causal, torch.ones(n, n, dtype=torch.bool).tril())
-    # the prefix part of the mask is untouched
-    assert torch.equal(seen_bi["mask"][..., :-n], seen_causal["mask"][..., :-n])
+    assert not seen_bi["layout"].causal_placeholders and seen_causal["layout"].causal_placeholders
+    # one block of n placeholders that sees the whole sequence (it ends with the <|seg|>) in both modes
+    for seen in (seen_bi, seen_causal):
+        (block,) = seen["layout"].blocks
+        assert (block.start, block.size, block.prefix) == (0, n, inputs["input_ids"].shape[1])
     # perturbing the second half of the placeholders changes earlier logits only when attention is bidirectional
     half = n // 2
     for mode, expect_unchanged in (("causal", True), ("bidirectional", False)):
