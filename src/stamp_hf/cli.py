@@ -5,6 +5,7 @@ model code inside `run` only, so `stamp-hf --help` and `--version` start in a fr
 
 import argparse
 import importlib
+import logging
 import sys
 
 # name -> one-line help; the module stamp_hf.commands.<name> (- as _) implements it
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # torchao (the `quant` extra), which transformers imports whenever it is installed, makes torch log two
+    # deprecation notices on stderr at that import; they would break the one-line contract of every command
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         return args._run(args) or 0
