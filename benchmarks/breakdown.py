@@ -113,7 +113,7 @@ class Timers:
 def instrument_pipeline(timers, pipe, model):
     """Timers around the pipeline's stages (see STAGES); returns a function giving one call's split."""
     timers.hook_model(model)
-    timers.wrap(sys.modules[type(pipe).__module__], "_load_chat_images", "image load")
+    timers.wrap(sys.modules[type(pipe.processor).__module__], "load_chat_images", "image load")
     timers.wrap(pipe, "preprocess", "preprocess+load")
     timers.wrap(pipe, "_collate", "batching")
     timers.wrap(model, "generate", "generate")
@@ -290,13 +290,13 @@ launched = float(sys.argv[1])
 imported_at = time.time()
 from stamp_hf import cli                                   # what the console script imports first
 from stamp_hf.commands import _common, segment
-import stamp_hf.overlay
+import stamp_hf.overlay, stamp_hf.modeling_stamp, stamp_hf.pipeline_stamp, transformers.pipelines  # what run() needs
 after_imports = time.time()
 sys.path.insert(0, sys.argv[2])
 from breakdown import Timers, instrument_pipeline
 
 timers = Timers()
-timers.wrap(segment, "read_image", "image read")
+timers.wrap(stamp_hf.processing_stamp, "load_image", "image read")
 timers.wrap(stamp_hf.overlay, "overlay_masks", "overlay")
 original_load = segment.load
 

@@ -19,7 +19,7 @@ N = 1024, c/a >= 10), then the peak memory added by plain `generate`, by `genera
 forward of N tokens (one block's activations), each in a fresh process (target: generate_with_masks <= 1.2 x generate + one block). Writes everything to --json.
 
 Run: .venv/bin/python benchmarks/speed.py [--text-layers 1] [--vision-layers 1] [--repeats 5] [--n 256 1024 1280]
-     [--segs 1 3] [--device cpu|cuda] [--dtype float32|bfloat16] [--json benchmarks/results/speed.json]
+     [--segs 1 3] [--device cpu|cuda] [--dtype float32|bfloat16] [--json benchmarks/results/speed_cpu.json]
 """
 
 import argparse
@@ -273,7 +273,7 @@ def main():
     parser.add_argument("--memory-n", type=int, default=1024, choices=sorted(GRIDS))
     parser.add_argument("--memory-segs", type=int, default=3)
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--json", default="benchmarks/results/speed.json")
+    parser.add_argument("--json", default="benchmarks/results/speed_cpu.json")
     parser.add_argument("--memory-only", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_only:  # child process: one measurement, a fresh peak
