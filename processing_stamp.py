@@ -248,10 +248,20 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
 
 
 def _to_rgb(image: Image.Image, upright: bool = True) -> Image.Image:
+    """The first frame as RGB, turned upright by its EXIF orientation if `upright`. The result carries no orientation
+    metadata: its pixels are final, so loading it again (as `encode_chat` does with a loaded image) changes nothing."""
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)
     if upright:
         image = ImageOps.exif_transpose(image)
+    rgb = _rgb_pixels(image)
+    for key in ("exif", "xmp", "XML:com.adobe.xmp"):
+        rgb.info.pop(key, None)
+    return rgb
+
+
+def _rgb_pixels(image: Image.Image) -> Image.Image:
+    """Any PIL mode as a new RGB image: high bit depths rescaled (_to_uint8), transparency composited on white."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         image = Image.fromarray(_to_uint8(np.asarray(image)), "L")
     if image.mode == "P" and "transparency" in image.info:

@@ -99,7 +99,9 @@ def test_exif_orientation_is_applied_for_users_and_kept_for_dataset_annotations(
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     image.save(tmp_path / "rotated.jpg", exif=exif)
     assert load_image(tmp_path / "rotated.jpg").size == (10, 30)  # what a person sees
-    assert load_image(tmp_path / "rotated.jpg", upright=False).size == (30, 10)  # what COCO masks are drawn on
+    stored = load_image(tmp_path / "rotated.jpg", upright=False)
+    assert stored.size == (30, 10)  # what COCO masks are drawn on
+    assert load_image(stored).size == (30, 10)  # a loaded image is final: encode_chat's second pass keeps it as is
 
 
 def test_an_animated_image_gives_its_first_frame(tmp_path):
