@@ -10,12 +10,12 @@ final-norm hidden states gives one logit per patch.
 Hub remote code: imports only torch, transformers and the other `*_stamp.py` files.
 """
 
-import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers.cache_utils import Cache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
@@ -112,9 +112,7 @@ class STAMPMixin:
             kwargs.setdefault("use_safetensors", True)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except Exception as error:
-            if type(error).__name__ != "SafetensorError":
-                raise
+        except SafetensorError as error:
             raise OSError(f"{pretrained_model_name_or_path}: its safetensors weights are truncated or corrupt ({error})") from None
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -507,14 +505,14 @@ class STAMPMixin:
 
     def _run_phase2(self, inputs_embeds, position_ids, layout) -> torch.Tensor:
         """The language model with STAMP's block attention: the layout travels to it through the forward kwargs."""
-        with self._mask_capable_attention():
-            outputs = self.model.language_model(
-                inputs_embeds=inputs_embeds,
-                position_ids=position_ids,
-                attention_mask={"full_attention": None, "sliding_attention": None},
-                use_cache=False,
-                stamp_layout=layout,
-            )
+        self._hook_block_attention()
+        outputs = self.model.language_model(
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            attention_mask={"full_attention": None, "sliding_attention": None},
+            use_cache=False,
+            stamp_layout=layout,
+        )
         return outputs.last_hidden_state
 
     def _classify_blocks(self, placeholder_hidden, layout, queries, image_grid_thw) -> list[list[torch.Tensor]]:
@@ -526,18 +524,17 @@ class STAMPMixin:
             mask_logits[block.row].append(grid.reshape(self._mask_grid(image_grid_thw[query.image])))
         return mask_logits
 
-    @contextlib.contextmanager
-    def _mask_capable_attention(self):
+    def _hook_block_attention(self) -> None:
         """Attention layers called with a phase-2 layout run `block_attention` whatever kernel is configured (flash
         takes no block layout; the text tokens keep eager math if configured, sdpa otherwise: see _phase2_layout).
         The switch happens in hooks on each attention layer, per call that carries the layout, so that gradient
-        checkpointing's recomputation (during backward, after this context has closed) switches the same way."""
-        if not getattr(self, "_block_attention_hooked", False):
-            for layer in self.model.language_model.layers:
-                layer.self_attn.register_forward_pre_hook(_switch_to_block_attention, with_kwargs=True)
-                layer.self_attn.register_forward_hook(_switch_back, with_kwargs=True, always_call=True)
-            self._block_attention_hooked = True
-        yield
+        checkpointing's recomputation (during backward) switches the same way. Installed once per model."""
+        if getattr(self, "_block_attention_hooked", False):
+            return
+        for layer in self.model.language_model.layers:
+            layer.self_attn.register_forward_pre_hook(_switch_to_block_attention, with_kwargs=True)
+            layer.self_attn.register_forward_hook(_switch_back, with_kwargs=True, always_call=True)
+        self._block_attention_hooked = True
 
     # ------------------------------------------------------------------ helpers
 
@@ -694,6 +691,13 @@ class Phase2Layout:
     text_kernel: str  # "sdpa" or "eager"
     causal_placeholders: bool
     cache: Cache | None  # read in place; gains the T text tokens' keys/values
+    _masks: dict = field(default_factory=dict, repr=False)  # dtype -> block_masks, shared by every layer
+
+    def block_masks(self, dtype) -> list[torch.Tensor]:
+        """Every block's mask (see block_mask), built once per forward, not once per layer."""
+        if dtype not in self._masks:
+            self._masks[dtype] = [self.block_mask(block, dtype) for block in self.blocks]
+        return self._masks[dtype]
 
     def block_mask(self, block: PlaceholderBlock, dtype) -> torch.Tensor:
         """(1, 1, 1 or n, S + n) mask of one block over the sequence (S = cached + T keys) then its own keys: its
@@ -739,14 +743,14 @@ def block_attention(module, query, key, value, attention_mask=None, scaling=None
         )
     room = max((block.size for block in layout.blocks), default=0)
     keys, values = _SequenceThenBlock(text_keys, room), _SequenceThenBlock(text_values, room)
-    for block in layout.blocks:
+    for block, mask in zip(layout.blocks, layout.block_masks(query.dtype), strict=True):
         span = slice(text_len + block.start, text_len + block.start + block.size)
         row = slice(block.row, block.row + 1)
         output[row, :, span] = _attend(
             query[row, :, span],
             keys.with_block(block.row, key[row, :, span]),
             values.with_block(block.row, value[row, :, span]),
-            layout.block_mask(block, query.dtype),
+            mask,
             scaling,
             layout.text_kernel,
         )
@@ -808,7 +812,6 @@ def _attend(query, key, value, mask, scaling, kernel):
 
 
 AttentionInterface.register(BLOCK_ATTENTION, block_attention)
-
 
 
 class STAMPModel(STAMPMixin, Qwen2VLForConditionalGeneration):
