@@ -1,27 +1,27 @@
-"""Train the demo STAMP on the synthetic referring-segmentation benchmark and reproduce the Table 6 ablation at its scale.
+"""Build the demo STAMP the way the paper builds STAMP, with the package's own public commands, evaluate it on two
+held-out sets and rerun the paper's Table 6 ablation at its scale.
 
-From a clean checkout (CPU is enough):
+From a clean checkout (CPU is enough; every stage is cached under --out and resumes where it stopped):
 
-    .venv/bin/python benchmarks/demo_model.py                     # data, vision stage, 3 variants x 3 seeds, the table
-    .venv/bin/python benchmarks/demo_model.py --ship demo_model   # also trains the demo model (longer, then a
-                                                                  # fine-tune) and writes it
-    .venv/bin/python benchmarks/demo_model.py --table-only        # the table of the runs done so far
+    .venv/bin/python benchmarks/demo_model.py                     # every stage, then the tables
+    .venv/bin/python benchmarks/demo_model.py --ship demo_model   # also writes the trained model and its card there
+    .venv/bin/python benchmarks/demo_model.py --ablation          # also the Table 6 variants x 3 seeds
 
-Stages, all on 128 px scenes (a 16 x 16 mask grid):
-  vision    the stand-in for Qwen2-VL's pretrained vision tower (demo_tools.pretrain_vision_tower): the ViT learns
-            every patch's shape kind, colour and size from labelled scenes, no language. Run once, shared by every run.
-  STAMP     each run: a demo STAMP whose language model is randomly initialised from the run's seed, with that vision
-            tower, trained by stamp_hf.training.train (the path of `stamp-hf train`), the vision tower frozen and the
-            mask loss on the upsampled masks (mask_loss_resolution="image").
-  fine-tune the demo model only (--ship): the STAMP run trained on at a lower learning rate, with L_text weighted
-            --finetune-text-weight times, so the few tokens that decide an answer count against the mask loss.
-Variants (the paper's Table 6 rows), each trained for the same number of steps:
-  stamp     the paper's design: placeholders attend bidirectionally, each fused with its patch feature
-  causal    "w/o A_hyb": placeholders attend causally among themselves
-  nofusion  "w/o E_mask": placeholders are embed(<|mask|>) alone, no patch feature
-Test metrics: cIoU / gIoU (stamp_hf.evaluation) on the test split's segmentation requests (referring, multi-object and
-no-object), per request kind, and exact-answer accuracy on its VQA questions. Finished runs are kept under --out and
-not redone, so variants can be trained in separate processes (--variants / --seeds) and the table printed afterwards.
+Stages:
+  data      the generator's training scenes as a gRefCOCO export (referring expressions, present and absent targets)
+            and a LLaVA export (questions and answers), its own conversations (everyday requests, two-turn chats),
+            its test split and the separately drawn set (benchmarks/drawn_scenes.py); the two exports go through
+            `stamp-hf prepare-data`, as a user's gRefCOCO and LLaVA data would.
+  vision    the base's vision tower learns every patch's shape kind, colour and size (no language): the stand-in
+            for Qwen2-VL's pretrained vision tower.
+  dialogue  the base learns to answer questions about scenes (the prepared LLaVA export): the stand-in for
+            Qwen2-VL-Instruct. The result is a plain `qwen2_vl` checkpoint that transformers' own
+            Qwen2VLForConditionalGeneration loads.
+  init      `stamp-hf init BASE STAMP_INIT --min-placeholders 144 --max-placeholders 256`.
+  train     `stamp-hf train` on the prepared referring data mixed with the dialogue and chat data (the paper's
+            "Dialogue & Seg." column), the vision tower frozen, the mask loss on the upsampled masks.
+  eval      both held-out sets: cIoU, gIoU, per request form, N-acc, T-acc, VQA exact match per question kind, the
+            language-blind baseline and the best score the mask grid allows.
 """
 
 import argparse
@@ -29,228 +29,283 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor
 
 from demo_tools import (
-    CEILING_TARGETS,
-    DEMO_IMAGE_SIZE,
-    all_shapes_baseline,
-    build_demo_model,
+    build_base,
     demo_tokenizer,
     evaluate_demo,
     grid_ceiling,
+    language_blind_baseline,
     pretrain_vision_tower,
-    write_demo_card,
+    save_base,
+    train_dialogue,
+    BaseChatProcessor,
 )
-from stamp_hf.modeling_stamp import STAMPModel
-from stamp_hf.synthetic import write_split
-from stamp_hf.training import train
 
+from stamp_hf.synthetic import write_dialogue_export, write_refer_export, write_split
+
+TRAINING = dict(
+    per_device_train_batch_size=8,
+    learning_rate=1e-3,
+    adam_beta2=0.95,
+    warmup_steps=0.03,
+    lr_scheduler_type="cosine",
+    weight_decay=0.0,
+    max_grad_norm=1.0,
+    save_strategy="steps",
+    save_steps=250,
+    save_total_limit=1,
+    logging_steps=25,
+    dataloader_num_workers=0,
+    report_to="none",
+)
 VARIANTS = {
     "stamp": ("STAMP (bidirectional placeholders + patch-feature fusion)", {}),
     "causal": ("w/o A_hyb: causal placeholders", {"placeholder_attention": "causal"}),
     "nofusion": ("w/o E_mask: no patch-feature fusion", {"fuse_patch_features": False}),
 }
-TRAINING = dict(
-    per_device_train_batch_size=8,
-    learning_rate=1e-3,
-    adam_beta2=0.95,
-    warmup_steps=0.05,
-    lr_scheduler_type="cosine",
-    weight_decay=0.0,
-    max_grad_norm=1.0,
-    activation_checkpointing=False,
-    save_strategy="no",
-    logging_steps=20,
-    dataloader_num_workers=0,
-    num_train_epochs=1,
-    report_to="none",
-)
-FINETUNE = dict(learning_rate=3e-4, seed=1)  # the demo model's fine-tune stage, from its STAMP run
 
 
-def vision_stage(out: Path, steps: int, tokenizer) -> dict:
-    """The pretrained vision tower every STAMP run starts from; cached as out/runs/vision-<steps>."""
-    run = out / "runs" / f"vision-{steps}"
-    if (run / "result.json").exists():
-        return json.loads((run / "result.json").read_text())
-    shutil.rmtree(run, ignore_errors=True)  # an interrupted run starts over
-    model, processor = build_demo_model(seed=0, tokenizer=tokenizer)
-    start = time.perf_counter()
-    history = pretrain_vision_tower(model, processor, steps, log=lambda entry: print(json.dumps(entry), flush=True))
-    seconds = time.perf_counter() - start
-    model.save_pretrained(run / "model")
-    result = dict(steps=steps, train_seconds=seconds, threads=torch.get_num_threads(), history=history,
-                  model=str(run / "model"))
-    (run / "result.json").write_text(json.dumps(result, indent=2))
-    return result
+def log_json(entry) -> None:
+    print(json.dumps(entry), flush=True)
 
 
-def run_one(out: Path, data_dir: Path, variant: str, seed: int, steps: int, tokenizer, name: str, vision,
-            start=None, text_loss_weight=None, learning_rate=None) -> dict:
-    """Train `variant` from seed `seed` on data_dir/train.jsonl and evaluate it on data_dir/test.jsonl; cached as
-    out/runs/<name>/result.json. The model is a fresh one with the pretrained vision tower of the folder `vision`, or
-    the trained STAMP in the folder `start` (the fine-tune stage), trained with `text_loss_weight` and `learning_rate`
-    where given."""
-    run = out / "runs" / name
-    result_file = run / "result.json"
+def cli(*arguments) -> None:
+    """Run a `stamp-hf` command as a user would, in this Python environment."""
+    command = [sys.executable, "-m", "stamp_hf.cli", *map(str, arguments)]
+    print("$ stamp-hf " + " ".join(map(str, arguments)), flush=True)
+    subprocess.run(command, check=True)
+
+
+def cached(folder: Path, build) -> dict:
+    """The result.json of a stage in `folder`, built by `build(folder)` (into a fresh folder) when missing."""
+    result_file = folder / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
-    if run.exists():
-        shutil.rmtree(run)  # an interrupted run starts over
-    if start is None:
-        model, processor = build_demo_model(seed=seed, tokenizer=tokenizer, **VARIANTS[variant][1])
-        model.model.visual.load_state_dict(STAMPModel.from_pretrained(vision).model.visual.state_dict())
-        model.save_pretrained(run / "init")
-        processor.save_pretrained(run / "init")
-    training = dict(TRAINING, max_steps=steps, seed=seed)
-    if learning_rate is not None:
-        training["learning_rate"] = learning_rate
-    start_time = time.perf_counter()
-    trainer = train(
-        dict(
-            model=str(run / "init" if start is None else start),
-            data=str(data_dir / "train.jsonl"),
-            output_dir=str(run / "model"),
-            trust_remote_code=True,
-            freeze_vision_tower=True,
-            text_loss_weight=text_loss_weight,
-            training=training,
-        )
-    )
-    train_seconds = time.perf_counter() - start_time
-    shutil.rmtree(run / "init", ignore_errors=True)
-    metrics = evaluate_demo(run / "model", data_dir / "test.jsonl", run / "eval")
-    result = dict(
-        variant=variant,
-        seed=seed,
-        steps=steps,
-        start=None if start is None else str(start),
-        learning_rate=training["learning_rate"],
-        text_loss_weight=1.0 if text_loss_weight is None else text_loss_weight,
-        train_seconds=train_seconds,
-        last_logged_losses=next(
-            ({k: entry[k] for k in ("loss", "text_loss", "mask_loss")} for entry in reversed(trainer.state.log_history)
-             if "mask_loss" in entry),
-            None,
-        ),
-        threads=torch.get_num_threads(),
-        **metrics,
-    )
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    start = time.perf_counter()
+    result = build(folder)
+    result.update(seconds=time.perf_counter() - start, threads=torch.get_num_threads())
     result_file.write_text(json.dumps(result, indent=2))
     return result
 
 
+def vision_stage(out: Path, steps: int) -> dict:
+    def build(folder):
+        tokenizer = demo_tokenizer()
+        model, processor = build_base(seed=0, tokenizer=tokenizer)
+        history = pretrain_vision_tower(model, processor.image_processor, steps, log=log_json)
+        save_base(model, processor, folder / "model")
+        return dict(steps=steps, history=history)
+
+    return cached(out / "base-vision", build)
+
+
+def data_stage(out: Path, args) -> dict:
+    """Every data file, written once (seeds: refer export from 0, dialogue from 10^6, chat from 2 * 10^6 of the
+    train split; the test split and the drawn set are held out)."""
+    from drawn_scenes import write_drawn_set
+
+    def build(folder):
+        write_refer_export(folder / "refer", args.refer_scenes)
+        write_dialogue_export(folder / "dialogue.json", args.dialogue_scenes, start=10**6)
+        write_split(folder, "train", args.chat_samples, start=2 * 10**6)
+        write_split(folder, "test", args.test_samples)
+        write_drawn_set(folder, args.drawn_samples)
+        cli("prepare-data", "--data", folder / "refer", "--split", "train", "--images", folder / "refer" / "images",
+            "--output", folder / "refer_train.jsonl")
+        cli("prepare-data", "--data", folder / "dialogue.json", "--images", folder / "dialogue_images",
+            "--output", folder / "dialogue_train.jsonl")
+        counts = {name: sum(1 for _ in (folder / name).open()) for name in
+                  ("refer_train.jsonl", "dialogue_train.jsonl", "train.jsonl", "test.jsonl", "drawn.jsonl")}
+        return dict(records=counts)
+
+    return cached(out / "data", build)
+
+
+def dialogue_stage(out: Path, data: Path, vision: Path, steps: int) -> dict:
+    """The base after instruction tuning on the prepared dialogue data: a plain qwen2_vl checkpoint."""
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    def build(folder):
+        model = Qwen2VLForConditionalGeneration.from_pretrained(vision / "model")
+        processor = BaseChatProcessor(Qwen2VLImageProcessor.from_pretrained(vision / "model"),
+                                      AutoTokenizer.from_pretrained(vision / "model"))
+        history = train_dialogue(model, processor, data / "dialogue_train.jsonl", steps, log=log_json)
+        save_base(model.eval(), processor, folder / "model")
+        return dict(steps=steps, history=history)
+
+    return cached(out / "base", build)
+
+
+def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: int = 0, overrides=None) -> dict:
+    """`stamp-hf init` on the base, then `stamp-hf train` on the referring, dialogue and chat data; cached as
+    out/<name>. `overrides`: config.json settings of an ablation variant, written into the initialised model."""
+    folder = out / name
+    result_file = folder / "result.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    init = folder / "init"
+    if not (init / "config.json").exists():
+        cli("init", base, init, "--min-placeholders", 144, "--max-placeholders", 256, "--seed", seed, "--force")
+        if overrides:
+            config = json.loads((init / "config.json").read_text())
+            (init / "config.json").write_text(json.dumps({**config, **overrides}, indent=2))
+    config = dict(
+        model=str(init),
+        data=[str(data / f) for f in ("refer_train.jsonl", "dialogue_train.jsonl", "train.jsonl")],
+        output_dir=str(folder / "model"),
+        trust_remote_code=True,
+        freeze_vision_tower=True,
+        mask_loss_resolution="image",
+        resume=any((folder / "model").glob("checkpoint-*")),
+        training=dict(TRAINING, max_steps=steps, seed=seed, activation_checkpointing=False),
+    )
+    (folder / "train.json").write_text(json.dumps(config, indent=2))
+    start = time.perf_counter()
+    cli("train", folder / "train.json")
+    seconds = time.perf_counter() - start
+    state_file = folder / "model" / "trainer_state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    result = dict(steps=steps, seed=seed, overrides=overrides or {}, seconds_this_run=seconds,
+                  threads=torch.get_num_threads(), log=[e for e in state.get("log_history", []) if "mask_loss" in e])
+    result_file.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def evaluate_both(model: Path, data: Path, folder: Path, limit=None) -> dict:
+    """evaluate_demo on the test split and the drawn set, cached in folder/<set>.json."""
+    results = {}
+    for name, jsonl in (("test", data / "test.jsonl"), ("drawn", data / "drawn.jsonl")):
+        result_file = folder / f"{name}.json"
+        if not result_file.exists():
+            start = time.perf_counter()
+            metrics = evaluate_demo(model, jsonl, folder / name, limit=limit)
+            metrics["seconds"] = time.perf_counter() - start
+            folder.mkdir(parents=True, exist_ok=True)
+            result_file.write_text(json.dumps(metrics, indent=2))
+        results[name] = json.loads(result_file.read_text())
+    return results
+
+
+def references(data: Path, processor_folder: Path) -> dict:
+    """The language-blind baseline and the grid's ceiling on both sets, cached in data/references.json."""
+    from transformers import AutoProcessor
+
+    result_file = data / "references.json"
+    if not result_file.exists():
+        processor = AutoProcessor.from_pretrained(processor_folder, trust_remote_code=True)
+        result = {name: {"blind": language_blind_baseline(data / f"{name}.jsonl"),
+                         "ceiling": grid_ceiling(data / f"{name}.jsonl", processor)} for name in ("test", "drawn")}
+        result_file.write_text(json.dumps(result, indent=2))
+    return json.loads(result_file.read_text())
+
+
 def spread(values) -> str:
     mean = statistics.mean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.1f} ± {std:.1f}"
+    return f"{mean:.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
 
 
-def table(results: list[dict]) -> str:
-    lines = [
-        "| variant | seeds | cIoU | cIoU per seed | gIoU | VQA exact | `<|seg|>` on seg requests | no `<|seg|>` on VQA "
-        "| train time (min) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for variant, (title, _) in VARIANTS.items():
-        rows = [r for r in results if r["variant"] == variant]
-        if not rows:
-            continue
-        pick = lambda key: [r[key] for r in rows]  # noqa: E731
-        lines.append(
-            f"| {title} | {','.join(str(s) for s in pick('seed'))} | {spread(pick('cIoU'))} "
-            f"| {' / '.join(f'{v:.1f}' for v in pick('cIoU'))} | {spread(pick('gIoU'))} "
-            f"| {spread(pick('vqa_exact'))} | {spread(pick('seg_rate'))} | {spread(pick('no_seg_rate'))} "
-            f"| {spread([t / 60 for t in pick('train_seconds')])} |"
-        )
+def results_table(results: dict, refs: dict) -> str:
+    """Both held-out sets side by side: overall, per request form, per question kind, and the references."""
+    test, drawn = results["test"], results["drawn"]
+    rows = [("cIoU", "cIoU"), ("gIoU", "gIoU"), ("N-acc (absent targets: empty mask) %", "N-acc"),
+            ("T-acc (present targets: a mask) %", "T-acc"), ("VQA exact %", "vqa_exact"),
+            ("`<|seg|>` in segmentation answers %", "seg_rate"), ("no `<|seg|>` in VQA answers %", "no_seg_rate")]
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    lines = ["| | test split | drawn set |", "|---|---|---|"]
+    lines += [f"| {title} | {fmt(test[key])} | {fmt(drawn[key])} |" for title, key in rows]
+    for form in sorted(set(test["cIoU_by_form"]) | set(drawn["cIoU_by_form"])):
+        lines.append(f"| cIoU, {form} | {fmt(test['cIoU_by_form'].get(form))} | {fmt(drawn['cIoU_by_form'].get(form))} |")
+    for kind in sorted(set(test["vqa_by_kind"]) | set(drawn["vqa_by_kind"])):
+        lines.append(f"| VQA exact, {kind} % | {fmt(test['vqa_by_kind'].get(kind))} | {fmt(drawn['vqa_by_kind'].get(kind))} |")
+    lines.append(f"| language-blind baseline (every shape masked), cIoU | {refs['test']['blind']['cIoU']:.1f} | "
+                 f"{refs['drawn']['blind']['cIoU']:.1f} |")
+    lines.append(f"| best possible on the mask grid, cIoU | {refs['test']['ceiling']['cIoU']:.1f} | "
+                 f"{refs['drawn']['ceiling']['cIoU']:.1f} |")
+    lines.append(f"| samples: segmentation / VQA | {test['segmentation_samples']} / {test['vqa_samples']} | "
+                 f"{drawn['segmentation_samples']} / {drawn['vqa_samples']} |")
     return "\n".join(lines)
 
 
-def dataset(out: Path, train_samples: int, test_samples: int) -> Path:
-    """The synthetic train and test splits at 128 px under out/data (written once)."""
-    folder = out / "data"
-    if not (folder / "test.jsonl").exists():
-        print(f"writing the synthetic data to {folder} ...", flush=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        write_split(folder, "train", train_samples, DEMO_IMAGE_SIZE)
-        write_split(folder, "test", test_samples, DEMO_IMAGE_SIZE)
-    return folder
+def ablation_table(runs: dict) -> str:
+    lines = ["| variant | seeds | test cIoU | per seed | drawn cIoU | test N-acc | test VQA exact |",
+             "|---|---|---|---|---|---|---|"]
+    for variant, (title, _) in VARIANTS.items():
+        rows = runs.get(variant, [])
+        if not rows:
+            continue
+        pick = lambda s, k: [r[s][k] for r in rows]  # noqa: E731
+        lines.append(f"| {title} | {len(rows)} | {spread(pick('test', 'cIoU'))} | "
+                     f"{' / '.join(f'{v:.1f}' for v in pick('test', 'cIoU'))} | {spread(pick('drawn', 'cIoU'))} | "
+                     f"{spread(pick('test', 'N-acc'))} | {spread(pick('test', 'vqa_exact'))} |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="data, runs and results go here")
-    parser.add_argument("--vision-steps", type=int, default=4000, help="steps of the vision stage (batch 16)")
-    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per ablation run (batch 8)")
-    parser.add_argument("--train-samples", type=int, default=100000)
-    parser.add_argument("--test-samples", type=int, default=300)
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--vision-steps", type=int, default=5000, help="steps of the vision stage (batch 16)")
+    parser.add_argument("--dialogue-steps", type=int, default=800, help="steps of the dialogue stage (batch 8)")
+    parser.add_argument("--steps", type=int, default=8000, help="stamp-hf train steps of the demo model (batch 8)")
+    parser.add_argument("--refer-scenes", type=int, default=8000, help="scenes of the gRefCOCO export (3 sentences each)")
+    parser.add_argument("--dialogue-scenes", type=int, default=6000, help="scenes of the LLaVA export (3 turns each)")
+    parser.add_argument("--chat-samples", type=int, default=8000, help="the generator's own conversations")
+    parser.add_argument("--test-samples", type=int, default=400)
+    parser.add_argument("--drawn-samples", type=int, default=400)
+    parser.add_argument("--ablation", action="store_true", help="also train the Table 6 variants x --seeds")
+    parser.add_argument("--ablation-steps", type=int, default=600)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
-    parser.add_argument("--ship", type=Path, help="train the demo model (stamp, seed 0, --ship-steps) and write it here")
-    parser.add_argument("--ship-steps", type=int, default=6000, help="the demo model's STAMP training steps")
-    parser.add_argument("--finetune-steps", type=int, default=4000, help="the demo model's fine-tune steps")
-    parser.add_argument("--finetune-text-weight", type=float, default=10.0, help="text_loss_weight when fine-tuning")
-    parser.add_argument("--table-only", action="store_true", help="train nothing: the table of the runs already done")
+    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N records of each set")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--ship", type=Path, help="write the trained demo model and its card here (a new folder)")
     args = parser.parse_args(argv)
-    if args.table_only and args.ship:
-        parser.error("--ship trains the demo model; it cannot go with --table-only")
-    if args.finetune_steps < 1:
-        parser.error(f"--finetune-steps must be at least 1, got {args.finetune_steps}")
+    if args.ship and args.ship.exists():
+        parser.error(f"{args.ship} already exists; remove it first to replace the demo model")
     torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    tokenizer = demo_tokenizer()
-    data = dataset(args.out, args.train_samples, args.test_samples)
-    if args.table_only:
-        vision = None
-    else:
-        print(f"== vision stage: {args.vision_steps} steps", flush=True)
-        vision = vision_stage(args.out, args.vision_steps, tokenizer)
-    results = []
-    for variant in args.variants:
-        for seed in args.seeds:
-            name = f"{variant}-{seed}-{args.steps}"
-            if args.table_only and not (args.out / "runs" / name / "result.json").exists():
-                print(f"-- {name}: not run", flush=True)
-                continue
-            print(f"== {name}", flush=True)
-            result = run_one(args.out, data, variant, seed, args.steps, tokenizer, name, vision and vision["model"])
-            print(json.dumps(result), flush=True)
-            results.append(result)
-    print(f"\nAblation: {DEMO_IMAGE_SIZE} px scenes, test split of {args.test_samples} samples (seeds never used in "
-          f"training), {args.steps} steps of batch 8 per run after the {args.vision_steps}-step vision stage")
-    print(f"CPU: {os.cpu_count()} cores visible, {args.threads} torch thread(s) per run; Python {sys.version.split()[0]}\n")
-    print(table(results))
-    baseline = all_shapes_baseline(data / "test.jsonl")
-    print(f"\nLanguage-blind baseline (every shape masked, whatever the request): cIoU {baseline['cIoU']:.1f}, "
-          f"gIoU {baseline['gIoU']:.1f}")
+    data_result = data_stage(args.out, args)
+    data = args.out / "data"
+    print("== data", json.dumps(data_result), flush=True)
+    vision = vision_stage(args.out, args.vision_steps)
+    print("== vision", json.dumps(vision["history"][-1]), f"{vision['seconds'] / 60:.1f} min", flush=True)
+    base = dialogue_stage(args.out, data, args.out / "base-vision", args.dialogue_steps)
+    print("== dialogue", json.dumps(base["history"][-1]), f"{base['seconds'] / 60:.1f} min", flush=True)
+    stamp = stamp_stage(args.out, f"stamp-{args.steps}", data, args.out / "base" / "model", args.steps)
+    model = args.out / f"stamp-{args.steps}" / "model"
+    results = evaluate_both(model, data, args.out / f"stamp-{args.steps}" / "eval", args.eval_limit)
+    refs = references(data, model)
+    timing = dict(vision=vision["seconds"], dialogue=base["seconds"], stamp=stamp["seconds_this_run"])
+    print(f"\nDemo model: {args.steps} steps of stamp-hf train; training time (min): "
+          + ", ".join(f"{k} {v / 60:.1f}" for k, v in timing.items()) + f", total {sum(timing.values()) / 60:.1f}")
+    print(f"CPU: {os.cpu_count()} cores visible, {args.threads} torch threads; Python {sys.version.split()[0]}\n")
+    print(results_table(results, refs))
+    runs = {}
+    if args.ablation:
+        for variant, (_, overrides) in VARIANTS.items():
+            for seed in args.seeds:
+                name = f"ablation-{variant}-{seed}-{args.ablation_steps}"
+                stamp_stage(args.out, name, data, args.out / "base" / "model", args.ablation_steps, seed, overrides)
+                runs.setdefault(variant, []).append(
+                    evaluate_both(args.out / name / "model", data, args.out / name / "eval", args.eval_limit))
+        print(f"\nTable 6 at this scale: each run {args.ablation_steps} steps from the same base\n")
+        print(ablation_table(runs))
+    summary = dict(data=data_result, vision=vision, dialogue=base, stamp=stamp, results=results, references=refs,
+                   timing_seconds=timing, ablation=runs, args={k: str(v) for k, v in vars(args).items()})
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     if args.ship:
-        if args.ship.exists():
-            raise SystemExit(f"{args.ship} already exists; remove it first to replace the demo model")
-        print(f"== demo model: stamp seed 0, {args.ship_steps} steps", flush=True)
-        stamp_run = run_one(args.out, data, "stamp", 0, args.ship_steps, tokenizer, f"ship-{args.ship_steps}",
-                            vision["model"])
-        print(json.dumps(stamp_run), flush=True)
-        name = f"ship-{args.ship_steps}-finetune-{args.finetune_steps}-tw{args.finetune_text_weight:g}"
-        print(f"== demo model: fine-tune, {args.finetune_steps} steps, text_loss_weight {args.finetune_text_weight:g}",
-              flush=True)
-        shipped = run_one(args.out, data, "stamp", FINETUNE["seed"], args.finetune_steps, tokenizer, name, None,
-                          start=args.out / "runs" / f"ship-{args.ship_steps}" / "model",
-                          text_loss_weight=args.finetune_text_weight, learning_rate=FINETUNE["learning_rate"])
-        print(json.dumps(shipped), flush=True)
-        model_folder = args.out / "runs" / name / "model"
-        processor = AutoProcessor.from_pretrained(model_folder, trust_remote_code=True)
-        ceilings = {targets: grid_ceiling(data / "test.jsonl", processor, targets) for targets in CEILING_TARGETS}
-        print("Best possible cIoU on the 16 x 16 grid: " + ", ".join(
-            f"{targets} targets {ceiling['cIoU']:.1f}" for targets, ceiling in ceilings.items()))
-        write_demo_card(model_folder, args.ship, stamp_run, shipped, vision, table(results), args.steps, baseline,
-                        ceilings)
+        from demo_tools import write_demo_card
+
+        write_demo_card(model, args.ship, summary, results_table(results, refs), ablation_table(runs) if runs else None)
         print(f"\ndemo model written to {args.ship}")
 
 

@@ -31,14 +31,14 @@ def main(argv=None):
     for resample in ("nearest", "bilinear"):
         start = time.perf_counter()
         metrics = evaluate_demo(DEMO_MODEL, data, args.out / resample, resample=resample)
-        rows[resample] = {key: metrics[key] for key in ("cIoU", "gIoU", "N-acc", "cIoU_by_kind")}
+        rows[resample] = {key: metrics[key] for key in ("cIoU", "gIoU", "N-acc", "cIoU_by_form")}
         rows[resample]["seconds"] = round(time.perf_counter() - start, 1)
     print(f"demo model, {args.samples}-sample synthetic test split; CPU: {os.cpu_count()} cores, {args.threads} "
           f"threads; Python {sys.version.split()[0]}\n")
-    print("| post-processing | cIoU | gIoU | " + " | ".join(rows["nearest"]["cIoU_by_kind"]) + " |")
-    print("|---|---|---|" + "---|" * len(rows["nearest"]["cIoU_by_kind"]))
+    print("| post-processing | cIoU | gIoU | " + " | ".join(rows["nearest"]["cIoU_by_form"]) + " |")
+    print("|---|---|---|" + "---|" * len(rows["nearest"]["cIoU_by_form"]))
     for resample, row in rows.items():
-        kinds = " | ".join(f"{v:.1f}" for v in row["cIoU_by_kind"].values())
+        kinds = " | ".join(f"{v:.1f}" for v in row["cIoU_by_form"].values())
         print(f"| {resample} | {row['cIoU']:.1f} | {row['gIoU']:.1f} | {kinds} |")
     (args.out / "summary.json").write_text(json.dumps(rows, indent=2))
 

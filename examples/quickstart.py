@@ -1,26 +1,36 @@
 import os
 import tempfile
 
+import numpy as np
 from PIL import Image, ImageDraw
 from transformers import AutoModel, AutoProcessor
 
-from stamp_hf.testing import tiny_stamp
+from stamp_hf.demo import DEMO_MODEL
 
 # A released checkpoint loads like any Hub model:
 #   model = AutoModel.from_pretrained("org/stamp-2b", trust_remote_code=True)
 #   processor = AutoProcessor.from_pretrained("org/stamp-2b", trust_remote_code=True)
-# Here: a tiny random STAMP built offline, so the answers are noise but every step is the real one.
-model, processor = tiny_stamp()
+# Here: the bundled demo model, a small STAMP built offline on synthetic shapes (demo_model/README.md), so the
+# answers and masks below are real ones.
+model = AutoModel.from_pretrained(DEMO_MODEL, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(DEMO_MODEL, trust_remote_code=True)
 
-image = Image.new("RGB", (320, 200), "white")
-ImageDraw.Draw(image).ellipse((40, 50, 140, 150), fill="red")
-question = {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Segment the red circle."}]}
+image = Image.new("RGB", (320, 240), "white")
+ImageDraw.Draw(image).ellipse((40, 60, 130, 150), fill="red")
+ImageDraw.Draw(image).rectangle((190, 90, 270, 170), fill="blue")
+circle = Image.new("1", image.size)
+ImageDraw.Draw(circle).ellipse((40, 60, 130, 150), fill=1)
+circle = np.array(circle)  # the true mask of the red circle
+question = {"role": "user", "content": [{"type": "image", "image": image},
+                                        {"type": "text", "text": "Please segment the red circle."}]}
 
 # 1. Chat and segment: phase 1 generates text; every <|seg|> it emits gets a mask in one extra forward.
 inputs = processor.apply_chat_template([question], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
 out = model.generate_with_masks(**inputs, max_new_tokens=12)
-print("response:", processor.decode(out.sequences[0, inputs["input_ids"].shape[1]:]))
-print("masks:", [tuple(m.shape) for m in processor.post_process_masks(out, target_sizes=[(image.height, image.width)])[0]])
+print("response:", processor.decode(out.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=False))
+(mask,), = processor.post_process_masks(out, target_sizes=[(image.height, image.width)])
+mask = mask.numpy()
+print("mask:", mask.shape, f"IoU with the red circle: {(mask & circle).sum() / (mask | circle).sum():.2f}")
 
 # 2. Teacher-forced: masks for the <|seg|> tokens of a given answer (the training-time view).
 answer = {"role": "assistant", "content": "Sure, it is <|seg|>."}

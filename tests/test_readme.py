@@ -1,11 +1,14 @@
 """The README's usage example is examples/quickstart.py verbatim, and it runs as written."""
 
+import json
+import random
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +32,10 @@ def test_quickstart_runs(tmp_path):
         [sys.executable, str(ROOT / "examples" / "quickstart.py")], capture_output=True, text=True, cwd=tmp_path, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "patch grid: (6, 10) -> mask: (200, 320)" in result.stdout
+    assert "response: Sure, it is <|seg|>." in result.stdout  # the demo model's real answer
+    iou = float(re.search(r"IoU with the red circle: ([\d.]+)", result.stdout).group(1))
+    assert iou >= 0.8, result.stdout  # a real mask of the red circle, not noise
+    assert "patch grid: (13, 18) -> mask: (240, 320)" in result.stdout
     assert ("reloaded: STAMPModel from ['configuration_stamp.py', 'modeling_stamp.py', 'pipeline_stamp.py', "
             "'processing_stamp.py', 'sam_stamp.py']") in result.stdout
 
@@ -49,3 +55,13 @@ def test_readme_main_job_command_writes_an_overlay_with_the_bundled_demo_model(t
         with Image.open(ROOT / "docs" / "demo_overlay.png") as shown:  # the README shows what the command writes
             assert image.tobytes() == shown.tobytes()
     assert "1 mask(s)" in result.stderr
+    # the mask is the red circle's: the example image is the drawn held-out set's scene EXAMPLE_SEED
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from drawn_scenes import drawn_scene
+
+    seed = json.loads((ROOT / "tests" / "fixtures" / "demo_floors.json").read_text())["example_seed"]
+    shapes, _, masks = drawn_scene(random.Random(seed))
+    (truth,) = [m for s, m in zip(shapes, masks) if (s.colour, s.kind) == ("red", "circle")]
+    with Image.open(tmp_path / "mask.png") as written:
+        mask = np.asarray(written) > 127
+    assert (mask & truth).sum() / (mask | truth).sum() >= 0.8

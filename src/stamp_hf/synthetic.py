@@ -1,9 +1,14 @@
-"""A seeded synthetic referring-segmentation benchmark: coloured shapes on pale backgrounds, exact masks, and
-conversations (referring segmentation, multi-object and no-object targets, VQA, two-turn) in the JSONL training format.
+"""A seeded synthetic referring-segmentation and dialogue benchmark: coloured shapes on flat or textured backgrounds at
+several image sizes, exact masks, and conversations in the JSONL training format.
 
 Why: no pretrained STAMP or Qwen2-VL weights are reachable offline, so the package proves with this data that its STAMP
-learns to segment from language, and trains the small demo model on it. Every sample is a pure function of one integer
+learns to segment from language, and the demo model is built from it. Every sample is a pure function of one integer
 seed; the train, val and test splits draw their seeds from disjoint ranges (`SPLIT_SEEDS`).
+
+The data has no wording shortcut: a request for a shape that is not there is asked in the same forms (FORMS) and
+answered with the same words as one for a shape that is, only its mask is empty; requests come in several templates,
+with or without an article, in lower, upper or sentence case, with or without a full stop, and with common synonyms
+("biggest" / "largest", "leftmost" / "on the left").
 """
 
 import json
@@ -16,35 +21,54 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
-# Saturated colours: each has a channel below 100, backgrounds keep every channel at 150 or above, so a shape's pixels
-# can never be confused with the background's.
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 160, 60),
-    "blue": (40, 90, 220),
-    "yellow": (230, 190, 20),
-    "purple": (140, 60, 190),
-    "orange": (240, 130, 20),
+# Several shades per colour name, the plain named colours among them; each shade keeps a channel below 110 (or, for
+# yellow, blue below 110) while backgrounds keep every channel at 170 or above, so shapes never vanish.
+COLOUR_SHADES = {
+    "red": ((220, 40, 40), (255, 0, 0), (200, 20, 30), (235, 60, 50)),
+    "green": ((40, 160, 60), (0, 128, 0), (50, 180, 50), (30, 140, 80)),
+    "blue": ((40, 90, 220), (0, 0, 255), (30, 60, 200), (20, 110, 230)),
+    "yellow": ((230, 190, 20), (255, 215, 0), (240, 220, 40), (220, 200, 0)),
+    "purple": ((140, 60, 190), (128, 0, 128), (150, 40, 170), (110, 50, 180)),
+    "orange": ((240, 130, 20), (255, 140, 0), (255, 120, 40), (230, 110, 10)),
 }
-SIZES = {"small": (13, 17), "big": (23, 29)}  # circumradius range in pixels at image_size 128
+COLOURS = tuple(COLOUR_SHADES)
+SIZES = {"small": (13, 17), "big": (23, 29)}  # circumradius range in pixels at 128 x 128; scaled with the image's area
+SIZE_WORDS = {"small": ("small", "little"), "big": ("big", "large")}
+IMAGE_SIZES = ((128, 128), (160, 120), (120, 160), (192, 128), (128, 192), (200, 150), (150, 200), (224, 160),
+               (160, 224), (240, 120), (120, 240), (256, 192))  # (width, height); the processor resizes them
 SPLITS = ("train", "val", "test")
 SPLIT_SEEDS = {"train": 0, "val": 10**8, "test": 2 * 10**8}  # sample i of a split uses seed SPLIT_SEEDS[split] + i
 MAX_PER_SPLIT = 10**8
-TASK_WEIGHTS = {"refer": 0.45, "multi": 0.1, "none": 0.1, "vqa": 0.25, "two_turn": 0.1}
-NUMBERS = ("no", "one", "two", "three", "four", "five", "six")
-RELATIONS = ("left of", "right of", "above", "below")  # "the shape left of the red circle", ...
-MARGIN = 12  # pixels between centres for "left of", "leftmost", ... to count as unambiguous
+MARGIN = 0.1  # of the image's mean side: how far apart two centres must be for "left of", "leftmost", ... to hold
+SIZE_LEAD = 1.25  # how much bigger than the runner-up "the biggest" must be (and the runner-up than "the smallest")
 
-SEGMENT_PROMPTS = ("Please segment {}.", "Segment {}.", "Can you segment {}?", "Show me {}.", "Where is {}?")
-MULTI_PROMPTS = ("Please segment {}.", "Segment {}.", "Can you segment {}?", "Show me {}.")
+# Request forms: which attributes or geometry a request names its target by.
+FORMS = ("kind", "colour", "colour+kind", "size+kind", "size+colour", "size+colour+kind", "position", "superlative",
+         "relation", "all")
+ATTRIBUTE_FORMS = {"kind": ("kind",), "colour": ("colour",), "colour+kind": ("colour", "kind"),
+                   "size+kind": ("size", "kind"), "size+colour": ("size", "colour"),
+                   "size+colour+kind": ("size", "colour", "kind")}
+DIRECTIONS = {"left": ("leftmost", "on the left"), "right": ("rightmost", "on the right"),
+              "top": ("topmost", "at the top"), "bottom": ("bottommost", "at the bottom")}
+SUPERLATIVES = {"biggest": ("biggest", "largest"), "smallest": ("smallest",)}
+RELATIONS = {"left of": ("left of", "to the left of"), "right of": ("right of", "to the right of"),
+             "above": ("above",), "below": ("below", "under")}
+TASK_WEIGHTS = {"refer": 0.45, "none": 0.15, "vqa": 0.3, "two_turn": 0.1}
+ABSENT_SHARE = TASK_WEIGHTS["none"] / (TASK_WEIGHTS["refer"] + TASK_WEIGHTS["none"])
+NUMBERS = ("no", "one", "two", "three", "four", "five", "six")
+
+SINGLE_PROMPTS = ("Please segment {}.", "Segment {}.", "Can you segment {}?", "Show me {}.", "Find {}.",
+                  "Highlight {}.", "Could you segment {} please?", "Please segment {} in the image.")
+MULTI_PROMPTS = ("Please segment {}.", "Segment {}.", "Can you segment {}?", "Show me {}.", "Find {}.",
+                 "Highlight {}.")
 ONE_ANSWER = "Sure, it is <|seg|>."
 MANY_ANSWER = "Sure, they are <|seg|>."
-NONE_ANSWER = "Sorry, there is no {} in the image. <|seg|>"
+QUESTION_KINDS = ("count", "colour", "kind", "size", "position", "exists", "describe")
 
 
 @dataclass(frozen=True)
 class Shape:
-    """One drawn object: its kind, colour, size class, centre and circumradius (pixels)."""
+    """One drawn object: its kind, colour name, size class, centre and circumradius (pixels)."""
 
     kind: str
     colour: str
@@ -85,38 +109,44 @@ class Shape:
 
 @dataclass
 class Sample:
-    """One generated image with its objects, a conversation in the training format and one mask per `<|seg|>`."""
+    """One generated image with its objects, a conversation in the training format and one mask per `<|seg|>`
+    (None: nothing matches, an empty mask). `form`: the request's form (FORMS) or the question's kind."""
 
     seed: int
     image: Image.Image
     shapes: list[Shape]
     messages: list[dict]
-    masks: list[np.ndarray | None]  # None: nothing matches (an empty mask)
+    masks: list[np.ndarray | None]
     task: str
+    form: str | None = None
     object_masks: list[np.ndarray] = field(repr=False, default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------- scenes
 
 
-def _background(rng: random.Random, size: int) -> np.ndarray:
-    """A pale background (every channel in [150, 255]): flat, a two-colour gradient, or flat with noise."""
-    pale = lambda: np.array([rng.randint(175, 250) for _ in range(3)], dtype=np.float32)  # noqa: E731
-    style = rng.choice(("flat", "gradient", "noise"))
-    base = np.broadcast_to(pale(), (size, size, 3)).astype(np.float32)
+def _background(rng: random.Random, width: int, height: int) -> np.ndarray:
+    """A pale background (every channel in [170, 255]): flat, a gradient, noise, stripes or checks."""
+    pale = lambda: np.array([rng.randint(190, 250) for _ in range(3)], dtype=np.float32)  # noqa: E731
+    style = rng.choice(("flat", "flat", "gradient", "noise", "stripes", "checks"))
+    base = np.broadcast_to(pale(), (height, width, 3)).astype(np.float32)
     if style == "gradient":
-        ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
-        ramp = ramp[None, :, None] if rng.random() < 0.5 else ramp[:, None, None]
+        ramp = np.linspace(0.0, 1.0, width if rng.random() < 0.5 else height, dtype=np.float32)
+        ramp = ramp[None, :, None] if len(ramp) == width else ramp[:, None, None]
         base = base * (1 - ramp) + pale() * ramp
     elif style == "noise":
-        noise = np.random.default_rng(rng.getrandbits(32)).integers(-20, 21, size=(size, size, 3))
-        base = base + noise
-    return np.clip(np.rint(base), 150, 255).astype(np.uint8)
+        base = base + np.random.default_rng(rng.getrandbits(32)).integers(-15, 16, size=(height, width, 3))
+    elif style in ("stripes", "checks"):
+        period = rng.randint(6, 20)
+        rows, cols = np.mgrid[0:height, 0:width]
+        on = (cols // period) % 2 if style == "stripes" else ((rows // period) + (cols // period)) % 2
+        base = base + on[..., None] * (pale() - base[0, 0]) * 0.5
+    return np.clip(np.rint(base), 170, 255).astype(np.uint8)
 
 
-def random_scene(rng: random.Random, image_size: int = 128, min_shapes: int = 2, max_shapes: int = 4) -> list[Shape]:
-    """Non-overlapping shapes (their circumcircles are apart) fully inside the image."""
-    scale = image_size / 128
+def random_scene(rng: random.Random, width: int, height: int, min_shapes: int = 1, max_shapes: int = 5) -> list[Shape]:
+    """Non-overlapping shapes (their circumcircles are apart) fully inside the image, sized with the image's area."""
+    scale = math.sqrt(width * height) / 128
     count = rng.randint(min_shapes, max_shapes)
     shapes: list[Shape] = []
     for _ in range(200 * count):
@@ -125,229 +155,311 @@ def random_scene(rng: random.Random, image_size: int = 128, min_shapes: int = 2,
         size = rng.choice(tuple(SIZES))
         low, high = SIZES[size]
         radius = round(rng.randint(low, high) * scale)
-        cx = rng.randint(radius + 1, image_size - radius - 2)
-        cy = rng.randint(radius + 1, image_size - radius - 2)
+        if 2 * radius + 4 >= min(width, height):
+            continue
+        cx = rng.randint(radius + 1, width - radius - 2)
+        cy = rng.randint(radius + 1, height - radius - 2)
         if all(math.hypot(cx - s.cx, cy - s.cy) > radius + s.radius + 3 for s in shapes):
-            shapes.append(Shape(rng.choice(SHAPES), rng.choice(tuple(COLOURS)), size, cx, cy, radius))
+            shapes.append(Shape(rng.choice(SHAPES), rng.choice(COLOURS), size, cx, cy, radius))
     return shapes
 
 
-def render(shapes: list[Shape], background: np.ndarray) -> tuple[Image.Image, list[np.ndarray]]:
-    """Paint each shape's exact mask in its colour; the masks are the painted pixels, nothing else."""
+def render(rng: random.Random, shapes: list[Shape], background: np.ndarray) -> tuple[Image.Image, list[np.ndarray]]:
+    """Paint each shape's exact mask in a shade of its colour; the masks are the painted pixels, nothing else."""
     pixels = background.copy()
     masks = []
     for shape in shapes:
         mask = shape.rasterize(pixels.shape[:2])
-        pixels[mask] = COLOURS[shape.colour]
+        shade = np.array(rng.choice(COLOUR_SHADES[shape.colour])) + [rng.randint(-12, 12) for _ in range(3)]
+        pixels[mask] = np.clip(shade, 0, 255)
         masks.append(mask)
     return Image.fromarray(pixels), masks
 
 
-def draw_scene(rng: random.Random, image_size: int = 128) -> tuple[list[Shape], Image.Image, list[np.ndarray]]:
-    """A random scene on a random background: its shapes, its image and each shape's exact mask."""
-    shapes = random_scene(rng, image_size)
-    image, object_masks = render(shapes, _background(rng, image_size))
+def draw_scene(rng: random.Random, size: tuple[int, int] | None = None):
+    """A random scene at `size` = (width, height) (default: one of IMAGE_SIZES) on a random background: its shapes,
+    its image and each shape's exact mask."""
+    width, height = size if size is not None else rng.choice(IMAGE_SIZES)
+    shapes = random_scene(rng, width, height)
+    image, object_masks = render(rng, shapes, _background(rng, width, height))
     return shapes, image, object_masks
 
 
-# ---------------------------------------------------------------------------------------------- language
+# ---------------------------------------------------------------------------------------------- references
 
 
 def _plural(kind: str) -> str:
     return kind + "s"
 
 
-def _matching(shapes, kind=None, colour=None, size=None) -> list[int]:
-    return [
-        i
-        for i, s in enumerate(shapes)
-        if (kind is None or s.kind == kind) and (colour is None or s.colour == colour) and (size is None or s.size == size)
-    ]
+@dataclass(frozen=True)
+class Reference:
+    """What a request names: attributes (kind, colour, size) that the members share, then optionally the extreme of
+    them in a direction or by size (`extreme`), or the shapes in `relation` to the unique `anchor` shape. `many`: all
+    the members ("all the circles") rather than exactly one."""
+
+    form: str
+    kind: str | None = None
+    colour: str | None = None
+    size: str | None = None
+    extreme: str | None = None  # a key of DIRECTIONS or SUPERLATIVES
+    relation: str | None = None  # a key of RELATIONS
+    anchor: "Reference | None" = None
+    many: bool = False
+
+    def matching(self, shapes) -> list[int]:
+        """The shapes that have every attribute named."""
+        return [i for i, s in enumerate(shapes) if (self.kind is None or s.kind == self.kind)
+                and (self.colour is None or s.colour == self.colour) and (self.size is None or s.size == self.size)]
+
+    def members(self, shapes, frame: tuple[int, int]) -> list[int] | None:
+        """The shapes the reference picks out ([] when none is there), or None when it is ambiguous (a singular
+        reference that fits several shapes, or an extreme without a clear leader). `frame`: (width, height)."""
+        margin = MARGIN * (frame[0] + frame[1]) / 2
+        group = self.matching(shapes)
+        if self.relation is not None:
+            anchors = self.anchor.members(shapes, frame)
+            if anchors is None:
+                return None
+            if not anchors:
+                return []
+            a = shapes[anchors[0]]
+            test = {"left of": lambda s: s.cx <= a.cx - margin, "right of": lambda s: s.cx >= a.cx + margin,
+                    "above": lambda s: s.cy <= a.cy - margin, "below": lambda s: s.cy >= a.cy + margin}[self.relation]
+            group = [i for i in group if i != anchors[0] and test(shapes[i])]
+        elif self.extreme is not None and len(group) >= 2:
+            key, lead = {
+                "left": (lambda i: shapes[i].cx, margin), "right": (lambda i: -shapes[i].cx, margin),
+                "top": (lambda i: shapes[i].cy, margin), "bottom": (lambda i: -shapes[i].cy, margin),
+                "biggest": (lambda i: -math.log(shapes[i].radius), math.log(SIZE_LEAD)),
+                "smallest": (lambda i: math.log(shapes[i].radius), math.log(SIZE_LEAD)),
+            }[self.extreme]
+            ordered = sorted(group, key=key)
+            return [ordered[0]] if key(ordered[1]) - key(ordered[0]) >= lead else None
+        if self.many or len(group) <= 1:
+            return group
+        return None
+
+    def noun(self, rng: random.Random, plural: bool = False) -> str:
+        """The attribute words before the kind ("small red circle", "red shape", "shapes")."""
+        size = rng.choice(SIZE_WORDS[self.size]) if self.size else None
+        head = self.kind or "shape"
+        return " ".join(w for w in (size, self.colour, _plural(head) if plural else head) if w)
+
+    def phrase(self, rng: random.Random, article: bool = True) -> str:
+        """The reference in words, with one of its synonyms drawn by `rng`."""
+        the = "the " if article else ""
+        if self.many:
+            return rng.choice((f"all the {self.noun(rng, True)}", f"all {self.noun(rng, True)}",
+                               f"every {self.noun(rng)}"))
+        if self.relation is not None:
+            return f"{the}{self.noun(rng)} {rng.choice(RELATIONS[self.relation])} {self.anchor.phrase(rng)}"
+        if self.extreme in SUPERLATIVES:
+            return f"{the}{rng.choice(SUPERLATIVES[self.extreme])} {self.noun(rng)}"
+        if self.extreme in DIRECTIONS:
+            word, place = DIRECTIONS[self.extreme]
+            return f"{the}{word} {self.noun(rng)}" if rng.random() < 0.5 else f"{the}{self.noun(rng)} {place}"
+        return the + self.noun(rng)
 
 
-def _noun(kind=None, colour=None, size=None) -> str:
-    return " ".join(w for w in (size, colour, kind or "shape") if w)
+def _attribute_reference(form: str, shape: Shape) -> Reference:
+    return Reference(form, **{name: getattr(shape, name) for name in ATTRIBUTE_FORMS[form]})
 
 
-def _extreme(shapes, members, direction) -> int | None:
-    """The member furthest in `direction`, if it leads the runner-up by MARGIN pixels."""
-    key = {
-        "leftmost": lambda i: shapes[i].cx,
-        "rightmost": lambda i: -shapes[i].cx,
-        "topmost": lambda i: shapes[i].cy,
-        "bottommost": lambda i: -shapes[i].cy,
-    }[direction]
-    ordered = sorted(members, key=key)
-    if len(ordered) >= 2 and key(ordered[1]) - key(ordered[0]) >= MARGIN:
-        return ordered[0]
+def _candidates(form: str, rng: random.Random) -> list[Reference]:
+    """Every reference of `form` the vocabulary can say (the anchors of relations are colour + kind references)."""
+    kinds, colours, sizes = (None, *SHAPES), (None, *COLOURS), tuple(SIZES)
+    if form in ATTRIBUTE_FORMS:
+        names = ATTRIBUTE_FORMS[form]
+        options = [dict(kind=k, colour=c, size=s) for k in SHAPES for c in COLOURS for s in sizes]
+        return list(dict.fromkeys(Reference(form, **{n: o[n] for n in names}) for o in options))  # in a fixed order
+    if form == "position":
+        return [Reference(form, kind=k, extreme=d) for k in kinds for d in DIRECTIONS] + [
+            Reference(form, colour=c, extreme=d) for c in COLOURS for d in DIRECTIONS]
+    if form == "superlative":
+        return [Reference(form, kind=k, colour=c, extreme=e) for k in kinds for c in colours for e in SUPERLATIVES
+                if k is None or c is None]
+    if form == "relation":
+        anchors = [Reference("colour+kind", kind=k, colour=c) for k in SHAPES for c in COLOURS]
+        return [Reference(form, relation=r, anchor=rng.choice(anchors)) for r in RELATIONS for _ in range(6)]
+    if form == "all":
+        return [Reference(form, kind=k, colour=c, many=True) for k in kinds for c in colours if k or c] + [
+            Reference(form, many=True)]
+    raise ValueError(f"unknown request form {form!r}; expected one of {FORMS}")
+
+
+def _relations_to(shapes) -> list[Reference]:
+    """Every relation anchored on a shape of the scene by its colour and kind."""
+    return [Reference("relation", relation=r, anchor=Reference("colour+kind", kind=s.kind, colour=s.colour))
+            for s in shapes for r in RELATIONS]
+
+
+def find_reference(rng: random.Random, shapes, frame, form: str, present: bool) -> tuple[Reference, list[int]] | None:
+    """A reference of `form` that picks out at least one shape (`present`) or none, with its members; None if the
+    scene has no such reference. Present singular references come from a shape's own attributes, so every shape has
+    the same chance of being asked for."""
+    if present and form in ATTRIBUTE_FORMS:
+        options = [_attribute_reference(form, s) for s in shapes]
+    elif present and form == "relation":
+        options = _relations_to(shapes)
+    else:
+        options = _candidates(form, rng)
+    rng.shuffle(options)
+    for reference in options:
+        members = reference.members(shapes, frame)
+        if members is not None and bool(members) == present:
+            return reference, members
     return None
 
 
-def _relation_members(shapes, anchor, relation) -> list[int]:
-    a = shapes[anchor]
-    test = {
-        "left of": lambda s: s.cx <= a.cx - MARGIN,
-        "right of": lambda s: s.cx >= a.cx + MARGIN,
-        "above": lambda s: s.cy <= a.cy - MARGIN,
-        "below": lambda s: s.cy >= a.cy + MARGIN,
-    }[relation]
-    return [i for i, s in enumerate(shapes) if i != anchor and test(s)]
+def unique_descriptions(shapes, target: int, frame, forms=FORMS) -> list[Reference]:
+    """The singular references of `forms` (relations anchored on colour + kind) that pick out exactly `target`."""
+    rng = random.Random(0)
+    found = []
+    for form in forms:
+        if form == "all":
+            continue
+        if form in ATTRIBUTE_FORMS:
+            options = [_attribute_reference(form, shapes[target])]
+        else:
+            options = _relations_to(shapes) if form == "relation" else _candidates(form, rng)
+        found += [r for r in dict.fromkeys(options) if r.members(shapes, frame) == [target]]
+    return found
 
 
-def unique_descriptions(shapes: list[Shape], target: int, relations: bool = True) -> list[str]:
-    """Every phrase (from our templates) that picks out exactly `shapes[target]`."""
-    t = shapes[target]
-    phrases = []
-    attribute_sets = [
-        dict(kind=t.kind),
-        dict(colour=t.colour),
-        dict(kind=t.kind, colour=t.colour),
-        dict(kind=t.kind, size=t.size),
-        dict(colour=t.colour, size=t.size),
-        dict(kind=t.kind, colour=t.colour, size=t.size),
-    ]
-    for attributes in attribute_sets:
-        if _matching(shapes, **attributes) == [target]:
-            phrases.append("the " + _noun(**attributes))
-    for attributes in (dict(), dict(kind=t.kind), dict(colour=t.colour)):
-        members = _matching(shapes, **attributes)
-        for direction in ("leftmost", "rightmost", "topmost", "bottommost"):
-            if _extreme(shapes, members, direction) == target:
-                phrases.append(f"the {direction} {_noun(**attributes)}")
-    if relations:
-        for anchor in range(len(shapes)):
-            if anchor == target:
-                continue
-            anchor_names = [p for p in unique_descriptions(shapes, anchor, relations=False) if "most" not in p]
-            if not anchor_names:
-                continue
-            for relation in RELATIONS:
-                if _relation_members(shapes, anchor, relation) == [target]:
-                    phrases.extend(f"the shape {relation} {name}" for name in anchor_names)
-    return phrases
+def vary(rng: random.Random, text: str) -> str:
+    """The request as people type it: sometimes lower or upper case, sometimes without its final punctuation."""
+    roll = rng.random()
+    if roll < 0.1:
+        text = text.lower()
+    elif roll < 0.15:
+        text = text.upper()
+    if rng.random() < 0.15:
+        text = text.rstrip(".?")
+    return text
 
 
-def phrase_kind(phrase: str) -> str:
-    """What a referring phrase of `unique_descriptions` names its shape by: "relation" ("the shape left of ..."),
-    "extreme" ("the leftmost ...") or "attribute" (colour / kind / size)."""
-    if any(f" {relation} " in f" {phrase} " for relation in RELATIONS):
-        return "relation"
-    return "extreme" if "most " in phrase else "attribute"
+def request(rng: random.Random, reference: Reference) -> str:
+    """A segmentation request for `reference` in one of the templates, 1 in 5 without the article."""
+    phrase = reference.phrase(rng, article=rng.random() >= 0.2)
+    return vary(rng, rng.choice(MULTI_PROMPTS if reference.many else SINGLE_PROMPTS).format(phrase))
 
 
-def _absent_noun(rng, shapes) -> str:
-    """A colour + kind combination that no shape in the scene has."""
-    present = {(s.colour, s.kind) for s in shapes}
-    options = [(c, k) for c in COLOURS for k in SHAPES if (c, k) not in present]
-    colour, kind = rng.choice(options)
-    return _noun(kind=kind, colour=colour)
+# ---------------------------------------------------------------------------------------------- questions
 
 
-def _count_sentence(count: int, noun_singular: str, noun_plural: str) -> str:
+def _count_sentence(count: int, singular: str, plural: str) -> str:
     if count == 0:
-        return f"There are no {noun_plural}."
+        return f"There are no {plural}."
     if count == 1:
-        return f"There is one {noun_singular}."
-    return f"There are {NUMBERS[count]} {noun_plural}."
+        return f"There is one {singular}."
+    return f"There are {NUMBERS[count]} {plural}."
 
 
-def _group_choices(shapes) -> list[tuple[str, str, list[int]]]:
-    """(singular noun, plural noun, members) for colours, kinds and sizes present in the scene."""
-    groups = []
-    for colour in sorted({s.colour for s in shapes}):
-        groups.append((f"{colour} shape", f"{colour} shapes", _matching(shapes, colour=colour)))
-    for kind in sorted({s.kind for s in shapes}):
-        groups.append((kind, _plural(kind), _matching(shapes, kind=kind)))
-    for size in sorted({s.size for s in shapes}):
-        groups.append((f"{size} shape", f"{size} shapes", _matching(shapes, size=size)))
-    return groups
+def _describe(shapes) -> str:
+    """The scene in one sentence, shapes from left to right."""
+    parts = [f"{'an' if s.size[0] in 'aeiou' else 'a'} {s.size} {s.colour} {s.kind}" for s in sorted(shapes, key=lambda s: (s.cx, s.cy))]
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"There {'is' if len(shapes) == 1 else 'are'} {NUMBERS[len(shapes)]} shape{'s' * (len(shapes) > 1)}: {listed}."
 
 
-def _vqa(rng, shapes) -> tuple[str, str]:
-    """A question with one exact answer about the scene."""
-    kind = rng.choice(("count", "count", "colour", "shape", "exists"))
-    if kind == "colour" or kind == "shape":
+def question(rng: random.Random, shapes, frame, kind: str | None = None) -> tuple[str, str, str, list[int] | None]:
+    """A question with one exact answer about the scene: (kind, question, answer, shapes it is about). The asked
+    attribute is never named in the question ("What colour is the red circle?" is not asked)."""
+    kind = kind or rng.choice(QUESTION_KINDS)
+    colour_word = rng.choice(("colour", "color"))
+    if kind in ("colour", "kind", "size", "position"):
+        hidden = {"colour": "colour", "kind": "kind", "size": "size", "position": None}[kind]
+        forms = [f for f in ATTRIBUTE_FORMS if hidden not in ATTRIBUTE_FORMS[f]]
         target = rng.randrange(len(shapes))
-        names = unique_descriptions(shapes, target, relations=False)
-        if kind == "shape":
-            names = [n for n in names if shapes[target].kind not in n]
+        names = [r for r in unique_descriptions(shapes, target, frame, forms)]
+        s = shapes[target]
+        if kind == "position":
+            offset = s.cx - frame[0] / 2
+            names = names if abs(offset) >= MARGIN * frame[0] else []
         if names:
-            name = rng.choice(names)
+            name = rng.choice(names).phrase(rng)
             if kind == "colour":
-                return f"What colour is {name}?", f"It is {shapes[target].colour}."
-            return f"What shape is {name}?", f"It is a {shapes[target].kind}."
+                return kind, f"What {colour_word} is {name}?", f"It is {s.colour}.", [target]
+            if kind == "kind":
+                return kind, f"What shape is {name}?", f"It is a {s.kind}.", [target]
+            if kind == "size":
+                return kind, f"Is {name} big or small?", f"It is {s.size}.", [target]
+            side = "left" if s.cx < frame[0] / 2 else "right"
+            return kind, f"Is {name} on the left or on the right?", f"It is on the {side}.", [target]
         kind = "count"
     if kind == "exists":
-        if rng.random() < 0.5:
-            s = rng.choice(shapes)
-            return f"Is there a {s.colour} {s.kind}?", "Yes, there is."
-        return f"Is there a {_absent_noun(rng, shapes)}?", "No, there is not."
+        present = rng.random() < 0.5
+        reference = find_reference(rng, shapes, frame, rng.choice(("kind", "colour", "colour+kind")), present)
+        if reference is not None:
+            ref, members = reference
+            noun = ref.noun(rng)
+            return kind, f"Is there {'an' if noun[0] in 'aeiou' else 'a'} {noun}?", "Yes, there is." if present else "No, there is not.", members
+        kind = "count"
+    if kind == "describe":
+        return kind, rng.choice(("Describe the image.", "What is in the image?")), _describe(shapes), None
     if rng.random() < 0.2:
-        return "How many shapes are there?", _count_sentence(len(shapes), "shape", "shapes")
-    if rng.random() < 0.3:  # a kind that may be absent, so "no" answers occur too
-        noun = rng.choice(SHAPES)
-        singular, plural, members = noun, _plural(noun), _matching(shapes, kind=noun)
-    else:
-        singular, plural, members = rng.choice(_group_choices(shapes))
-    return f"How many {plural} are there?", _count_sentence(len(members), singular, plural)
+        return "count", "How many shapes are there?", _count_sentence(len(shapes), "shape", "shapes"), list(range(len(shapes)))
+    ref = rng.choice([r for r in _candidates("all", rng) if r.kind is None or r.colour is None])
+    members = ref.matching(shapes)
+    singular, plural = ref.noun(random.Random(0)), ref.noun(random.Random(0), plural=True)
+    return "count", f"How many {plural} are there?", _count_sentence(len(members), singular, plural), members
 
 
-def _union(masks, members, shape) -> np.ndarray:
+# ---------------------------------------------------------------------------------------------- samples
+
+
+def _union(masks, members, shape) -> np.ndarray | None:
+    if not members:
+        return None
     out = np.zeros(shape, dtype=bool)
     for i in members:
         out |= masks[i]
     return out
 
 
-def make_sample(seed: int, image_size: int = 128, task: str | None = None) -> Sample:
-    """The sample of `seed`: a scene, its exact masks and one conversation (task drawn from TASK_WEIGHTS unless given)."""
+def _turn(role: str, text: str) -> dict:
+    return {"role": role, "content": text}
+
+
+def segmentation_request(rng: random.Random, shapes, frame, present: bool, form: str | None = None):
+    """(form, request, answer, members) of a request for a present (or absent) target, the form drawn from FORMS
+    among those the scene allows; None if none does."""
+    forms = [form] if form else rng.sample(FORMS, len(FORMS))
+    for form in forms:
+        found = find_reference(rng, shapes, frame, form, present)
+        if found is not None:
+            reference, members = found
+            return form, request(rng, reference), MANY_ANSWER if reference.many else ONE_ANSWER, members
+    return None
+
+
+def make_sample(seed: int, size: tuple[int, int] | None = None, task: str | None = None) -> Sample:
+    """The sample of `seed`: a scene at `size` (default: drawn from IMAGE_SIZES), its exact masks and one
+    conversation (task drawn from TASK_WEIGHTS unless given)."""
     rng = random.Random(seed)
-    shapes, image, object_masks = draw_scene(rng, image_size)
-    hw = (image_size, image_size)
+    shapes, image, object_masks = draw_scene(rng, size)
+    frame = image.size
+    hw = (frame[1], frame[0])
     if task is None:
         task = rng.choices(tuple(TASK_WEIGHTS), weights=tuple(TASK_WEIGHTS.values()))[0]
-    user = lambda text: {"role": "user", "content": text}  # noqa: E731
-    assistant = lambda text: {"role": "assistant", "content": text}  # noqa: E731
-
-    candidates = [(i, unique_descriptions(shapes, i)) for i in range(len(shapes))]
-    candidates = [(i, names) for i, names in candidates if names]
-    groups = [g for g in _group_choices(shapes) if len(g[2]) >= 2]
-    if task == "multi" and not groups:
-        task = "refer"
-    if task in ("refer", "two_turn") and not candidates:
-        task = "vqa"
-
-    if task == "refer":
-        target, names = rng.choice(candidates)
-        messages = [user(rng.choice(SEGMENT_PROMPTS).format(rng.choice(names))), assistant(ONE_ANSWER)]
-        masks = [object_masks[target]]
-    elif task == "multi":
-        _, plural, members = rng.choice(groups)
-        messages = [user(rng.choice(MULTI_PROMPTS).format(f"all the {plural}")), assistant(MANY_ANSWER)]
-        masks = [_union(object_masks, members, hw)]
-    elif task == "none":
-        noun = _absent_noun(rng, shapes)
-        messages = [user(rng.choice(SEGMENT_PROMPTS).format(f"the {noun}")), assistant(NONE_ANSWER.format(noun))]
-        masks = [None]
-    elif task == "vqa":
-        question, answer = _vqa(rng, shapes)
-        messages = [user(question), assistant(answer)]
-        masks = []
-    elif task == "two_turn":
-        if groups and rng.random() < 0.4:
-            singular, plural, members = rng.choice(groups)
-            first = (f"How many {plural} are there?", _count_sentence(len(members), singular, plural))
-            second, answer, mask = "Please segment them.", MANY_ANSWER, _union(object_masks, members, hw)
-        else:
-            target, names = rng.choice(candidates)
-            s = shapes[target]
-            first = (f"What colour is {rng.choice(names)}?", f"It is {s.colour}.")
-            second, answer, mask = "Please segment it.", ONE_ANSWER, object_masks[target]
-        messages = [user(first[0]), assistant(first[1]), user(second), assistant(answer)]
-        masks = [mask]
-    else:
+    if task not in TASK_WEIGHTS:
         raise ValueError(f"unknown task {task!r}; expected one of {tuple(TASK_WEIGHTS)}")
-    return Sample(seed, image, shapes, messages, masks, task, object_masks)
+    if task in ("refer", "none"):
+        form, text, reply, members = segmentation_request(rng, shapes, frame, present=task == "refer")
+        messages, masks = [_turn("user", text), _turn("assistant", reply)], [_union(object_masks, members, hw)]
+    elif task == "vqa":
+        form, text, reply, _ = question(rng, shapes, frame)
+        messages, masks = [_turn("user", text), _turn("assistant", reply)], []
+    else:  # two_turn: a question about some shapes, then "segment it / them"
+        form, text, reply, members = question(rng, shapes, frame, rng.choice(("colour", "kind", "count")))
+        many = form == "count"
+        follow = rng.choice(("Please segment them.", "Segment them.")) if many else rng.choice(
+            ("Please segment it.", "Segment it.", "Show it to me."))
+        messages = [_turn("user", text), _turn("assistant", reply), _turn("user", follow),
+                    _turn("assistant", MANY_ANSWER if many else ONE_ANSWER)]
+        masks = [_union(object_masks, members, hw)]
+    return Sample(seed, image, shapes, messages, masks, task, form, object_masks)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -362,53 +474,132 @@ def split_seeds(split: str, count: int, start: int = 0) -> range:
     return range(SPLIT_SEEDS[split] + start, SPLIT_SEEDS[split] + start + count)
 
 
-def write_split(folder, split: str, count: int, image_size: int = 128, start: int = 0) -> Path:
-    """Write `count` samples of `split` as `folder/<split>.jsonl` plus PNG images and masks under `folder/<split>/`.
+def _shape_record(shape: Shape) -> dict:
+    return {"kind": shape.kind, "colour": shape.colour, "size": shape.size, "cx": shape.cx, "cy": shape.cy,
+            "radius": shape.radius}
 
-    Refuses to overwrite an existing JSONL file, so nothing generated earlier is lost."""
+
+def _check_new(path: Path) -> None:
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; choose another folder or remove it first")
+
+
+def write_split(folder, split: str, count: int, start: int = 0, tasks=None) -> Path:
+    """Write `count` samples of `split` as `folder/<split>.jsonl` plus PNG images and masks under `folder/<split>/`.
+    `tasks`: the tasks to keep (others are skipped, so fewer records may come). Records carry the task, the request
+    form, the seed and a mask of all the shapes (`all_shapes`, for the language-blind baseline). Refuses to overwrite an existing JSONL file, so nothing generated earlier is lost."""
     folder = Path(folder)
     jsonl = folder / f"{split}.jsonl"
-    if jsonl.exists():
-        raise FileExistsError(f"{jsonl} already exists; choose another folder or remove it first")
+    _check_new(jsonl)
     (folder / split / "images").mkdir(parents=True, exist_ok=True)
     (folder / split / "masks").mkdir(parents=True, exist_ok=True)
     lines = []
     for seed in split_seeds(split, count, start):
-        sample = make_sample(seed, image_size)
+        sample = make_sample(seed)
+        if tasks is not None and sample.task not in tasks:
+            continue
         name = f"{seed:09d}"
         image_path = f"{split}/images/{name}.png"
         sample.image.save(folder / image_path)
         masks = []
         for k, mask in enumerate(sample.masks):
-            if mask is None or not mask.any():
+            if mask is None:
                 masks.append({"empty": True})
                 continue
             mask_path = f"{split}/masks/{name}_{k}.png"
             Image.fromarray(mask.astype(np.uint8) * 255).save(folder / mask_path)
             masks.append({"png": mask_path})
-        record = {"image": image_path, "messages": sample.messages, "masks": masks, "task": sample.task, "seed": seed}
+        all_shapes = f"{split}/masks/{name}_all.png"
+        Image.fromarray(np.any(sample.object_masks, axis=0).astype(np.uint8) * 255).save(folder / all_shapes)
+        record = {"image": image_path, "messages": sample.messages, "masks": masks, "task": sample.task,
+                  "form": sample.form, "seed": seed, "all_shapes": all_shapes}
         lines.append(json.dumps(record))
     jsonl.write_text("\n".join(lines) + "\n")
     return jsonl
 
 
-def write_dataset(folder, train: int = 4000, val: int = 200, test: int = 500, image_size: int = 128) -> dict[str, Path]:
-    """Train, val and test splits (disjoint seeds) under `folder`; returns the JSONL path of each."""
-    counts = {"train": train, "val": val, "test": test}
-    return {split: write_split(folder, split, n, image_size) for split, n in counts.items() if n}
+def write_refer_export(folder, count: int, start: int = 0, sentences: int = 3, split: str = "train") -> Path:
+    """Scenes of `split` in the gRefCOCO layout (`grefs(unc).json` + COCO `instances.json` with RLE masks, images in
+    `images/`), which `stamp-hf prepare-data` reads as it reads gRefCOCO: per scene `sentences` references (present
+    and absent ones, as ABSENT_SHARE says), each a bare referring expression ("red circle", "all the stars")."""
+    from pycocotools import mask as mask_utils
+
+    folder = Path(folder)
+    _check_new(folder / "grefs(unc).json")
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations, refs = [], [], []
+    for number, seed in enumerate(split_seeds(split, count, start)):
+        rng = random.Random(seed)
+        shapes, image, object_masks = draw_scene(rng)
+        name = f"{seed:09d}.png"
+        image.save(folder / "images" / name)
+        width, height = image.size
+        images.append({"id": number, "file_name": name, "width": width, "height": height})
+        ids = []
+        for mask in object_masks:
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            ids.append(len(annotations) + 1)
+            annotations.append({"id": ids[-1], "image_id": number, "category_id": 1, "iscrowd": 0,
+                                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                                "area": int(mask.sum()), "bbox": [0, 0, 0, 0]})
+        for k in range(sentences):
+            present = rng.random() >= ABSENT_SHARE
+            found = find_reference(rng, shapes, image.size, rng.choice(FORMS), present)
+            if found is None:
+                continue
+            reference, members = found
+            text = reference.phrase(rng, article=rng.random() < 0.3)
+            refs.append({"ref_id": len(refs), "image_id": number, "file_name": name, "split": split,
+                         "ann_id": [ids[i] for i in members] or [-1], "category_id": [1] * len(members) or [-1],
+                         "no_target": not members, "sent_ids": [len(refs)],
+                         "sentences": [{"sent_id": len(refs), "sent": text, "raw": text, "tokens": text.split()}]})
+    instances = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "shape"}]}
+    (folder / "instances.json").write_text(json.dumps(instances))
+    (folder / "grefs(unc).json").write_text(json.dumps(refs))
+    return folder
+
+
+def write_dialogue_export(path, count: int, start: int = 0, turns: int = 3, split: str = "train") -> Path:
+    """Scenes of `split` as LLaVA instruction data (a JSON list of {"id", "image", "conversations"}, images in
+    `<stem>_images/`): per scene `turns` questions and answers (`question`), the first with the `<image>` tag."""
+    path = Path(path)
+    _check_new(path)
+    image_folder = path.parent / f"{path.stem}_images"
+    image_folder.mkdir(parents=True, exist_ok=True)
+    conversations = []
+    for seed in split_seeds(split, count, start):
+        rng = random.Random(seed)
+        shapes, image, _ = draw_scene(rng)
+        name = f"{seed:09d}.png"
+        image.save(image_folder / name)
+        turns_of_scene = []
+        for k in range(turns):
+            _, text, reply, _ = question(rng, shapes, image.size)
+            turns_of_scene += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + text},
+                               {"from": "gpt", "value": reply}]
+        conversations.append({"id": str(seed), "image": name, "conversations": turns_of_scene})
+    path.write_text(json.dumps(conversations, indent=1))
+    return path
 
 
 __all__ = [
     "COLOURS",
+    "COLOUR_SHADES",
+    "FORMS",
+    "IMAGE_SIZES",
     "SHAPES",
     "SPLIT_SEEDS",
+    "Reference",
     "Sample",
     "Shape",
     "draw_scene",
+    "find_reference",
     "make_sample",
-    "phrase_kind",
+    "question",
+    "request",
     "split_seeds",
     "unique_descriptions",
-    "write_dataset",
+    "write_dialogue_export",
+    "write_refer_export",
     "write_split",
 ]

@@ -24,7 +24,7 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .conversation import Conversation  # noqa: E402
-from .overlay import PALETTE, overlay_masks  # noqa: E402
+from .overlay import PALETTE, mask_count, overlay_masks  # noqa: E402
 from .pipeline_stamp import PIPELINE_TASK  # noqa: E402
 from .processing_stamp import load_image  # noqa: E402
 
@@ -33,13 +33,13 @@ COLOUR_NAMES = ("orange", "sky blue", "bluish green", "yellow", "blue", "vermill
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"  # the repository's examples/ (absent in a wheel)
 # (image in examples/, request): each is answered correctly by the bundled demo model (tests/test_webdemo.py)
 EXAMPLES = (
-    ("shapes.png", "Please segment the big red circle."),
-    ("shapes.png", "Please segment the small green square."),
-    ("shapes.png", "Please segment the big blue diamond."),
-    ("shapes.png", "Please segment the purple triangle."),
-    ("shapes.png", "How many shapes are there?"),
+    ("shapes.png", "Please segment the red circle."),
+    ("shapes.png", "Please segment the blue triangle."),
+    ("shapes.png", "Please segment the red diamond."),
+    ("shapes.png", "Please segment the green square."),  # not in the image: the answer comes with an empty mask
+    ("shapes.png", "Is the star big or small?"),
 )
-CHAT_EXAMPLES = ("How many shapes are there?", "What colour is the diamond?", "Please segment the big red circle.")
+CHAT_EXAMPLES = ("Is the star big or small?", "Is there a red circle?", "Please segment the red circle.")
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger uploads are refused: decoding them costs memory the model never uses
 MAX_UPLOAD = "50mb"  # gradio refuses bigger files at upload, before anything reads them
 CHAT_TTL_S = 3600  # a chat nobody touched for an hour is dropped with its cache
@@ -203,7 +203,7 @@ COLOUR_MAP = {name: "#%02x%02x%02x" % rgb for name, rgb in zip(COLOUR_NAMES, PAL
 def timing_line(answer: Answer) -> str:
     s = answer.seconds
     return (f"Answered in {s['total']:.2f} s (image {s['image']:.2f} s, model {s['model']:.2f} s, overlay "
-            f"{s['overlay']:.2f} s); {len(answer.masks)} mask(s).")
+            f"{s['overlay']:.2f} s); {mask_count(answer.masks)}.")
 
 
 def problem(message: str) -> str:
@@ -294,7 +294,7 @@ def build_demo(model, processor, refiner=None, max_new_tokens: int = 256, concur
                         gr.Examples(examples, inputs=[image, prompt], label="Examples (the bundled demo model answers them)")
                 with gr.Tab("Chat"):
                     chatbot = gr.Chatbot(label="Chat about the image", height=560, elem_id="chatbot")
-                    message = gr.Textbox(label="Message", placeholder="How many shapes are there?", elem_id="message")
+                    message = gr.Textbox(label="Message", placeholder="Is the star big or small?", elem_id="message")
                     with gr.Row():
                         send = gr.Button("Send", variant="primary", elem_id="send")
                         clear = gr.Button("New chat", elem_id="new_chat")

@@ -17,7 +17,7 @@ def add_arguments(parser):
 
 def run(args):
     from ..conversation import Conversation
-    from ..overlay import overlay_masks
+    from ..overlay import mask_count, overlay_masks
     from ..processing_stamp import load_image
 
     image = load_image(args.image)
@@ -40,7 +40,7 @@ def run(args):
         turn += 1
         start = time.perf_counter()
         answer = conversation.ask(question, max_new_tokens=args.max_new_tokens)
-        log(f"turn {turn}: {time.perf_counter() - start:.2f}s, {len(answer['masks'])} mask(s)")
+        log(f"turn {turn}: {time.perf_counter() - start:.2f}s, {mask_count(answer['masks'])}")
         print(answer["text"], flush=True)
         if overlay_dir is not None and answer["masks"]:
             path = overlay_dir / f"turn_{turn}.png"

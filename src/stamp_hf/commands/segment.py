@@ -26,7 +26,7 @@ def mask_paths(out: Path, count: int) -> list[Path]:
 def run(args):
     from transformers import pipeline
 
-    from ..overlay import overlay_masks
+    from ..overlay import mask_count, overlay_masks
     from ..pipeline_stamp import PIPELINE_TASK
     from ..processing_stamp import load_image
 
@@ -39,7 +39,7 @@ def run(args):
     start = time.perf_counter()
     result = pipe(image, args.prompt, max_new_tokens=args.max_new_tokens, refine=refiner is not None,
                   sam_model=refiner)
-    log(f"answered in {time.perf_counter() - start:.2f}s: {len(result['masks'])} mask(s)")
+    log(f"answered in {time.perf_counter() - start:.2f}s: {mask_count(result['masks'])}")
 
     masks = result["masks"]
     files = mask_paths(out, len(masks)) if out and masks else []
