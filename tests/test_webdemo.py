@@ -208,7 +208,7 @@ def test_page_reports_a_file_that_is_not_an_image_and_an_empty_request_then_keep
 
     upload(page, SHAPES)
     status = submit(page, "   ")
-    assert status == 'Problem: Type a request first, e.g. "Please segment the big red circle."', status
+    assert status == 'Problem: Type a request first, e.g. "Please segment the red circle."', status
 
     status = submit(page, REQUEST)
     assert status.startswith("Answered in") and page.input_value("#answer textarea") == "Sure, it is <|seg|>."

@@ -108,7 +108,7 @@ class StampDemo:
         generate_with_masks itself, with both lengths, and shown like any other model error.)"""
         text = (text or "").strip()
         if not text:
-            raise BadInput('Type a request first, e.g. "Please segment the big red circle."')
+            raise BadInput('Type a request first, e.g. "Please segment the red circle."')
         return text
 
     def refiner_for(self, refine: bool):
@@ -276,7 +276,7 @@ def build_demo(model, processor, refiner=None, max_new_tokens: int = 256, concur
                                        label="Max new tokens")
             with gr.Column(scale=2):
                 with gr.Tab("Single request"):
-                    prompt = gr.Textbox(label="Request", placeholder="Please segment the big red circle.",
+                    prompt = gr.Textbox(label="Request", placeholder="Please segment the red circle.",
                                         elem_id="prompt")
                     segment_button = gr.Button("Segment", variant="primary", elem_id="segment")
                     status = gr.Markdown(label="Status", elem_id="status")
