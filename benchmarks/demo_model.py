@@ -12,8 +12,9 @@ Stages:
             and a LLaVA export (questions and answers), its own conversations (everyday requests, two-turn chats),
             its test split and the separately drawn set (benchmarks/drawn_scenes.py); the two exports go through
             `stamp-hf prepare-data`, as a user's gRefCOCO and LLaVA data would.
-  vision    the base's vision tower learns every patch's shape kind, colour and size (no language): the stand-in
-            for Qwen2-VL's pretrained vision tower.
+  vision    the base's vision tower learns every patch's shape kind, colour and size (no language), then its
+            features' main directions are evened out (balance_features): the stand-in for Qwen2-VL's pretrained
+            vision tower.
   dialogue  the base learns to answer questions about scenes (the prepared LLaVA export): the stand-in for
             Qwen2-VL-Instruct. The result is a plain `qwen2_vl` checkpoint that transformers' own
             Qwen2VLForConditionalGeneration loads.
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 
 from demo_tools import (
+    balance_features,
     build_base,
     demo_tokenizer,
     evaluate_demo,
@@ -102,6 +104,7 @@ def vision_stage(out: Path, steps: int) -> dict:
         tokenizer = demo_tokenizer()
         model, processor = build_base(seed=0, tokenizer=tokenizer)
         history = pretrain_vision_tower(model, processor.image_processor, steps, log=log_json)
+        balance_features(model, processor.image_processor)  # the probe is gone; even out what it left
         save_base(model, processor, folder / "model")
         return dict(steps=steps, history=history)
 

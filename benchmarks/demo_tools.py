@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stamp_hf.data import IGNORE_INDEX, STAMPCollator, encode_conversation, read_records
+from stamp_hf.data import IGNORE_INDEX, STAMPCollator, encode_conversation, load_mask, read_records
 from stamp_hf.modeling_stamp import mask_target
 from stamp_hf.pipeline_stamp import segmentation_result, split_by_sample
-from stamp_hf.processing_stamp import QWEN2_VL_CHAT_TEMPLATE, user_turn
+from stamp_hf.processing_stamp import QWEN2_VL_CHAT_TEMPLATE, load_image, user_turn
 from stamp_hf.prompts import RES_ANSWERS, RES_QUESTIONS
 from stamp_hf.synthetic import COLOURS, FORMS, SHAPES, SIZES, draw_scene, find_reference, make_sample, split_seeds
 from stamp_hf.testing import tiny_config, tiny_tokenizer
@@ -180,8 +180,6 @@ def pretrain_vision_tower(model, image_processor, steps: int, batch_size: int = 
             window = []
             if log is not None:
                 log(history[-1])
-    # The probe goes; the features are balanced and brought to the token embeddings' length.
-    balance_features(model, image_processor)
     return history
 
 
@@ -297,10 +295,12 @@ def _scores(jsonl, predict) -> dict:
 
     folder = Path(jsonl).parent
     scores, by_form = [], {}
-    for record in read_tasks(jsonl):
+    for number, record in enumerate(read_tasks(jsonl)):
         if record["task"] not in SEGMENTATION_TASKS:
             continue
-        target = _read_mask(folder, record["masks"][0], record["all_shapes"])
+        with Image.open(folder / record["image"]) as image:  # its size only
+            size = image.size
+        target = load_mask(record["masks"][0], size, folder, f"{jsonl}:{number + 1}")
         prediction = predict(record, target, folder)
         score = sample_scores(*intersection_union(prediction, target), not target.any(), not prediction.any())
         scores.append(score)
@@ -308,16 +308,11 @@ def _scores(jsonl, predict) -> dict:
     return {**summarize(scores), "cIoU_by_form": {f: summarize(s)["cIoU"] for f, s in sorted(by_form.items())}}
 
 
-def _read_mask(folder: Path, spec: dict, like: str) -> np.ndarray:
-    if "empty" in spec:
-        return np.zeros_like(np.array(Image.open(folder / like)) > 0)
-    return np.array(Image.open(folder / spec["png"])) > 0
-
-
 def language_blind_baseline(jsonl) -> dict:
     """The oracle that masks every shape whatever the request: what a model scores by telling shapes from
     background without grounding the words."""
-    return _scores(jsonl, lambda record, target, folder: np.array(Image.open(folder / record["all_shapes"])) > 0)
+    return _scores(jsonl, lambda record, target, folder: load_mask({"png": record["all_shapes"]}, target.shape[::-1],
+                                                                   folder, str(jsonl)))
 
 
 def grid_ceiling(jsonl, processor, fit_steps: int = 200) -> dict:
@@ -327,7 +322,7 @@ def grid_ceiling(jsonl, processor, fit_steps: int = 200) -> dict:
     from stamp_hf.processing_stamp import upsample_mask_logits
 
     def predict(record, target, folder):
-        image = Image.open(folder / record["image"]).convert("RGB")
+        image = load_image(folder / record["image"], upright=False)
         grid = processor.mask_grid(processor.image_processor(images=[image])["image_grid_thw"][0])
         pixels = torch.from_numpy(target).float()
         logits = (mask_target(pixels, grid) * 2 - 1).clone().requires_grad_(True)
@@ -369,7 +364,8 @@ def evaluate_demo(model_folder, jsonl, output_dir, limit: int | None = None, bat
     questions = [(s, t) for s, t in zip(samples, tasks) if t["task"] == "vqa"]
     by_kind, no_seg = {}, 0
     for sample, task in questions:
-        response = answer(model, processor, Image.open(Path(jsonl).parent / task["image"]).convert("RGB"), sample.prompt)
+        image = load_image(Path(jsonl).parent / task["image"], upright=False)  # dataset images: stored orientation
+        response = answer(model, processor, image, sample.prompt)
         truth = task["messages"][1]["content"]
         by_kind.setdefault(task["form"], []).append(response == truth)
         no_seg += "<|seg|>" not in response

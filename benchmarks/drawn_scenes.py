@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stamp_hf.synthetic import FORMS, Shape, find_reference, question
+from stamp_hf.synthetic import FORMS, Shape, find_reference, held_out_record, question
 
 DRAWN_SIZES = ((320, 240), (500, 300), (200, 400), (640, 480))
 BACKGROUNDS = ("white", "whitesmoke", "lightgray", "beige", "ivory", "lavender", "honeydew", "aliceblue", "linen")
@@ -92,9 +92,7 @@ def write_drawn_set(folder, count: int, start: int = 0) -> Path:
     jsonl = folder / "drawn.jsonl"
     if jsonl.exists():
         raise FileExistsError(f"{jsonl} already exists; choose another folder or remove it first")
-    (folder / "drawn" / "images").mkdir(parents=True, exist_ok=True)
-    (folder / "drawn" / "masks").mkdir(parents=True, exist_ok=True)
-    lines = []
+    records = []
     for seed in range(DRAWN_SEEDS + start, DRAWN_SEEDS + start + count):
         rng = random.Random(seed)
         shapes, image, object_masks = drawn_scene(rng)
@@ -107,10 +105,6 @@ def write_drawn_set(folder, count: int, start: int = 0) -> Path:
                     break
         if found is None:
             task = "vqa"
-        name = f"{seed:09d}"
-        image.save(folder / "drawn" / "images" / f"{name}.png")
-        all_shapes = f"drawn/masks/{name}_all.png"
-        Image.fromarray(np.any(object_masks, axis=0).astype(np.uint8) * 255).save(folder / all_shapes)
         if task == "vqa":
             form, text, reply, _ = question(rng, shapes, image.size)
             masks = []
@@ -120,16 +114,8 @@ def write_drawn_set(folder, count: int, start: int = 0) -> Path:
             phrase = reference.phrase(rng, article=False)
             text = f"Please segment {phrase}." if reference.many else rng.choice(PERSON_TEMPLATES).format(phrase)
             reply = "Sure, they are <|seg|>." if reference.many else "Sure, it is <|seg|>."
-            if members:
-                mask_path = f"drawn/masks/{name}_0.png"
-                union = np.any([object_masks[i] for i in members], axis=0)
-                Image.fromarray(union.astype(np.uint8) * 255).save(folder / mask_path)
-                masks = [{"png": mask_path}]
-            else:
-                masks = [{"empty": True}]
-        record = {"image": f"drawn/images/{name}.png", "messages": [{"role": "user", "content": text},
-                  {"role": "assistant", "content": reply}], "masks": masks, "task": task, "form": form, "seed": seed,
-                  "all_shapes": all_shapes}
-        lines.append(json.dumps(record))
-    jsonl.write_text("\n".join(lines) + "\n")
+            masks = [np.any([object_masks[i] for i in members], axis=0) if members else None]
+        messages = [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        records.append(held_out_record(folder, "drawn", seed, image, messages, masks, object_masks, task, form))
+    jsonl.write_text("".join(json.dumps(record) + "\n" for record in records))
     return jsonl

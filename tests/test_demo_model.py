@@ -178,6 +178,39 @@ def test_base_is_a_plain_qwen2_vl_that_stamp_hf_init_makes_into_stamp(tmp_path):
     assert torch.equal(stamp.model.visual.state_dict()["merger.mlp.2.weight"], model.model.visual.merger.mlp[2].weight)
 
 
+def test_balance_features_evens_out_the_feature_spread_at_the_embeddings_length():
+    """balance_features changes only the merger's last layer; afterwards the patch features are as long as the token
+    embeddings on average and their main directions are closer in spread (what lets the language model learn
+    colours as fast as kinds)."""
+    import random
+
+    from demo_tools import balance_features, build_base
+    from stamp_hf.synthetic import draw_scene
+
+    model, processor = build_base(seed=0)
+    images = [draw_scene(random.Random(seed))[1] for seed in range(8)]
+    inputs = processor.image_processor(images=images, return_tensors="pt")
+
+    def features():
+        with torch.no_grad():
+            out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+        return torch.cat(out.pooler_output).double()
+
+    def spread(x):  # largest over 10th-largest eigenvalue of the covariance
+        values = torch.linalg.eigvalsh(torch.cov((x - x.mean(0)).T)).flip(0)
+        return (values[0] / values[9]).item()
+
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = features()
+    balance_features(model, processor.image_processor, scenes=32)
+    after = features()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before_state[k])}
+    assert changed == {"model.visual.merger.mlp.2.weight", "model.visual.merger.mlp.2.bias"}
+    length = model.get_input_embeddings().weight.norm(dim=-1).mean().item()
+    assert abs((after - after.mean(0)).norm(dim=-1).mean().item() / length - 1) < 0.2  # measured 1.03
+    assert spread(after) < 0.6 * spread(before), (spread(before), spread(after))  # measured 60.6 -> 11.0
+
+
 def test_dialogue_training_lowers_the_answer_loss_on_prepared_llava_data(tmp_path):
     """The base's instruction tuning reads what `stamp-hf prepare-data` writes from the LLaVA export and learns from
     the answers only (the vision tower stays as it was)."""

@@ -372,11 +372,10 @@ def question(rng: random.Random, shapes, frame, kind: str | None = None) -> tupl
         hidden = {"colour": "colour", "kind": "kind", "size": "size", "position": None}[kind]
         forms = [f for f in ATTRIBUTE_FORMS if hidden not in ATTRIBUTE_FORMS[f]]
         target = rng.randrange(len(shapes))
-        names = [r for r in unique_descriptions(shapes, target, frame, forms)]
+        names = unique_descriptions(shapes, target, frame, forms)
         s = shapes[target]
         if kind == "position":
-            offset = s.cx - frame[0] / 2
-            names = names if abs(offset) >= MARGIN * frame[0] else []
+            names = names if abs(s.cx - frame[0] / 2) >= MARGIN * frame[0] else []
         if names:
             name = rng.choice(names).phrase(rng)
             if kind == "colour":
@@ -474,11 +473,6 @@ def split_seeds(split: str, count: int, start: int = 0) -> range:
     return range(SPLIT_SEEDS[split] + start, SPLIT_SEEDS[split] + start + count)
 
 
-def _shape_record(shape: Shape) -> dict:
-    return {"kind": shape.kind, "colour": shape.colour, "size": shape.size, "cx": shape.cx, "cy": shape.cy,
-            "radius": shape.radius}
-
-
 def _check_new(path: Path) -> None:
     if path.exists():
         raise FileExistsError(f"{path} already exists; choose another folder or remove it first")
@@ -487,35 +481,41 @@ def _check_new(path: Path) -> None:
 def write_split(folder, split: str, count: int, start: int = 0, tasks=None) -> Path:
     """Write `count` samples of `split` as `folder/<split>.jsonl` plus PNG images and masks under `folder/<split>/`.
     `tasks`: the tasks to keep (others are skipped, so fewer records may come). Records carry the task, the request
-    form, the seed and a mask of all the shapes (`all_shapes`, for the language-blind baseline). Refuses to overwrite an existing JSONL file, so nothing generated earlier is lost."""
+    form, the seed and a mask of all the shapes (`all_shapes`, for the language-blind baseline). Refuses to overwrite
+    an existing JSONL file, so nothing generated earlier is lost."""
     folder = Path(folder)
     jsonl = folder / f"{split}.jsonl"
     _check_new(jsonl)
-    (folder / split / "images").mkdir(parents=True, exist_ok=True)
-    (folder / split / "masks").mkdir(parents=True, exist_ok=True)
-    lines = []
+    records = []
     for seed in split_seeds(split, count, start):
         sample = make_sample(seed)
-        if tasks is not None and sample.task not in tasks:
-            continue
-        name = f"{seed:09d}"
-        image_path = f"{split}/images/{name}.png"
-        sample.image.save(folder / image_path)
-        masks = []
-        for k, mask in enumerate(sample.masks):
-            if mask is None:
-                masks.append({"empty": True})
-                continue
-            mask_path = f"{split}/masks/{name}_{k}.png"
-            Image.fromarray(mask.astype(np.uint8) * 255).save(folder / mask_path)
-            masks.append({"png": mask_path})
-        all_shapes = f"{split}/masks/{name}_all.png"
-        Image.fromarray(np.any(sample.object_masks, axis=0).astype(np.uint8) * 255).save(folder / all_shapes)
-        record = {"image": image_path, "messages": sample.messages, "masks": masks, "task": sample.task,
-                  "form": sample.form, "seed": seed, "all_shapes": all_shapes}
-        lines.append(json.dumps(record))
-    jsonl.write_text("\n".join(lines) + "\n")
+        if tasks is None or sample.task in tasks:
+            records.append(held_out_record(folder, split, seed, sample.image, sample.messages, sample.masks,
+                                           sample.object_masks, sample.task, sample.form))
+    jsonl.write_text("".join(json.dumps(record) + "\n" for record in records))
     return jsonl
+
+
+def held_out_record(folder, split: str, seed: int, image, messages, masks, object_masks, task, form) -> dict:
+    """One record of a held-out file: its image, its masks (None: empty) and a mask of all the shapes written as
+    PNGs under `folder/<split>/`, the record (training format plus task, form, seed, all_shapes) returned."""
+    folder = Path(folder)
+    (folder / split / "images").mkdir(parents=True, exist_ok=True)
+    (folder / split / "masks").mkdir(parents=True, exist_ok=True)
+    name = f"{seed:09d}"
+    image_path = f"{split}/images/{name}.png"
+    image.save(folder / image_path)
+    specs = []
+    for k, mask in enumerate(masks):
+        if mask is None:
+            specs.append({"empty": True})
+            continue
+        specs.append({"png": f"{split}/masks/{name}_{k}.png"})
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / specs[-1]["png"])
+    all_shapes = f"{split}/masks/{name}_all.png"
+    Image.fromarray(np.any(object_masks, axis=0).astype(np.uint8) * 255).save(folder / all_shapes)
+    return {"image": image_path, "messages": messages, "masks": specs, "task": task, "form": form, "seed": seed,
+            "all_shapes": all_shapes}
 
 
 def write_refer_export(folder, count: int, start: int = 0, sentences: int = 3, split: str = "train") -> Path:
