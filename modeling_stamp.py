@@ -11,6 +11,7 @@ Hub remote code: imports only torch, transformers and the other `*_stamp.py` fil
 """
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -21,8 +22,10 @@ from transformers.cache_utils import Cache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.modeling_utils import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.utils import ModelOutput, logging
 
 from .configuration_stamp import STAMPConfig, STAMPQwen2_5_VLConfig
@@ -101,6 +104,23 @@ class STAMPMixin:
         super().__init__(config)
         self.classifier = nn.Linear(config.text_config.hidden_size, 1)
         self.post_init()
+        self._route_attention()
+
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """transformers' switch (sdpa, eager, flash, ...); the language model keeps reaching it through STAMP's
+        attention, so phase 2 still finds its block attention after a switch."""
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        self._route_attention()
+
+    def _route_attention(self) -> None:
+        """Name the language model's kernel `stamp|<kernel>` (see `stamp_attention`): done when the model is built and
+        after `set_attn_implementation`, never during a call, so callers on other threads always see one kernel."""
+        text_config = self.model.language_model.config
+        text_config._attn_implementation_internal = stamp_attention_name(text_config._attn_implementation or "sdpa")
+
+    def configured_attention(self) -> str:
+        """The kernel the language model runs outside phase 2 (sdpa, eager, flash_attention_2, ...)."""
+        return configured_kernel(self.model.language_model.config)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_pickle: bool = False, **kwargs):
@@ -155,6 +175,11 @@ class STAMPMixin:
             `text_loss`, `mask_loss` and `loss` = config.text_loss_weight * text_loss + mask_loss.
         """
         if mask_labels is None:
+            fresh = cache is None or cache.get_seq_length() == 0
+            if position_ids is None and input_ids is not None and fresh and _has_grids(image_grid_thw, video_grid_thw):
+                # what the backbone would compute, without keeping its rope offset in self.model.rope_deltas
+                position_ids = self._rope_positions(input_ids, mm_token_type_ids, image_grid_thw, attention_mask,
+                                                    video_grid_thw)
             return super().forward(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -297,10 +322,6 @@ class STAMPMixin:
         encoded = None
         if features and not continuing:  # a continuation's image tokens are in the cache: nothing to scatter
             encoded = {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
-        if continuing:
-            # generate reuses the M-RoPE offset its last call left in model.rope_deltas, which may belong to another
-            # conversation: clear it so the positions are computed from this sequence
-            self.model.rope_deltas = None
         for key in ("return_dict_in_generate", "use_cache"):
             if generate_kwargs.pop(key, True) is not True:
                 logger.warning(f"generate_with_masks needs {key}=True; ignoring the value given")
@@ -463,7 +484,7 @@ class STAMPMixin:
             size = self._num_placeholders(image_grid_thw[query.image])
             blocks.append(PlaceholderBlock(query.row, used[query.row], size, query.index + 1))
             used[query.row] += size
-        kernel = "eager" if self.config.text_config._attn_implementation == "eager" else "sdpa"
+        kernel = "eager" if self.configured_attention() == "eager" else "sdpa"
         key_valid = key_valid[:, : cached + text_len]
         return Phase2Layout(
             text_len=text_len,
@@ -504,8 +525,14 @@ class STAMPMixin:
         return embeds, positions
 
     def _run_phase2(self, inputs_embeds, position_ids, layout) -> torch.Tensor:
-        """The language model with STAMP's block attention: the layout travels to it through the forward kwargs."""
-        self._hook_block_attention()
+        """The language model with STAMP's block attention: the layout travels to `stamp_attention` through the
+        forward kwargs, so this call alone runs it; gradient checkpointing's recomputation gets the same kwargs."""
+        kernel = self.model.language_model.config._attn_implementation
+        if not kernel.startswith(STAMP_ATTENTION_PREFIX):
+            raise ValueError(
+                f"the language model's attention is {kernel!r}, set on its config directly: phase 2 reaches its block "
+                "attention through STAMP's; switch kernels with model.set_attn_implementation(...)"
+            )
         outputs = self.model.language_model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
@@ -524,26 +551,36 @@ class STAMPMixin:
             mask_logits[block.row].append(grid.reshape(self._mask_grid(image_grid_thw[query.image])))
         return mask_logits
 
-    def _hook_block_attention(self) -> None:
-        """Attention layers called with a phase-2 layout run `block_attention` whatever kernel is configured (flash
-        takes no block layout; the text tokens keep eager math if configured, sdpa otherwise: see _phase2_layout).
-        The switch happens in hooks on each attention layer, per call that carries the layout, so that gradient
-        checkpointing's recomputation (during backward) switches the same way. Installed once per model."""
-        if getattr(self, "_block_attention_hooked", False):
-            return
-        for layer in self.model.language_model.layers:
-            layer.self_attn.register_forward_pre_hook(_switch_to_block_attention, with_kwargs=True)
-            layer.self_attn.register_forward_hook(_switch_back, with_kwargs=True, always_call=True)
-        self._block_attention_hooked = True
-
     # ------------------------------------------------------------------ helpers
 
-    def _rope_positions(self, input_ids, mm_token_type_ids, image_grid_thw, attention_mask) -> torch.LongTensor:
+    def _rope_positions(self, input_ids, mm_token_type_ids, image_grid_thw, attention_mask, video_grid_thw=None):
         """(3, batch, seq_len) M-RoPE positions of a sequence with images, from the backbone's own rope index (by
-        keyword: Qwen2.5-VL's takes second_per_grid_ts, for videos, before attention_mask)."""
+        keyword: Qwen2.5-VL's takes second_per_grid_ts, for videos, before attention_mask). A pure function of its
+        arguments: the offset the backbone would keep in `self.model.rope_deltas` is not kept."""
+        if mm_token_type_ids is None:
+            mm_token_type_ids = self._mm_token_type_ids(input_ids)
         return self.model.get_rope_index(
-            input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+            input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+            attention_mask=attention_mask,
         )[0]
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        """generate's positions: the text row, then the M-RoPE rows of the whole sequence (cached part included),
+        from this call's inputs alone. The backbone's version keeps the rope offset in `self.model.rope_deltas`, which
+        every caller of the model shares, and reads it back when a call continues on a cache: with two callers at
+        once, the other one's offset."""
+        text_positions = GenerationMixin._prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs)
+        input_ids = model_kwargs.get("input_ids")
+        if input_ids is None or input_ids.shape[1] == 0:
+            input_ids = inputs_tensor
+        image_grid_thw, video_grid_thw = model_kwargs.get("image_grid_thw"), model_kwargs.get("video_grid_thw")
+        is_ids = input_ids.ndim == 2 and not input_ids.is_floating_point()
+        if is_ids and _has_grids(image_grid_thw, video_grid_thw):
+            rope = self._rope_positions(input_ids, model_kwargs.get("mm_token_type_ids"), image_grid_thw,
+                                        model_kwargs.get("attention_mask"), video_grid_thw)
+        else:
+            rope = text_positions[None].expand(3, -1, -1)
+        return torch.cat([text_positions[None], rope.to(text_positions.device)], 0)
 
     def _token_id(self, name: str) -> int:
         token_id = getattr(self.config, f"{name}_token_id")
@@ -608,6 +645,10 @@ class STAMPMixin:
         return int(grid_thw[1]) // merge, int(grid_thw[2]) // merge
 
 
+def _has_grids(image_grid_thw, video_grid_thw) -> bool:
+    return image_grid_thw is not None or video_grid_thw is not None
+
+
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -664,7 +705,40 @@ def _chunks(queries, limit, size):
 
 # ---------------------------------------------------------------------- phase 2's block attention
 
-BLOCK_ATTENTION = "stamp_block_attention"
+STAMP_ATTENTION_PREFIX = "stamp|"  # the language model's kernel is named "stamp|<configured kernel>"
+
+
+def stamp_attention_name(kernel: str) -> str:
+    """The registered name of STAMP's attention over `kernel` ("sdpa" -> "stamp|sdpa"), registered with transformers'
+    AttentionInterface (and its mask function, so masks are built as for `kernel`) on first use: when a model is
+    built or `set_attn_implementation` runs, never during a call."""
+    if kernel.startswith(STAMP_ATTENTION_PREFIX):
+        return kernel
+    name = STAMP_ATTENTION_PREFIX + kernel
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, stamp_attention)
+        if kernel in ALL_MASK_ATTENTION_FUNCTIONS:
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[kernel])
+    return name
+
+
+def configured_kernel(config) -> str:
+    """The kernel a (text) config names, without STAMP's prefix: what runs outside phase 2."""
+    return (config._attn_implementation or "sdpa").removeprefix(STAMP_ATTENTION_PREFIX)
+
+
+def stamp_attention(module, query, key, value, attention_mask, stamp_layout=None, **kwargs):
+    """
+    The language model's attention function: phase 2's block attention when the call carries a layout
+    (`stamp_layout=`, which only `_run_phase2` passes), otherwise the configured kernel unchanged (sdpa, eager, flash,
+    ...; eager is the backbone's own function). The choice is made per call from the call's own arguments, so
+    callers on other threads, and gradient checkpointing's recomputation, each get the right one.
+    """
+    if stamp_layout is not None:  # the layout brings its own implementation (a remote-code copy may be another version)
+        return stamp_layout.attend(module, query, key, value, kwargs.get("scaling"))
+    kernel = configured_kernel(module.config)
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(kernel, eager)(module, query, key, value, attention_mask, **kwargs)
 
 
 @dataclass
@@ -693,6 +767,9 @@ class Phase2Layout:
     cache: Cache | None  # read in place; gains the T text tokens' keys/values
     _masks: dict = field(default_factory=dict, repr=False)  # dtype -> block_masks, shared by every layer
 
+    def attend(self, module, query, key, value, scaling=None):
+        return block_attention(module, query, key, value, self, scaling)
+
     def block_masks(self, dtype) -> list[torch.Tensor]:
         """Every block's mask (see block_mask), built once per forward, not once per layer."""
         if dtype not in self._masks:
@@ -712,9 +789,9 @@ class Phase2Layout:
         return kernel_mask(allowed, dtype, self.text_kernel)
 
 
-def block_attention(module, query, key, value, attention_mask=None, scaling=None, stamp_layout=None, **kwargs):
+def block_attention(module, query, key, value, layout: "Phase2Layout", scaling=None):
     """
-    Phase 2's attention (registered with transformers' AttentionInterface as BLOCK_ATTENTION). The text tokens attend
+    Phase 2's attention (reached through `stamp_attention`). The text tokens attend
     causally to the cache and to themselves; each `<|seg|>`'s placeholders attend to the sequence up to that `<|seg|>`
     and to their own block only, one block at a time: the sequence's keys are laid out once per layer with room for
     one block after them, each block writes its keys there, and a key mask of one row hides the text after its
@@ -725,9 +802,6 @@ def block_attention(module, query, key, value, attention_mask=None, scaling=None
     tokens only (the language model runs without a cache; the layout carries it). Returns (batch, T + width, heads,
     head_dim) and no weights, as transformers' attention functions do. Attention dropout is not applied.
     """
-    layout = stamp_layout
-    if layout is None:
-        raise ValueError(f"{BLOCK_ATTENTION} needs the phase-2 layout (stamp_layout=...) in the forward kwargs")
     scaling = module.scaling if scaling is None else scaling
     text_len = layout.text_len
     text_keys, text_values = key[:, :, :text_len], value[:, :, :text_len]
@@ -755,20 +829,6 @@ def block_attention(module, query, key, value, attention_mask=None, scaling=None
             layout.text_kernel,
         )
     return output.transpose(1, 2), None
-
-
-def _switch_to_block_attention(module, args, kwargs):
-    """Forward pre-hook of an attention layer: a call with a phase-2 layout runs BLOCK_ATTENTION."""
-    if "stamp_layout" in kwargs and module.config._attn_implementation != BLOCK_ATTENTION:
-        module._configured_attention = module.config._attn_implementation
-        module.config._attn_implementation = BLOCK_ATTENTION
-
-
-def _switch_back(module, args, kwargs, output):
-    """Forward hook (run on errors too): restore the configured kernel after a phase-2 call."""
-    configured = module.__dict__.pop("_configured_attention", None)
-    if configured is not None:
-        module.config._attn_implementation = configured
 
 
 class _SequenceThenBlock:
@@ -810,8 +870,6 @@ def _attend(query, key, value, mask, scaling, kernel):
     weights = (query @ key.transpose(-1, -2) * scaling + mask).softmax(-1, dtype=torch.float32)
     return weights.to(value.dtype) @ value
 
-
-AttentionInterface.register(BLOCK_ATTENTION, block_attention)
 
 
 class STAMPModel(STAMPMixin, Qwen2VLForConditionalGeneration):

@@ -52,7 +52,7 @@ def reference_mask_logits(model, inputs, sequence, causal_placeholders=False):
                 allowed[start + k, start : start + n] = True
     x = torch.cat(all_embeds)[None]
     pos = torch.cat(all_pos, 1)[:, None]
-    if config.text_config._attn_implementation == "eager":
+    if model.configured_attention() == "eager":
         mask = torch.zeros(total, total).masked_fill(~allowed, torch.finfo(torch.float32).min)
     else:
         mask = allowed
@@ -333,18 +333,25 @@ def test_beam_search_is_refused_with_a_clear_error(tiny):
 
 
 def test_flash_attention_configured_phase2_runs_block_attention(tiny):
+    """A model set up for flash attention (which takes no block layout) still runs phase 2 with block attention:
+    the language model's kernel is STAMP's over flash, as set_attn_implementation would name it (flash itself is not
+    installed here, so the name is set as that method sets it; phase 2 never calls flash)."""
+    from stamp_hf.modeling_stamp import stamp_attention_name
+
     model, processor = tiny
     inputs, out = generate(model, processor, random_image(90, 150))
     features = list(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
-    text_config = model.config.text_config
-    text_config._attn_implementation = "flash_attention_2"  # flash takes no block layout; phase 2 must not use it
+    text_config = model.model.language_model.config
+    configured = text_config._attn_implementation
+    text_config._attn_implementation_internal = stamp_attention_name("flash_attention_2")
     try:
+        assert model.configured_attention() == "flash_attention_2"
         again = model.decode_masks(
             out.sequences, out.cache, features, inputs["image_grid_thw"], response_start=inputs["input_ids"].shape[1]
         )
-        assert text_config._attn_implementation == "flash_attention_2"  # restored after phase 2
+        assert text_config._attn_implementation == "stamp|flash_attention_2"  # nothing switched during the call
     finally:
-        text_config._attn_implementation = "sdpa"
+        text_config._attn_implementation_internal = configured
     for a, b in zip(out.mask_logits[0], again.mask_logits[0]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert again.cache.get_seq_length() == out.sequences.shape[1]
@@ -387,5 +394,47 @@ def test_gradient_checkpointing_recomputes_phase2_with_block_attention():
         inputs.pop("mm_token_type_ids")
         model(**inputs, mask_labels=[torch.ones(1, 3, 5)]).loss.backward()
         grads.append(model.model.language_model.layers[0].self_attn.k_proj.weight.grad.clone())
-        assert model.config.text_config._attn_implementation == "sdpa"
+        assert model.configured_attention() == "sdpa"
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+def test_phase2_survives_attention_switches_and_runs_under_inference_mode(tmp_path):
+    """The kernel is chosen once, at build or load, and again by set_attn_implementation: after any switch, and with
+    `attn_implementation=` at load, phase 2 still equals the no-cache reference; inference_mode gives the same."""
+    from transformers import AutoModel
+
+    from stamp_hf.testing import tiny_stamp
+
+    model, processor = tiny_stamp(seed=0)
+    image = random_image(90, 150)
+    for kernel in ("eager", "sdpa"):
+        model.set_attn_implementation(kernel)
+        assert model.configured_attention() == kernel
+        assert model.model.language_model.config._attn_implementation == f"stamp|{kernel}"
+        inputs, out = generate(model, processor, image)
+        for got, want in zip(out.mask_logits[0], reference_mask_logits(model, inputs, out.sequences), strict=True):
+            assert (got.flatten() - want).abs().max().item() <= 1e-5
+    with torch.inference_mode():
+        _, again = generate(model, processor, image)
+    for got, want in zip(again.mask_logits[0], out.mask_logits[0], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert loaded.configured_attention() == "eager"
+    assert "_attn_implementation" not in (tmp_path / "config.json").read_text()  # the routing is not saved
+    inputs, out = generate(loaded, processor, image)
+    for got, want in zip(out.mask_logits[0], reference_mask_logits(loaded, inputs, out.sequences), strict=True):
+        assert (got.flatten() - want).abs().max().item() <= 1e-5
+
+
+def test_a_kernel_set_on_the_config_directly_is_refused_by_phase2_in_one_line(tiny):
+    model, processor = tiny
+    text_config = model.model.language_model.config
+    configured = text_config._attn_implementation
+    text_config._attn_implementation_internal = "sdpa"  # bypassing set_attn_implementation
+    try:
+        with pytest.raises(ValueError, match="set_attn_implementation"):
+            generate(model, processor, random_image(60, 60), segs=1)
+    finally:
+        text_config._attn_implementation_internal = configured

@@ -32,7 +32,7 @@ def _sliced_cache(cache, length: int) -> DynamicCache:
 def _full_attention_mask(model, queries: int, keys: int, like: torch.Tensor):
     """Every query sees every key (the official or-mask for one `<|seg|>`): boolean for sdpa, additive for eager."""
     allowed = torch.ones(1, 1, queries, keys, dtype=torch.bool, device=like.device)
-    if model.config.text_config._attn_implementation == "eager":
+    if model.configured_attention() == "eager":
         return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device)
     return allowed
 

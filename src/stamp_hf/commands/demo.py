@@ -12,20 +12,22 @@ def add_arguments(parser):
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
-    parser.add_argument("--concurrency", type=int, default=1, metavar="N",
-                        help="model calls run at once; more requests wait in gradio's queue (default 1)")
+    parser.add_argument("--concurrency", type=int, default=None, metavar="N",
+                        help="model calls run at once on the one shared model; more requests wait in gradio's queue "
+                        "(default: 2 on a CPU, 4 on a GPU)")
 
 
 def build(args):
     """The gr.Blocks for the parsed options (model loaded, queue set up)."""
-    if args.concurrency < 1:
+    if args.concurrency is not None and args.concurrency < 1:
         raise CommandError(f"--concurrency must be at least 1, got {args.concurrency}")
     webdemo = _webdemo()
     model, processor, refiner = load(args)
+    concurrency = args.concurrency or webdemo.default_concurrency(model.device)
     bundled = args.model == DEFAULT_MODEL
     name = "the bundled demo model (synthetic shapes; not the paper's STAMP)" if bundled else f"`{args.model}`"
     return webdemo.build_demo(model, processor, refiner, max_new_tokens=args.max_new_tokens,
-                              concurrency_limit=args.concurrency, model_name=name)
+                              concurrency_limit=concurrency, model_name=name)
 
 
 def parse_environment(text: str):
