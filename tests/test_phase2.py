@@ -52,7 +52,7 @@ def reference_mask_logits(model, inputs, sequence, causal_placeholders=False):
                 allowed[start + k, start : start + n] = True
     x = torch.cat(all_embeds)[None]
     pos = torch.cat(all_pos, 1)[:, None]
-    if model.configured_attention() == "eager":
+    if config.text_config._attn_implementation.endswith("eager"):  # stamp|eager
         mask = torch.zeros(total, total).masked_fill(~allowed, torch.finfo(torch.float32).min)
     else:
         mask = allowed

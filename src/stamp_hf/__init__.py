@@ -30,7 +30,7 @@ _EXPORTS = {
     "SegmentAnythingRefiner": "sam_stamp",
     "TransformersSamRefiner": "sam_stamp",
     "sam_refiner": "sam_stamp",
-    "CheckpointError": "convert",
+    "CheckpointError": "checkpoints",
     "convert_checkpoint": "convert",
     "load_checkpoint": "convert",
     "push_folder": "hub",

@@ -5,33 +5,30 @@ with the four STAMP tokens) or a PEFT LoRA adapter on a Qwen2-VL base (merged in
 checked before anything is written; the folder is built next to the destination and renamed into place at the end.
 """
 
-import json
-import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
-from safetensors import safe_open
-from transformers import AutoImageProcessor, AutoTokenizer
+from transformers import AutoTokenizer
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-from .configuration_stamp import STAMP_CONFIGS, STAMP_TOKENS, STAMPConfig
+from .checkpoints import (
+    CheckpointError,
+    check_loading,
+    is_repo_id,
+    load_image_processor,
+    read_config,
+    resolve_checkpoint,
+    stamp_config,
+    weight_shapes,
+    write_folder,
+)
+from .configuration_stamp import STAMP_TOKENS, STAMPConfig
 from .hub import render_model_card, save_for_hub
 from .modeling_stamp import STAMPModel
 from .processing_stamp import STAMPProcessor
 
 QWEN2_VL_TYPES = ("qwen2_vl", STAMPConfig.model_type)
-# a backbone's or a STAMP model type -> the STAMP configuration class
-CONFIG_CLASSES = {**STAMP_CONFIGS, **{config.model_type: config for config in STAMP_CONFIGS.values()}}
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+EXPECTED_CHECKPOINT = "STAMP checkpoints are Qwen2-VL ('qwen2_vl')"
 EMBED_KEYS = ("model.language_model.embed_tokens.weight", "model.embed_tokens.weight")
-REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-class CheckpointError(ValueError):
-    """The source is not a checkpoint we can convert; the message names the file and the problem."""
 
 
 def load_checkpoint(
@@ -80,47 +77,25 @@ def convert_checkpoint(
         repo_id or str(destination),
         base_model=base_model,
         base_model_relation="finetune" if base_model else None,
-        converted_from=str(source) if _is_repo_id(source) else None,
+        converted_from=str(source) if is_repo_id(source) else None,
     )
     return write_folder(destination, lambda staging: save_for_hub(model, processor, staging, card, max_shard_size))
 
 
-def write_folder(destination: Path, write) -> Path:
-    """Build a folder with `write(staging)` next to `destination`, then rename it into place: a failure leaves
-    nothing half-written. Whatever is at `destination` (checked by the caller) is replaced only once the new folder
-    is complete."""
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
-    try:
-        write(staging)
-        if destination.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
-            os.replace(destination, old / "old")
-            os.replace(staging, destination)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return destination
-
-
 def _load(source, base, allow_pickle, min_placeholders, max_placeholders, revision, token):
     """(model, processor, base model for the card: a Hub repo id or None) from a full checkpoint or a LoRA adapter."""
-    folder = _resolve(source, allow_pickle, revision, token)
+    folder = resolve_checkpoint(source, allow_pickle, revision, token)
     placeholders = {"min_placeholders": min_placeholders, "max_placeholders": max_placeholders}
     placeholders = {k: v for k, v in placeholders.items() if v is not None}
     if (folder / "adapter_config.json").is_file():
         model, tokenizer, base_model, base_folder = _load_lora(folder, base, allow_pickle, revision, token, placeholders)
-        image_processor = _image_processor([folder, base_folder])
+        image_processor = load_image_processor([folder, base_folder])
     else:
         if base is not None:
             raise CheckpointError(f"--base is for LoRA adapters, but {folder} has no adapter_config.json")
         model, tokenizer = _load_full(folder, allow_pickle, placeholders)
-        image_processor = _image_processor([folder])
-        base_model = str(source) if _is_repo_id(source) else None
+        image_processor = load_image_processor([folder])
+        base_model = str(source) if is_repo_id(source) else None
     processor = STAMPProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -132,80 +107,6 @@ def _load(source, base, allow_pickle, min_placeholders, max_placeholders, revisi
 
 
 # ---------------------------------------------------------------------------------------------------- sources
-
-
-def _is_repo_id(source) -> bool:
-    return isinstance(source, str) and not Path(source).exists() and bool(REPO_ID.match(source))
-
-
-def _resolve(source, allow_pickle, revision, token) -> Path:
-    """A local folder as is; a repo id through the Hub cache (offline mode uses what is cached)."""
-    path = Path(source)
-    if path.is_dir():
-        return path
-    if not _is_repo_id(source):
-        raise CheckpointError(f"{source} is neither a folder nor a Hub repo id (org/name)")
-    patterns = ["*.json", "*.txt", "*.jinja", "*.model", "*.safetensors"]
-    patterns += [f"*{suffix}" for suffix in PICKLE_SUFFIXES] if allow_pickle else []
-    try:
-        return Path(snapshot_download(source, revision=revision, token=token, allow_patterns=patterns))
-    except Exception as error:  # the Hub client's errors say what went wrong (not found, offline, gated)
-        raise CheckpointError(f"cannot fetch {source}: {error}".splitlines()[0]) from None
-
-
-def _read_config(folder: Path, name="config.json") -> dict:
-    path = folder / name
-    if not path.is_file():
-        raise CheckpointError(
-            f"{folder} is not a STAMP or Qwen2-VL checkpoint: it has no config.json or adapter_config.json"
-        )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
-
-
-def _weight_shapes(folder: Path, allow_pickle: bool, prefix: str = "") -> dict[str, tuple] | None:
-    """{key: shape} of the safetensors weights in `folder` (without loading them); None if only pickled weights exist
-    and the user allowed them."""
-    files = sorted(folder.glob(f"{prefix}*.safetensors"))
-    if not files:
-        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if not pickled:
-            raise CheckpointError(f"{folder} has no weights (no .safetensors file)")
-        if not allow_pickle:
-            raise CheckpointError(
-                f"{folder} holds only pickled weights ({', '.join(pickled)}), which can run code when loaded; "
-                "re-save them as safetensors, or pass allow_pickle=True (--allow-pickle) if you trust the source"
-            )
-        return None
-    shapes = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-    return shapes
-
-
-def _stamp_config(
-    config_dict: dict,
-    folder: Path,
-    placeholders: dict,
-    accepted=QWEN2_VL_TYPES,
-    expected="STAMP checkpoints are Qwen2-VL ('qwen2_vl')",
-) -> STAMPConfig:
-    """The STAMP configuration of a Qwen-VL config.json (flat legacy or nested text_config) whose model_type is one
-    of `accepted` (`expected` says which, in the error)."""
-    model_type = config_dict.get("model_type")
-    if model_type not in accepted:
-        raise CheckpointError(f"{folder}/config.json has model_type {model_type!r}: {expected}")
-    settings = {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures", "auto_map")}
-    settings.pop("transformers_version", None)
-    settings.update(placeholders)
-    try:
-        return CONFIG_CLASSES[model_type](**settings)
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{folder}/config.json is not a valid {model_type} config: {error}".splitlines()[0]) from None
 
 
 def _tokenizer(folder: Path, rows: int):
@@ -229,35 +130,12 @@ def _tokenizer(folder: Path, rows: int):
     return tokenizer
 
 
-def _image_processor(folders):
-    for folder in folders:
-        if (folder / "preprocessor_config.json").is_file() or (folder / "processor_config.json").is_file():
-            try:
-                return AutoImageProcessor.from_pretrained(folder)
-            except Exception as error:
-                raise CheckpointError(f"cannot load the image processor of {folder}: {error}".splitlines()[0]) from None
-    raise CheckpointError(f"no image processor (preprocessor_config.json) in {', '.join(map(str, folders))}")
-
-
-def _check_loading(info: dict, folder: Path, allowed_missing: tuple = ()) -> None:
-    """Every weight of the model found in the checkpoint and nothing left over (`allowed_missing`: key prefixes)."""
-    problems = {
-        "missing": sorted(k for k in info["missing_keys"] if not allowed_missing or not k.startswith(allowed_missing)),
-        "unexpected": sorted(info["unexpected_keys"]),
-        "mismatched": sorted(str(m[0]) if isinstance(m, tuple) else str(m) for m in info["mismatched_keys"]),
-    }
-    details = [f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-               for kind, keys in problems.items() if keys]  # fmt: skip
-    if details:
-        raise CheckpointError(f"the weights in {folder} do not fit a Qwen-VL model with its config: {'; '.join(details)}")
-
-
 # ---------------------------------------------------------------------------------------------------- full checkpoints
 
 
 def _load_full(folder: Path, allow_pickle: bool, placeholders: dict):
-    config = _stamp_config(_read_config(folder), folder, placeholders)
-    shapes = _weight_shapes(folder, allow_pickle)
+    config = stamp_config(read_config(folder), folder, placeholders, QWEN2_VL_TYPES, EXPECTED_CHECKPOINT)
+    shapes = weight_shapes(folder, allow_pickle)
     text = config.text_config
     if shapes is not None:
         if "classifier.weight" not in shapes or "classifier.bias" not in shapes:
@@ -284,7 +162,7 @@ def _load_full(folder: Path, allow_pickle: bool, placeholders: dict):
         folder, config=config, dtype="auto", use_safetensors=shapes is not None, allow_pickle=shapes is None,
         output_loading_info=True,
     )
-    _check_loading(info, folder)
+    check_loading(info, folder)
     return model.eval(), tokenizer
 
 
@@ -298,18 +176,18 @@ def _load_lora(folder: Path, base, allow_pickle, revision, token, placeholders):
     except ImportError:
         raise CheckpointError(f"{folder} is a LoRA adapter; merging it needs peft (pip install 'stamp-hf[train]')") from None
 
-    adapter_config = _read_config(folder, "adapter_config.json")
+    adapter_config = read_config(folder, "adapter_config.json")
     base = base or adapter_config.get("base_model_name_or_path")
     if not base:
         raise CheckpointError(f"{folder}/adapter_config.json names no base model; pass the base (--base)")
     if adapter_config.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{folder} is a {adapter_config['peft_type']} adapter; only LoRA adapters are supported")
-    base_folder = _resolve(base, allow_pickle, revision, token)
-    config = _stamp_config(_read_config(base_folder), base_folder, placeholders)
-    base_shapes = _weight_shapes(base_folder, allow_pickle)
+    base_folder = resolve_checkpoint(base, allow_pickle, revision, token)
+    config = stamp_config(read_config(base_folder), base_folder, placeholders, QWEN2_VL_TYPES, EXPECTED_CHECKPOINT)
+    base_shapes = weight_shapes(base_folder, allow_pickle)
 
     if not (folder / "adapter_model.safetensors").is_file():
-        _weight_shapes(folder, allow_pickle, prefix="adapter_model")  # refuses: no weights, or pickled ones not allowed
+        weight_shapes(folder, allow_pickle, prefix="adapter_model")  # refuses: no weights, or pickled ones not allowed
     adapter = {_current_key(k): v for k, v in load_peft_weights(str(folder), device="cpu").items()}
     if "classifier.weight" not in adapter or "classifier.bias" not in adapter:
         raise CheckpointError(
@@ -323,7 +201,7 @@ def _load_lora(folder: Path, base, allow_pickle, revision, token, placeholders):
         base_folder, config=config, dtype="auto", use_safetensors=base_shapes is not None,
         allow_pickle=base_shapes is None, output_loading_info=True,
     )
-    _check_loading(info, base_folder, allowed_missing=("classifier.",))  # the base has no classifier: the adapter does
+    check_loading(info, base_folder, allowed_missing=("classifier.",))  # the base has no classifier: the adapter does
     if rows != config.text_config.vocab_size:
         model.resize_token_embeddings(rows)
     model.config.set_stamp_token_ids(tokenizer)
@@ -336,7 +214,7 @@ def _load_lora(folder: Path, base, allow_pickle, revision, token, placeholders):
         raise CheckpointError(
             f"the adapter in {folder} does not fit {base}: unexpected {', '.join(sorted(result.unexpected_keys)[:3])}"
         )
-    return peft_model.merge_and_unload().eval(), tokenizer, str(base) if _is_repo_id(base) else None, base_folder
+    return peft_model.merge_and_unload().eval(), tokenizer, str(base) if is_repo_id(base) else None, base_folder
 
 
 def _current_key(key: str) -> str:
