@@ -16,17 +16,8 @@ import torch
 from transformers.utils import logging
 
 from .configuration_stamp import STAMP_CONFIGS, STAMP_MODEL_TYPES, STAMP_TOKENS
-from .checkpoints import (
-    CheckpointError,
-    check_loading,
-    is_repo_id,
-    load_image_processor,
-    read_config,
-    resolve_checkpoint,
-    stamp_config,
-    weight_shapes,
-    write_folder,
-)
+from . import checkpoints
+from .checkpoints import CheckpointError
 from .hub import render_model_card, save_for_hub
 from .modeling_stamp import STAMP_MODELS
 from .processing_stamp import STAMPProcessor
@@ -70,21 +61,21 @@ def init_from_base(
     output = Path(output) if output is not None else None
     if output is not None and output.exists() and not force:
         raise BaseModelError(f"{output} exists; pass force=True (--force) to replace it")
-    folder = resolve_checkpoint(base, allow_pickle, revision, token)
-    config_dict = read_config(folder)
+    folder = checkpoints.resolve_checkpoint(base, allow_pickle, revision, token)
+    config_dict = checkpoints.read_config(folder)
     _check_base_type(config_dict, base)
-    shapes = weight_shapes(folder, allow_pickle)
+    shapes = checkpoints.weight_shapes(folder, allow_pickle)
     if shapes is not None and "classifier.weight" in shapes:
         raise BaseModelError(f"{base} already has a STAMP classifier: it is a STAMP checkpoint (use stamp-hf convert)")
     tokenizer = _base_tokenizer(folder, base)
     placeholders = {"min_placeholders": min_placeholders, "max_placeholders": max_placeholders}
-    config = stamp_config(config_dict, folder, placeholders, accepted=BASE_TYPES, expected=EXPECTED_BASE)
+    config = checkpoints.stamp_config(config_dict, folder, placeholders, accepted=BASE_TYPES, expected=EXPECTED_BASE)
     with _quiet_loading():  # its report lists the new classifier as missing; check_loading checks the rest
         model, info = STAMP_MODELS[config.model_type].from_pretrained(
             folder, config=config, dtype=dtype, use_safetensors=shapes is not None, allow_pickle=shapes is None,
             output_loading_info=True,
         )
-    check_loading(info, folder, allowed_missing=("classifier.",))
+    checkpoints.check_loading(info, folder, allowed_missing=("classifier.",))
     first_new_id = len(tokenizer)
     ids = add_stamp_tokens(tokenizer)
     if list(ids.values()) != list(range(first_new_id, first_new_id + len(STAMP_TOKENS))):
@@ -94,7 +85,7 @@ def init_from_base(
     init_classifier(model.classifier, config.text_config.initializer_range, seed)
     model.config.set_stamp_token_ids(tokenizer)
     processor = STAMPProcessor(
-        image_processor=load_image_processor([folder]),
+        image_processor=checkpoints.load_image_processor([folder]),
         tokenizer=tokenizer,
         chat_template=_chat_template(folder, tokenizer),
         min_placeholders=min_placeholders,
@@ -104,12 +95,12 @@ def init_from_base(
     if output is not None:
         card = render_model_card(
             repo_id or str(output),
-            base_model=str(base) if is_repo_id(base) else None,
-            base_model_relation="finetune" if is_repo_id(base) else None,
+            base_model=str(base) if checkpoints.is_repo_id(base) else None,
+            base_model_relation="finetune" if checkpoints.is_repo_id(base) else None,
             backbone=config_dict["model_type"],
             initialized_from=str(base),
         )
-        write_folder(output, lambda staging: save_for_hub(model, processor, staging, card, max_shard_size))
+        checkpoints.write_folder(output, lambda staging: save_for_hub(model, processor, staging, card, max_shard_size))
     return model, processor
 
 
