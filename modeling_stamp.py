@@ -602,7 +602,7 @@ class STAMPMixin:
         return list(self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output)
 
     def _mm_token_type_ids(self, input_ids):
-        types = torch.zeros_like(input_ids, dtype=torch.int)
+        types = torch.zeros_like(input_ids)  # long, as the processor makes them
         types[input_ids == self.config.image_token_id] = 1
         types[input_ids == self.config.video_token_id] = 2
         return types

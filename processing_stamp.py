@@ -5,6 +5,7 @@ Hub remote code: imports only torch, transformers, PIL, numpy and the other `*_s
 
 import copy
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_utils import SizeDict
 from transformers.image_utils import load_image as transformers_load_image
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils.chat_template_utils import encode_marked_chat, mark_control_tokens
 
 # How a patch grid becomes a mask at the image's size (`post_process_masks`):
 #   "nearest": the official STAMP procedure: threshold the grid, then upsample the 0/1 grid with PyTorch's legacy
@@ -102,14 +104,55 @@ class STAMPProcessor(ProcessorMixin):
             conversation, chat_template=chat_template, sanitize_control_tokens=sanitize_control_tokens, **kwargs
         )
 
-    def encode_chat(self, messages: list[dict], timeout=None):
-        """The one way a request becomes model inputs: every image of the chat loaded by `load_image`, then the chat
-        template with the generation prompt. Returns (inputs of batch 1, the loaded images in order)."""
+    def encode_chat(self, messages: list[dict], timeout=None, labels: bool = False):
+        """
+        The one way a chat becomes model inputs, for inference and training: every image of the chat loaded by
+        `load_image`, the chat template rendered, then the processor's own call (each image slot expanded to its N
+        placeholders, the text tokenized) with the control tokens typed in the messages encoded as plain text, so text
+        can never trigger a mask or forge an image slot.
+
+        Inference (default): the chat so far plus the generation prompt; every message's text sanitized. Training
+        (`labels=True`): the whole chat; user and system text sanitized, assistant text trusted (its `<|seg|>` is the
+        token), and `labels`: the ids of every assistant turn and its end-of-turn tokens, IGNORE_INDEX elsewhere.
+
+        Returns (inputs of batch 1, the loaded images in order).
+        """
         messages, images = load_chat_images(messages, timeout)
-        inputs = self.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        )
+        control_tokens = _control_tokens_re(self.tokenizer)
+        marked = [{**m, "content": m["content"] if labels and m["role"] == "assistant"
+                   else mark_control_tokens(m["content"], control_tokens)} for m in messages]
+        text = self.apply_chat_template(marked, tokenize=False, add_generation_prompt=not labels)
+        inputs = self(text=text, images=images or None, sanitize_control_tokens=True, return_tensors="pt")
+        if labels:
+            inputs["labels"] = torch.tensor([self._assistant_labels(marked, inputs)])
         return inputs, images
+
+    def _assistant_labels(self, marked: list[dict], inputs) -> list[int]:
+        """The labels of `encode_chat(labels=True)`. Each assistant turn spans from the end of the generation prompt
+        before it to the end of its own rendering (end-of-turn tokens included): spans measured on renderings of the
+        chat's prefixes (any chat template works, with or without `{% generation %}` markers), before image slots are
+        expanded, then shifted by the placeholders of the slots before them."""
+        input_ids = inputs["input_ids"][0].tolist()
+        extra = [self.num_placeholders(grid) - 1 for grid in inputs.get("image_grid_thw", [])]
+
+        def encode(turns, add_generation_prompt=False) -> list[int]:
+            text = self.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
+            return encode_marked_chat(self.tokenizer, text)
+
+        whole = encode(marked)
+
+        def expanded_length(turns, add_generation_prompt) -> int:
+            ids = encode(turns, add_generation_prompt)
+            if whole[: len(ids)] != ids:
+                raise ValueError("the chat template does not render a conversation as the sum of its turns")
+            return len(ids) + sum(extra[: ids.count(self.image_token_id)])
+
+        labels = [IGNORE_INDEX] * len(input_ids)
+        for k, message in enumerate(marked):
+            if message["role"] == "assistant":
+                start, end = expanded_length(marked[:k], True), expanded_length(marked[: k + 1], False)
+                labels[start:end] = input_ids[start:end]
+        return labels
 
     def post_process_masks(self, mask_logits, target_sizes, threshold: float = 0.0, resample: str | None = None):
         """
@@ -308,6 +351,15 @@ def load_chat_images(messages: list[dict], timeout=None) -> tuple[list[dict], li
     return loaded, images
 
 
+IGNORE_INDEX = -100  # label of a token the text loss skips
+
+
+def _control_tokens_re(tokenizer) -> re.Pattern:
+    """Every special token the tokenizer knows (the chat's control tokens and STAMP's)."""
+    tokens = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens)) or "(?!)")
+
+
 def left_padded_batch(processor, encoded: list[dict]) -> dict:
     """The one batching rule: single-sample processor outputs (batch 1 each) as one generation batch, token tensors
     left-padded (generation continues on the right), image patches and grids concatenated in order."""
@@ -322,6 +374,7 @@ def left_padded_batch(processor, encoded: list[dict]) -> dict:
 
 
 __all__ = [
+    "IGNORE_INDEX",
     "MASK_RESAMPLES",
     "QWEN2_VL_CHAT_TEMPLATE",
     "STAMPProcessor",

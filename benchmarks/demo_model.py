@@ -39,6 +39,7 @@ import torch
 
 from demo_tools import (
     balance_features,
+    base_processor,
     build_base,
     demo_tokenizer,
     evaluate_demo,
@@ -47,7 +48,6 @@ from demo_tools import (
     pretrain_vision_tower,
     save_base,
     train_dialogue,
-    BaseChatProcessor,
 )
 
 from stamp_hf.synthetic import write_dialogue_export, write_refer_export, write_split
@@ -140,7 +140,7 @@ def dialogue_stage(out: Path, data: Path, vision: Path, steps: int) -> dict:
 
     def build(folder):
         model = Qwen2VLForConditionalGeneration.from_pretrained(vision / "model")
-        processor = BaseChatProcessor(Qwen2VLImageProcessor.from_pretrained(vision / "model"),
+        processor = base_processor(Qwen2VLImageProcessor.from_pretrained(vision / "model"),
                                       AutoTokenizer.from_pretrained(vision / "model"))
         history = train_dialogue(model, processor, data / "dialogue_train.jsonl", steps, log=log_json)
         save_base(model.eval(), processor, folder / "model")

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stamp_hf.data import IGNORE_INDEX, STAMPCollator, encode_conversation, load_mask, read_records
+from stamp_hf.data import IGNORE_INDEX, STAMPCollator, encode_record, load_mask, read_records
 from stamp_hf.modeling_stamp import mask_target
 from stamp_hf.pipeline_stamp import segmentation_result, split_by_sample
-from stamp_hf.processing_stamp import QWEN2_VL_CHAT_TEMPLATE, load_image, user_turn
+from stamp_hf.processing_stamp import QWEN2_VL_CHAT_TEMPLATE, STAMPProcessor, load_image, user_turn
 from stamp_hf.prompts import RES_ANSWERS, RES_QUESTIONS
 from stamp_hf.synthetic import COLOURS, FORMS, SHAPES, SIZES, draw_scene, find_reference, make_sample, split_seeds
 from stamp_hf.testing import tiny_config, tiny_tokenizer
@@ -57,24 +57,17 @@ def demo_tokenizer():
 # ---------------------------------------------------------------------------------------------- the base model
 
 
-class BaseChatProcessor:
-    """What `stamp_hf.data.encode_conversation` needs of a processor, for a plain Qwen2-VL base: the image processor,
-    the tokenizer, the chat template and one image token per patch (after the merge)."""
-
-    def __init__(self, image_processor, tokenizer):
-        self.image_processor, self.tokenizer = image_processor, tokenizer
-        self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-
-    def apply_chat_template(self, conversation, **kwargs):
-        return self.tokenizer.apply_chat_template(conversation, chat_template=QWEN2_VL_CHAT_TEMPLATE, **kwargs)
-
-    def num_placeholders(self, grid) -> int:
-        return int(grid.prod()) // self.image_processor.merge_size**2
+def base_processor(image_processor, tokenizer) -> STAMPProcessor:
+    """The chat processor of a plain Qwen2-VL base of the demo's size: the package's processor (its one chat encoder)
+    with the base's image processor and tokenizer, N bounded by MIN/MAX_PLACEHOLDERS (merge_size 1: one token per
+    8 px patch, the base's own min/max pixels)."""
+    return STAMPProcessor(image_processor=image_processor, tokenizer=tokenizer, min_placeholders=MIN_PLACEHOLDERS,
+                          max_placeholders=MAX_PLACEHOLDERS)
 
 
 def build_base(seed: int = 0, tokenizer=None):
     """A randomly initialised plain Qwen2-VL (transformers' Qwen2VLForConditionalGeneration) of the demo's size and its
-    chat processor (BaseChatProcessor)."""
+    chat processor (base_processor)."""
     from dataclasses import fields
 
     from transformers import AutoConfig, GenerationConfig, Qwen2VLForConditionalGeneration
@@ -95,10 +88,10 @@ def build_base(seed: int = 0, tokenizer=None):
     patch = DEMO_ARCHITECTURE["patch_size"]
     image_processor = Qwen2VLImageProcessor(patch_size=patch, merge_size=DEMO_ARCHITECTURE["merge_size"],
                                             min_pixels=MIN_PLACEHOLDERS * patch**2, max_pixels=MAX_PLACEHOLDERS * patch**2)
-    return model, BaseChatProcessor(image_processor, tokenizer)
+    return model, base_processor(image_processor, tokenizer)
 
 
-def save_base(model, processor: BaseChatProcessor, folder) -> Path:
+def save_base(model, processor: STAMPProcessor, folder) -> Path:
     """The base as a Qwen2-VL Hub repo holds it: model and generation config, tokenizer, chat template and
     preprocessor_config.json (what `stamp-hf init` reads)."""
     folder = Path(folder)
@@ -222,10 +215,10 @@ def balance_features(model, image_processor, scenes: int = 400, power: float = 0
 # ---------------------------------------------------------------------------------------------- dialogue training
 
 
-def dialogue_batch(processor: BaseChatProcessor, records) -> dict:
+def dialogue_batch(processor: STAMPProcessor, records) -> dict:
     """One padded batch of training-format records without masks, tokenized and padded by the training path's own
-    `encode_conversation` and STAMPCollator (labels on the assistant turns only)."""
-    items = [dict(encode_conversation(processor, record.load_image(), record.messages), mask_labels=[])
+    `encode_record` and STAMPCollator (labels on the assistant turns only)."""
+    items = [dict(encode_record(processor, record.load_image(), record.messages), mask_labels=[])
              for record in records]
     batch = STAMPCollator(processor)(items)
     batch.pop("mask_labels")

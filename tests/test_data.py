@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from shapes_data import one_thread, SHAPES, shape_mask, write_shapes_dataset  # noqa: F401 (fixture)
-from stamp_hf.data import IGNORE_INDEX, STAMPCollator, STAMPDataset, encode_conversation, load_mask, read_records
+from stamp_hf.data import IGNORE_INDEX, STAMPCollator, STAMPDataset, encode_record, load_mask, read_records
 
 
 def write_jsonl(path, records):
@@ -26,7 +26,7 @@ def test_labels_cover_exactly_the_assistant_turns(tiny):
         {"role": "user", "content": "And the dogs?"},
         {"role": "assistant", "content": "Here <|seg|> and <|seg|>."},
     ]
-    item = encode_conversation(processor, Image.new("RGB", (140, 84)), messages)
+    item = encode_record(processor, Image.new("RGB", (140, 84)), messages)
     ids, labels = item["input_ids"], item["labels"]
     # control tokens typed in system/user turns stay text: only the assistant's three <|seg|> and one image slot
     assert int((ids == model.config.seg_token_id).sum()) == 3
@@ -49,7 +49,7 @@ def test_encoding_matches_the_processor_on_plain_text(tiny):
     _, processor = tiny
     image = Image.fromarray((np.random.RandomState(0).rand(90, 150, 3) * 255).astype("uint8"))
     messages = [{"role": "user", "content": "Where is the cat?"}, {"role": "assistant", "content": "On the left."}]
-    item = encode_conversation(processor, image, messages)
+    item = encode_record(processor, image, messages)
     reference = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Where is the cat?"}]},
          {"role": "assistant", "content": "On the left."}],

@@ -15,7 +15,6 @@ control tokens typed in user or system turns stay text.
 """
 
 import json
-import re
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers.utils.chat_template_utils import encode_marked_chat, mark_control_tokens
 
 from .configuration_stamp import MASK_LOSS_RESOLUTIONS
 from .modeling_stamp import mask_target
-from .processing_stamp import load_image
+from .processing_stamp import IGNORE_INDEX, load_image, user_turn
 
 SEG_TOKEN = "<|seg|>"
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -176,71 +173,23 @@ def _pycocotools(where):
 # ---------------------------------------------------------------------------------------------------- encoding
 
 
-def encode_conversation(processor, image: Image.Image, messages: list[dict]) -> dict:
-    """
-    Tokenize a conversation for training: the image at the start of the first user turn, the processor's chat template,
-    user/system text sanitized (typed control tokens stay text), assistant text trusted (`<|seg|>` is the token).
-
-    Returns input_ids, labels (the token ids on every assistant turn and its end-of-turn tokens, IGNORE_INDEX
-    elsewhere), mm_token_type_ids (1 on image slots), pixel_values and image_grid_thw.
-    """
-    tokenizer = processor.tokenizer
-    image_inputs = processor.image_processor(images=[image], return_tensors="pt")
-    grid = image_inputs["image_grid_thw"][0]
-    conversation = _template_messages(messages, _control_tokens_re(tokenizer))
-
-    def tokens(turns, add_generation_prompt=False):
-        text = processor.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
-        return text, encode_marked_chat(tokenizer, text)
-
-    full_text, input_ids = tokens(conversation)
-    labels = [IGNORE_INDEX] * len(input_ids)
-    for k, message in enumerate(conversation):
-        if message["role"] != "assistant":
-            continue
-        spans = []
-        for turns, prompt in ((conversation[:k], True), (conversation[: k + 1], False)):
-            text, ids = tokens(turns, prompt)
-            if not full_text.startswith(text) or input_ids[: len(ids)] != ids:
-                raise ValueError("the chat template does not render a conversation as the sum of its turns")
-            spans.append(len(ids))
-        labels[spans[0] : spans[1]] = input_ids[spans[0] : spans[1]]
-
-    # the one image slot becomes N placeholders, N from the image's patch grid
-    slots = [i for i, t in enumerate(input_ids) if t == processor.image_token_id]
-    if len(slots) != 1:
-        raise ValueError(f"expected one image slot in the rendered conversation, found {len(slots)}")
-    n = processor.num_placeholders(grid)
-    (slot,) = slots
-    input_ids = input_ids[:slot] + [processor.image_token_id] * n + input_ids[slot + 1 :]
-    labels = labels[:slot] + [IGNORE_INDEX] * n + labels[slot + 1 :]
-    input_ids = torch.tensor(input_ids)
-    return {
-        "input_ids": input_ids,
-        "labels": torch.tensor(labels),
-        "mm_token_type_ids": (input_ids == processor.image_token_id).long(),
-        "pixel_values": image_inputs["pixel_values"],
-        "image_grid_thw": image_inputs["image_grid_thw"],
-    }
-
-
-def _control_tokens_re(tokenizer) -> re.Pattern:
-    tokens = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
-    return re.compile("|".join(map(re.escape, tokens)) or "(?!)")
-
-
-def _template_messages(messages, control_tokens_re) -> list[dict]:
-    """Chat-template messages: image slot first in the first user turn; user/system strings marked as plain text."""
-    out, image_placed = [], False
+def record_chat(image: Image.Image, messages: list[dict]) -> list[dict]:
+    """A record's messages as a chat for `STAMPProcessor.encode_chat`: the image at the start of the first user turn
+    (the one message builder, `user_turn`), the other turns as they are."""
+    chat, image_placed = [], False
     for message in messages:
-        content = message["content"]
-        if message["role"] != "assistant":
-            content = mark_control_tokens(content, control_tokens_re)
         if message["role"] == "user" and not image_placed:
-            content = [{"type": "image"}, {"type": "text", "text": content}]
-            image_placed = True
-        out.append({"role": message["role"], "content": content})
-    return out
+            message, image_placed = user_turn([image], message["content"]), True
+        chat.append(message)
+    return chat
+
+
+def encode_record(processor, image: Image.Image, messages: list[dict]) -> dict:
+    """One training sample without its masks: `processor.encode_chat(labels=True)` of the record's chat, as the 1-D
+    input_ids / labels / mm_token_type_ids, pixel_values and image_grid_thw the collator pads."""
+    inputs, _ = processor.encode_chat(record_chat(image, messages), labels=True)
+    item = {key: inputs[key][0] for key in ("input_ids", "labels", "mm_token_type_ids")}
+    return {**item, "pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
 
 
 # ---------------------------------------------------------------------------------------------------- dataset
@@ -292,7 +241,7 @@ class STAMPDataset(torch.utils.data.Dataset):
         image = record.load_image()
         masks = record.load_masks(image.size)
         try:
-            item = encode_conversation(self.processor, image, record.messages)
+            item = encode_record(self.processor, image, record.messages)
         except ValueError as error:
             raise ValueError(f"{record.where}: {error}") from None
         size = self.processor.mask_grid(item["image_grid_thw"][0])
@@ -344,4 +293,4 @@ class STAMPCollator:
         }
 
 
-__all__ = ["Record", "STAMPCollator", "STAMPDataset", "encode_conversation", "load_mask", "mask_rle", "read_records"]
+__all__ = ["IGNORE_INDEX", "Record", "STAMPCollator", "STAMPDataset", "encode_record", "load_mask", "mask_rle", "read_records", "record_chat"]
