@@ -217,17 +217,20 @@ class STAMPMixin:
             input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, mm_encoder_outputs
         )
         logits = self.lm_head(text_hidden)
+        num_masks_in_batch = loss_kwargs.pop("num_masks_in_batch", None)
         text_loss = None
         if labels is not None:
             text_loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **loss_kwargs
             )
-        mask_loss = self.mask_loss(mask_logits, mask_labels)
+        mask_loss = self.mask_loss(mask_logits, mask_labels, num_masks_in_batch)
         loss = mask_loss if text_loss is None else self.config.text_loss_weight * text_loss + mask_loss
         return STAMPOutput(loss=loss, text_loss=text_loss, mask_loss=mask_loss, logits=logits, mask_logits=mask_logits)
 
-    def mask_loss(self, mask_logits: list[list[torch.Tensor]], mask_labels: list) -> torch.Tensor:
-        """Mean over all `<|seg|>` of bce_loss_weight * BCE + dice_loss_weight * Dice, on the patch grid."""
+    def mask_loss(self, mask_logits: list[list[torch.Tensor]], mask_labels: list, num_masks_in_batch=None) -> torch.Tensor:
+        """bce_loss_weight * BCE + dice_loss_weight * Dice of every `<|seg|>`, averaged: over this batch's masks, or
+        summed and divided by `num_masks_in_batch` (the masks of a whole accumulated, multi-process batch, as
+        `num_items_in_batch` counts its label tokens for L_text), so accumulation gives the full batch's loss."""
         losses = []
         for row, (logits_row, labels_row) in enumerate(zip(mask_logits, mask_labels, strict=True)):
             if len(logits_row) != len(labels_row):
@@ -239,7 +242,9 @@ class STAMPMixin:
                 losses.append(bce_dice_loss(logits, target, self.config.bce_loss_weight, self.config.dice_loss_weight))
         if not losses:  # no <|seg|> in the batch: a zero that still reaches the classifier (DDP needs every grad)
             return self.classifier.weight.sum() * 0.0
-        return torch.stack(losses).mean()
+        if num_masks_in_batch is None:
+            return torch.stack(losses).mean()
+        return torch.stack(losses).sum() / num_masks_in_batch
 
     def _loss_pair(self, logits: torch.Tensor, label) -> tuple[torch.Tensor, torch.Tensor]:
         """(prediction, target) at the resolution config.mask_loss_resolution names, both float32."""
@@ -676,15 +681,21 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float 
 
 
 def mask_target(mask, size, soft: bool = False) -> torch.Tensor:
-    """A mask of any size resized by area to `size` (h, w) (the patch grid, or the image the model sees): the
-    foreground fraction of each cell, thresholded at 0.5 unless `soft`. A mask already of that size may itself hold
-    fractions (what the training dataset passes)."""
+    """The loss target of a mask label: `area_fractions` at `size` (the patch grid, or the image the model sees),
+    thresholded at 0.5 unless `soft`. A label already of that size may itself hold fractions (what the training
+    dataset passes)."""
+    fractions = area_fractions(mask, size)
+    return fractions.clamp(0, 1) if soft else (fractions >= 0.5).float()
+
+
+def area_fractions(mask, size) -> torch.Tensor:
+    """A 2D mask of any size resized by area to `size` (h, w): each cell's foreground fraction (float32)."""
     mask = torch.as_tensor(mask).float()
     if mask.ndim != 2:
         raise ValueError(f"a mask label must be a 2D (height, width) array, got shape {tuple(mask.shape)}")
     if tuple(mask.shape) != tuple(size):
         mask = F.interpolate(mask[None, None], size=tuple(size), mode="area")[0, 0]
-    return mask.clamp(0, 1) if soft else (mask >= 0.5).float()
+    return mask
 
 
 def _chunks(queries, limit, size):
@@ -922,6 +933,7 @@ __all__ = [
     "STAMPOutput",
     "STAMPGenerateOutput",
     "bce_dice_loss",
+    "area_fractions",
     "mask_target",
     "register_auto_classes",
 ]

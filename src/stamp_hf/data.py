@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from .configuration_stamp import MASK_LOSS_RESOLUTIONS
-from .modeling_stamp import mask_target
+from .modeling_stamp import area_fractions
 from .processing_stamp import IGNORE_INDEX, load_image, user_turn
 
 SEG_TOKEN = "<|seg|>"
@@ -248,7 +248,7 @@ class STAMPDataset(torch.utils.data.Dataset):
         if self.mask_loss_resolution == "image":
             cell = self.processor.patch_factor(self.processor.image_processor)
             size = (size[0] * cell, size[1] * cell)
-        fractions = [mask_target(torch.from_numpy(m), size, soft=True) for m in masks]
+        fractions = [area_fractions(torch.from_numpy(m), size) for m in masks]
         item["mask_labels"] = torch.stack(fractions) if fractions else torch.zeros(0, *size)
         return item
 

@@ -187,37 +187,39 @@ class TrainConfig:
 
 
 class STAMPTrainer(Trainer):
-    """Trainer on STAMPModel's loss text_loss_weight * L_text + L_mask that also logs the two parts, unweighted, as
-    `text_loss` and `mask_loss`.
+    """Trainer on the model's own loss, `outputs.loss` = text_loss_weight * L_text + L_mask, that also logs the two
+    parts, unweighted, as `text_loss` and `mask_loss`.
 
-    L_text is normalised by the number of label tokens in the whole (accumulated, all-process) batch, as Trainer does
-    for causal LMs; L_mask is the mean over the `<|seg|>` of each micro-batch, averaged over accumulation and processes.
+    Both parts are normalised over the whole accumulated, all-process batch: L_text by its label tokens (Trainer's
+    `num_items_in_batch`), L_mask by its masks (`num_masks_in_batch`, counted here the same way and passed to the model
+    with each micro-batch), so accumulation and several processes give the loss of the full batch.
     """
-
-    loss_is_scaled_for_ga = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._parts = None
         self._parts_logged_at = 0
 
+    def _get_num_items_in_batch(self, batch_samples: list, device):
+        tokens = super()._get_num_items_in_batch(batch_samples, device)
+        if tokens is not None and self.model_accepts_loss_kwargs:
+            masks = torch.tensor(sum(len(m) for batch in batch_samples for m in batch["mask_labels"]), device=device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                masks = self.accelerator.gather(masks).sum()
+            for batch in batch_samples:
+                batch["num_masks_in_batch"] = masks
+        return tokens
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
-            inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
-        outputs = model(**inputs)
-        steps = self.current_gradient_accumulation_steps if model.training else 1
-        text = outputs.text_loss if outputs.text_loss is not None else outputs.mask_loss.new_zeros(())
-        if "num_items_in_batch" in inputs:  # a sum over this batch / the tokens of all processes and micro-batches
-            if self.args.average_tokens_across_devices:
-                text = text * self.accelerator.num_processes  # DDP averages the gradients of the processes
-        else:
-            text = text / steps
-        mask = outputs.mask_loss / steps
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
-            parts = torch.stack([text.detach(), mask.detach()])
+            if num_items_in_batch is None:  # per-micro-batch means: Trainer divides by the accumulation steps
+                scale = 1 / self.current_gradient_accumulation_steps
+            else:  # shares of the global batch; Trainer multiplies by the processes, as DDP averages their gradients
+                scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            text = outputs.text_loss if outputs.text_loss is not None else outputs.mask_loss.new_zeros(())
+            parts = torch.stack([text.detach(), outputs.mask_loss.detach()]) * scale
             self._parts = parts if self._parts is None else self._parts + parts
-        # the model config's weight (checkpoints saved before it existed weigh L_text 1, as the paper does)
-        loss = getattr(self.model.config, "text_loss_weight", 1.0) * text + mask
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, start_time=None):
