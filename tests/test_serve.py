@@ -7,9 +7,7 @@ import http.client
 import io
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,23 +25,12 @@ from pycocotools import mask as coco_mask  # noqa: E402
 
 from stamp_hf.serve_limits import MAX_BODY_BYTES, MAX_TEXT_BYTES  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from drawn_scenes import drawn_scene  # noqa: E402
+from example_scene import REQUEST, SHAPES, free_port, iou, true_mask, without_module  # noqa: E402
 
-SHAPES = ROOT / "examples" / "shapes.png"
-EXAMPLE_SEED = json.loads((ROOT / "tests" / "fixtures" / "demo_floors.json").read_text())["example_seed"]
-REQUEST = "Please segment the red circle."
 IOU_FLOOR = 0.8
 PROMPTS = ("Please segment the red circle.", "Please segment the blue triangle.", "Please segment the green square.",
            "Is the star big or small?")
 SIZES = ((320, 240), (200, 150), (256, 256), (180, 300))  # shapes.png resized: different grids, different lengths
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -102,16 +89,6 @@ def decode(entry: dict) -> np.ndarray:
     return coco_mask.decode({"size": [height, width], "counts": entry["rle"].encode()}).astype(bool)
 
 
-def true_mask() -> np.ndarray:
-    shapes, _, masks = drawn_scene(random.Random(EXAMPLE_SEED))
-    (index,) = [k for k, s in enumerate(shapes) if (s.colour, s.kind) == ("red", "circle")]
-    return masks[index]
-
-
-def iou(mask: np.ndarray, truth: np.ndarray) -> float:
-    return float((mask & truth).sum() / (mask | truth).sum())
-
-
 def shapes_base64(size=None) -> str:
     with Image.open(SHAPES) as image:
         return png_base64(image.convert("RGB").resize(size, Image.BILINEAR) if size else image)
@@ -129,7 +106,8 @@ def test_a_request_segments_the_red_circle_and_the_service_describes_itself(serv
 
     with urllib.request.urlopen(server + "/v1/model", timeout=30) as response:
         info = json.loads(response.read())
-    assert (info["model_type"], info["backbone"], info["dtype"], info["device"]) == ("stamp", "qwen2_vl", "float32", "cpu")
+    assert (info["model_type"], info["backbone"]) == ("stamp", "qwen2_vl")
+    assert (info["dtype"], info["device"]) == ("float32", "cpu")
     assert (info["min_placeholders"], info["max_placeholders"], info["context"]) == (144, 256, 4096)
     assert info["model"].endswith("demo_model")
 
@@ -141,8 +119,8 @@ def test_chat_answers_the_last_user_message_and_an_empty_mask_is_a_mask(server):
     _, segmented, _ = post(server, "/v1/segment", {"image": image, "prompt": REQUEST})
     assert (alone["text"], alone["masks"]) == (segmented["text"], segmented["masks"])  # one path, one answer
 
-    messages = [{"role": "user", "content": "Is the star big or small?"}, {"role": "assistant", "content": "It is small."},
-                {"role": "user", "content": REQUEST}]
+    messages = [{"role": "user", "content": "Is the star big or small?"},
+                {"role": "assistant", "content": "It is small."}, {"role": "user", "content": REQUEST}]
     status, follow_up, _ = post(server, "/v1/chat", {"image": image, "messages": messages})
     assert status == 200 and follow_up["text"] == "Sure, it is <|seg|>.", follow_up
     (mask,) = follow_up["masks"]  # the demo model gives a follow-up after another question an empty mask (README)
@@ -259,11 +237,7 @@ def test_a_body_over_the_size_limit_gets_413_before_it_is_read(server):
 
 
 def test_serve_command_without_ray_says_how_to_install_it():
-    code = ("import sys; sys.modules['ray'] = None\n"
-            "from stamp_hf.cli import main\n"
-            "sys.exit(main(['serve', '--port', '1']))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = without_module("ray", ["serve", "--port", "1"])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("stamp-hf serve: error: stamp-hf serve needs Ray Serve")
     assert 'pip install -e ".[serve]"' in result.stderr and "Traceback" not in result.stderr

@@ -27,8 +27,8 @@ def add_arguments(parser):
     parser.add_argument("--address", default=None,
                         help="an existing Ray cluster (auto, or HOST:PORT of its head); default: start Ray here")
     parser.add_argument("--cpus-per-replica", type=float, default=None, metavar="C",
-                        help="CPUs Ray reserves for each replica (may be a fraction); torch gets max(1, int(C)) threads "
-                        "(default: this machine's CPUs / replicas, or 1 on a cluster)")
+                        help="CPUs Ray reserves for each replica (may be a fraction); torch gets max(1, int(C)) "
+                        "threads (default: this machine's CPUs / replicas, or 1 on a cluster)")
     parser.add_argument("--gpus-per-replica", type=float, default=None, metavar="G",
                         help="GPUs Ray reserves for each replica (default: 1 with a CUDA --device, else 0)")
     parser.epilog = limits_text()
