@@ -4,6 +4,7 @@ Hub remote code: imports only torch, transformers, PIL, numpy and the other `*_s
 """
 
 import copy
+import io
 import os
 import re
 from pathlib import Path
@@ -219,7 +220,8 @@ def default_mask_resample(mask_loss_resolution: str) -> str:
 
 def load_image(source, timeout=None, upright: bool = True) -> Image.Image:
     """
-    Every image STAMP sees comes through here: a path, an http(s) URL, a PIL image or a numpy array, as an upright
+    Every image STAMP sees comes through here: a path, an http(s) URL, a PIL image, a numpy array or the bytes of an
+    image file (PNG, JPEG, WebP, ...; what a server receives), as an upright
     (EXIF orientation applied) RGB PIL image. `upright=False` keeps the stored pixel orientation: dataset annotations
     (COCO, REFER, the training format) are drawn in it. 16-bit and 32-bit integer images are rescaled from their full range
     (65535 -> 255), float images from [0, 1] (or from their own min..max when outside it), transparent pixels are
@@ -230,24 +232,35 @@ def load_image(source, timeout=None, upright: bool = True) -> Image.Image:
         return _checked(_to_rgb(source, upright), "the PIL image")
     if isinstance(source, np.ndarray):
         return _checked(_to_rgb(_array_image(source), upright), f"the {source.dtype} array of shape {source.shape}")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        name = f"the image data ({len(source)} bytes)"
+        return _checked(_open(io.BytesIO(source), name, upright), name)
     if isinstance(source, Path) or isinstance(source, str):
         source = str(source)
         if source.startswith(("http://", "https://")):
             return _checked(_to_rgb(_download(source, timeout), upright), source)
         return _checked(_read_file(source, upright), source)
-    raise TypeError(f"an image must be a path, URL, PIL image or numpy array, got {type(source).__name__}")
+    raise TypeError(f"an image must be a path, URL, PIL image, numpy array or bytes, got {type(source).__name__}")
 
 
 def _read_file(path: str, upright: bool) -> Image.Image:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such image file")
+    return _open(path, path, upright)
+
+
+def _open(file, name: str, upright: bool) -> Image.Image:
+    """An image file (a path or a binary file object) decoded as upright RGB; `name` says what it is in errors."""
     try:
-        with Image.open(path) as image:
+        with Image.open(file) as image:
             return _to_rgb(image, upright)
     except Image.DecompressionBombError as error:
-        raise ValueError(f"{path}: the image is too large ({error})") from None
+        raise ValueError(f"{name}: the image is too large ({error})") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"{path}: cannot read it as an image ({error})") from None
+        # PIL names a file object by its repr (a memory address): say what it means instead
+        reason = "not a format PIL knows" if isinstance(error, UnidentifiedImageError) and not isinstance(file, str) \
+            else " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"{name}: cannot read it as an image ({reason})") from None
 
 
 def _download(url: str, timeout=None) -> Image.Image:

@@ -87,7 +87,7 @@ def test_image_modes_and_arrays_come_out_rgb_from_their_real_range():
     assert load_image(np.full((4, 4), 0.5, np.float32)).getpixel((0, 0)) == (128, 128, 128)
     assert load_image(np.full((4, 4, 3), 65535, np.uint16)).getpixel((0, 0)) == (255, 255, 255)
     assert load_image(Image.new("F", (4, 4), 1.0)).getpixel((0, 0)) == (255, 255, 255)
-    with pytest.raises(TypeError, match="path, URL, PIL image or numpy array"):
+    with pytest.raises(TypeError, match="path, URL, PIL image, numpy array or bytes"):
         load_image(42)
     with pytest.raises(ValueError, match=r"shape \(3, 4, 7\)"):
         load_image(np.zeros((3, 4, 7), np.uint8))
@@ -102,6 +102,26 @@ def test_exif_orientation_is_applied_for_users_and_kept_for_dataset_annotations(
     stored = load_image(tmp_path / "rotated.jpg", upright=False)
     assert stored.size == (30, 10)  # what COCO masks are drawn on
     assert load_image(stored).size == (30, 10)  # a loaded image is final: encode_chat's second pass keeps it as is
+
+
+def test_image_file_bytes_load_like_the_file_upright_with_one_line_errors(tmp_path):
+    """What a server receives: the bytes of a PNG, JPEG or WebP file, read like the file itself (EXIF included)."""
+    image = Image.new("RGB", (30, 10), "red")
+    exif = image.getexif()
+    exif[0x0112] = 6
+    for suffix in ("png", "jpg", "webp"):
+        image.save(tmp_path / f"rotated.{suffix}", exif=exif)
+        data = (tmp_path / f"rotated.{suffix}").read_bytes()
+        for source in (data, bytearray(data), memoryview(data)):
+            assert np.array_equal(np.asarray(load_image(source)), np.asarray(load_image(tmp_path / f"rotated.{suffix}")))
+    assert load_image(data).size == (10, 30)
+    with pytest.raises(ValueError, match=r"^the image data \(5 bytes\): cannot read it as an image \(not a format"):
+        load_image(b"hello")
+    with pytest.raises(ValueError, match=r"^the image data \(20 bytes\): cannot read it as an image \(.*(?i:truncated)"):
+        load_image((tmp_path / "rotated.png").read_bytes()[:20])
+    Image.new("RGB", (1000, 3)).save(tmp_path / "thin.png")
+    with pytest.raises(ValueError, match=r"^the image data \(\d+ bytes\): 1000x3 px is too thin"):
+        load_image((tmp_path / "thin.png").read_bytes())
 
 
 def test_an_animated_image_gives_its_first_frame(tmp_path):

@@ -4,12 +4,9 @@ bundled demo model. The true masks come from the drawn held-out set's routine: e
 EXAMPLE_SEED (tests/test_demo_model.py checks the bytes)."""
 
 import io
-import json
 import os
-import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,25 +22,14 @@ from PIL import Image
 pytest.importorskip("gradio", reason='the demo extra is not installed (pip install -e ".[demo]")')
 from gradio_client import Client, handle_file  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from drawn_scenes import drawn_scene  # noqa: E402
+from example_scene import REQUEST, ROOT, SHAPES, free_port, iou, scene, true_mask, without_module  # noqa: E402
 
-SHAPES = ROOT / "examples" / "shapes.png"
-EXAMPLE_SEED = json.loads((ROOT / "tests" / "fixtures" / "demo_floors.json").read_text())["example_seed"]
-REQUEST = "Please segment the red circle."
 OTHER_SCENE = 10  # a drawn scene with one yellow circle (and no red one)
 QUESTION, QUESTION_ANSWER = "Is the star big or small?", "It is small."  # the example scene's one star is small
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 IOU_FLOOR = 0.85  # measured 0.94 on the red circle (0.90 as a chat follow-up)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -87,21 +73,6 @@ def browser():
         yield context
         context.close()
     shutil.rmtree(profile, ignore_errors=True)
-
-
-def scene(seed=EXAMPLE_SEED):
-    """(shapes, image, masks) of a drawn scene."""
-    return drawn_scene(random.Random(seed))
-
-
-def true_mask(seed=EXAMPLE_SEED, colour="red", kind="circle") -> np.ndarray:
-    shapes, _, masks = scene(seed)
-    (index,) = [k for k, s in enumerate(shapes) if (s.colour, s.kind) == (colour, kind)]
-    return masks[index]
-
-
-def iou(mask: np.ndarray, truth: np.ndarray) -> float:
-    return float((mask & truth).sum() / (mask | truth).sum())
 
 
 def changed_pixels(overlay: Image.Image, original: Image.Image) -> np.ndarray:
@@ -350,11 +321,7 @@ def test_options_reach_the_model_threshold_tokens_and_sam(demo_model):
 
 
 def test_demo_command_without_gradio_says_how_to_install_it(tmp_path):
-    code = ("import sys; sys.modules['gradio'] = None\n"
-            "from stamp_hf.cli import main\n"
-            "sys.exit(main(['demo', '--port', '1']))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = without_module("gradio", ["demo", "--port", "1"])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("stamp-hf demo: error: the demo needs gradio")
     assert 'pip install -e ".[demo]"' in result.stderr and "Traceback" not in result.stderr

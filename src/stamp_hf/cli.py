@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": "evaluate STAMP on referring segmentation data (cIoU, gIoU, N-acc, T-acc)",
     "prepare-data": "turn RefCOCO*/gRefCOCO/ReasonSeg/LLaVA data into the JSON Lines training format",
     "demo": "serve the web demo (gradio): upload, request, masks, chat, a /segment API",
+    "serve": "serve STAMP as an HTTP JSON API on Ray Serve: dynamic batching, replicas, clusters",
 }
 
 

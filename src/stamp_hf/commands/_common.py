@@ -13,14 +13,22 @@ from ..demo import DEMO_MODEL
 DEFAULT_MODEL = str(DEMO_MODEL)
 
 
-def add_model_arguments(parser):
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_model_arguments(parser, refine: bool = True, dtype: bool = False):
+    """The options that pick and load a model; `refine`: also --refine-sam, `dtype`: also --dtype."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="STAMP checkpoint: a Hub repo id or a local folder (default: the bundled synthetic-shapes demo "
                         "model, not the paper's)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--refine-sam", metavar="CKPT", default=None,
-                        help="refine masks with SAM: a Hub id / folder (transformers SamModel) or a .pth file "
-                        "(segment-anything)")
+    if dtype:
+        parser.add_argument("--dtype", choices=DTYPES, default=None,
+                            help="weights and compute dtype (default: the checkpoint's own)")
+    if refine:
+        parser.add_argument("--refine-sam", metavar="CKPT", default=None,
+                            help="refine masks with SAM: a Hub id / folder (transformers SamModel) or a .pth file "
+                            "(segment-anything)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow a checkpoint whose weights are pickled (pytorch_model.bin): unpickling can run code, "
@@ -60,13 +68,14 @@ def load(args):
 
     start = time.perf_counter()
     device = resolve_device(args.device)
+    dtype = {"dtype": args.dtype} if getattr(args, "dtype", None) else {}
     try:
-        model = AutoModel.from_pretrained(args.model, allow_pickle=args.allow_pickle).to(device).eval()
+        model = AutoModel.from_pretrained(args.model, allow_pickle=args.allow_pickle, **dtype).to(device).eval()
         processor = AutoProcessor.from_pretrained(args.model)
     except OSError as error:
         reason = " ".join(str(error).split()) or type(error).__name__
         raise CommandError(f"{args.model}: cannot load a STAMP model from it ({reason})") from None
-    refiner = sam_refiner(args.refine_sam) if args.refine_sam else None
+    refiner = sam_refiner(args.refine_sam) if getattr(args, "refine_sam", None) else None
     log(f"loaded {args.model} on {device} in {time.perf_counter() - start:.1f}s")
     return model, processor, refiner
 
