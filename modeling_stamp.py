@@ -320,7 +320,7 @@ class STAMPMixin:
             attention_mask = torch.ones_like(input_ids)
         if mm_token_type_ids is None:
             mm_token_type_ids = self._mm_token_type_ids(input_ids)
-        self._check_generation_inputs(input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw,
+        self.check_generation_inputs(input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw,
                                       image_features)
         features = list(image_features) if image_features is not None else self._image_features(pixel_values, image_grid_thw)
         continuing = cache is not None and cache.get_seq_length() > 0
@@ -372,7 +372,7 @@ class STAMPMixin:
             logits=getattr(phase1, "logits", None),
         )
 
-    def _check_generation_inputs(self, input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw,
+    def check_generation_inputs(self, input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw,
                                  image_features) -> None:
         """Refuse, before any compute, what generation would get wrong or fail on deep inside torch."""
         context = self.config.text_config.max_position_embeddings

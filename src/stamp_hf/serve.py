@@ -39,8 +39,8 @@ from .processing_stamp import user_turn
 from .serve_limits import IMAGE_FORMATS, MAX_BODY_BYTES, MAX_IMAGE_PIXELS, MAX_MESSAGES, MAX_NEW_TOKENS, MAX_TEXT_BYTES
 
 APP_NAME = "stamp"
-# Model calls (batches) one replica runs at once. One: a model call is not yet safe alongside another in the same
-# process (DESIGN.md, "A loaded model is shared"); raising this is the one change that allows concurrent batches.
+# Model calls (batches) one replica runs at once. Calls on the one model are safe together (README, "One model, many
+# callers"), but a batch already runs its requests together: one at a time lets the next batch fill while it runs.
 MAX_CONCURRENT_BATCHES = 1
 
 SEGMENT_FIELDS = ("image", "prompt", "threshold", "max_new_tokens")
@@ -305,7 +305,7 @@ class STAMPService:
         try:
             job.sample = self.pipe.preprocess(pipeline_input(job))
             inputs = job.sample["inputs"]
-            self.model._check_generation_inputs(
+            self.model.check_generation_inputs(
                 inputs["input_ids"], inputs["attention_mask"], inputs.get("mm_token_type_ids"),
                 inputs.get("pixel_values"), inputs.get("image_grid_thw"), None)
         except (ValueError, TypeError, OSError) as error:
