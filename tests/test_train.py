@@ -300,3 +300,41 @@ def test_gradient_accumulation_follows_the_curve_of_the_full_batch(base, tmp_pat
                                            gradient_accumulation_steps=accumulation)))
         curves.append([[e[k] for k in ("loss", "text_loss", "mask_loss")] for e in trainer.state.log_history if "loss" in e])
     np.testing.assert_allclose(curves[1], curves[0], rtol=1e-4, atol=1e-5)
+
+
+def test_config_values_are_converted_to_their_training_argument_types_and_overridable(tmp_path):
+    """YAML reads 1e-4 as a string: it becomes the float TrainingArguments wants; `--set` overrides a setting; a
+    value that cannot be converted, or a TrainingArguments field at the top level, is one line naming it."""
+    from stamp_hf.training import TrainConfig
+
+    path = tmp_path / "train.yaml"
+    path.write_text("model: m\ndata: d.jsonl\noutput_dir: out\ntraining:\n  learning_rate: 1e-4\n  max_steps: '20'\n")
+    config = TrainConfig.from_file(path, ["training.max_steps=10", "training.bf16=false", "finetuning=lora"])
+    assert config.training["learning_rate"] == 1e-4 and isinstance(config.training["learning_rate"], float)
+    assert config.training["max_steps"] == 10 and config.training["bf16"] is False
+    assert config.finetuning == "lora"
+    assert TrainConfig.from_file(path).training["max_steps"] == 20
+    with pytest.raises(ValueError, match=r"^training.learning_rate must be a number, got 'fast'$"):
+        TrainConfig.from_file(path, ["training.learning_rate=fast"])
+    with pytest.raises(ValueError, match=r"^training.max_steps must be an integer, got 2.5$"):
+        TrainConfig.from_file(path, ["training.max_steps=2.5"])
+    path.write_text("model: m\ndata: d.jsonl\noutput_dir: out\nlearning_rate: 1e-4\n")
+    with pytest.raises(ValueError, match="learning_rate is a TrainingArguments setting: put it under training:"):
+        TrainConfig.from_file(path)
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        TrainConfig.from_file(tmp_path / "train.yaml", ["max_steps"])
+
+
+def test_a_config_error_leaves_no_output_folder(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model: {tmp_path / 'no_such_model'}\ndata: d.jsonl\noutput_dir: out\n")
+    script = Path(sys.executable).with_name("stamp-hf")
+    result = subprocess.run([str(script), "train", str(config), "--set", "training.max_steps=1"], capture_output=True,
+                            text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "out").exists()

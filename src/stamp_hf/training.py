@@ -28,6 +28,8 @@ under `training` for the paper's ZeRO-2 setup on GPUs.
 """
 
 import json
+import shutil
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -127,9 +129,12 @@ class TrainConfig:
             raise ValueError(f"unknown training setting(s) {unknown}: 'training' takes TrainingArguments fields")
         if "output_dir" in self.training:
             raise ValueError("set output_dir at the top level of the config, not under 'training'")
+        self.training = {key: training_value(key, value) for key, value in self.training.items()}
 
     @classmethod
-    def from_file(cls, path) -> "TrainConfig":
+    def from_file(cls, path, overrides: list[str] = ()) -> "TrainConfig":
+        """The config file at `path`, with `overrides` ("key=value", "training.key=value": a dotted key, a YAML
+        value) applied on top, as `stamp-hf train CONFIG --set ...` gives them."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no such config file: {path}")
@@ -148,10 +153,15 @@ class TrainConfig:
                 raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the config must be a mapping of settings")
+        for override in overrides:
+            apply_override(raw, override)
         missing = [name for name in ("model", "data", "output_dir") if name not in raw]
         if missing:
             raise ValueError(f"{path}: missing required setting(s) {missing}")
         unknown = sorted(set(raw) - {f.name for f in fields(cls)})
+        misplaced = [key for key in unknown if key in {f.name for f in fields(TrainingArguments)}]
+        if misplaced:
+            raise ValueError(f"{path}: {misplaced[0]} is a TrainingArguments setting: put it under training:")
         if unknown:
             raise ValueError(f"{path}: unknown setting(s) {unknown}")
         # relative paths in the file are relative to the file, so a config runs from any directory
@@ -184,6 +194,48 @@ class TrainConfig:
             settings.setdefault("eval_strategy", settings["save_strategy"])
             settings.setdefault("eval_steps", settings.get("save_steps", TrainingArguments.save_steps))
         return TrainingArguments(output_dir=self.output_dir, **settings)
+
+
+def training_value(key: str, value):
+    """A `training:` value as its TrainingArguments field types it: YAML reads `1e-4` as a string, and "10" or 10.0
+    are fine steps. A value that cannot be converted is a one-line error naming the setting and the type."""
+    annotation = typing.get_type_hints(TrainingArguments).get(key)
+    kinds = set(typing.get_args(annotation) or (annotation,))
+    if value is None or str in kinds or not kinds & {bool, int, float}:
+        return value
+    if bool in kinds:
+        words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+        if isinstance(value, bool) or str(value).strip().lower() in words:
+            return value if isinstance(value, bool) else words[str(value).strip().lower()]
+        raise ValueError(f"training.{key} must be true or false, got {value!r}")
+    try:
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or (int in kinds and float not in kinds and not number.is_integer()):
+        kind = "an integer" if float not in kinds else "a number"
+        raise ValueError(f"training.{key} must be {kind}, got {value!r}")
+    return int(number) if float not in kinds else number
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Set one "dotted.key=value" override (the value read as YAML: 10, 1e-4, true, [a, b]) in the raw config."""
+    import yaml
+
+    key, separator, text = override.partition("=")
+    if not separator or not key.strip():
+        raise ValueError(f"--set {override}: expected KEY=VALUE, e.g. training.max_steps=10")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    *parents, name = key.strip().split(".")
+    target = raw
+    for parent in parents:
+        target = target.setdefault(parent, {})
+        if not isinstance(target, dict):
+            raise ValueError(f"--set {override}: {parent} is not a group of settings")
+    target[name] = value
 
 
 class STAMPTrainer(Trainer):
@@ -296,8 +348,18 @@ def train(config: TrainConfig | dict | str | Path) -> STAMPTrainer:
     output_dir = Path(config.output_dir)
     if (output_dir / "config.json").exists() and not config.resume:
         raise FileExistsError(f"{output_dir} already holds a model; choose another output_dir or set resume: true")
-    args = config.training_arguments()
+    created = not output_dir.exists()
+    try:
+        return _train(config, output_dir)
+    except BaseException:
+        # a run that failed before its first checkpoint leaves no output folder behind (one it can resume from stays)
+        if created and output_dir.is_dir() and not any(output_dir.glob("checkpoint-*")):
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
 
+
+def _train(config: TrainConfig, output_dir: Path) -> STAMPTrainer:
+    args = config.training_arguments()
     model, processor = load_starting_point(config)
     if config.text_loss_weight is not None:
         model.config.text_loss_weight = float(config.text_loss_weight)

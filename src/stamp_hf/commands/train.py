@@ -12,10 +12,13 @@ from pathlib import Path
 
 def add_arguments(parser):
     parser.add_argument("config", type=Path, help="the training config file (.yaml, .yml or .json)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of CONFIG (dotted for nested ones, the value read as YAML), e.g. "
+                        "--set training.max_steps=10 --set model=./my-stamp; repeatable")
 
 
 def run(args) -> int:
-    from stamp_hf.training import train
+    from stamp_hf.training import TrainConfig, train
 
-    train(args.config)
+    train(TrainConfig.from_file(args.config, args.overrides))
     return 0
