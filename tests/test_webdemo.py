@@ -26,8 +26,7 @@ pytest.importorskip("gradio", reason='the demo extra is not installed (pip insta
 from gradio_client import Client, handle_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from drawn_scenes import drawn_scene  # noqa: E402
+from stamp_hf.synthetic.drawn import drawn_scene  # noqa: E402
 
 SHAPES = ROOT / "examples" / "shapes.png"
 EXAMPLE_SEED = json.loads((ROOT / "tests" / "fixtures" / "demo_floors.json").read_text())["example_seed"]

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ..cli import CommandError
-from ..demo import DEMO_MODEL
+from ..demo_model import DEMO_MODEL
 
 # The small synthetic-shapes demo STAMP shipped with the package (see demo_model/README.md): `stamp-hf segment`
 # works offline out of the box; real checkpoints are one --model away.

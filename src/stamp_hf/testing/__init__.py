@@ -18,10 +18,10 @@ from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.utils import is_torchvision_available
 
-from .configuration_stamp import STAMP_CONFIGS, STAMPConfig
-from .modeling_stamp import STAMP_MODELS, STAMPModel
-from .processing_stamp import QWEN2_VL_CHAT_TEMPLATE, STAMPProcessor, default_mask_resample
-from .vocab import add_stamp_tokens
+from ..configuration_stamp import STAMP_CONFIGS, STAMPConfig
+from ..modeling_stamp import STAMP_MODELS, STAMPModel
+from ..processing_stamp import QWEN2_VL_CHAT_TEMPLATE, STAMPProcessor, default_mask_resample
+from ..vocab import add_stamp_tokens
 
 # Qwen2-VL's special tokens, in its id order (151643-151656 in the real vocabulary).
 QWEN2_VL_SPECIAL_TOKENS = (
@@ -292,7 +292,7 @@ def tiny_base(
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from .configuration_stamp import STAMPConfigMixin
+    from ..configuration_stamp import STAMPConfigMixin
 
     folder = Path(folder)
     tokenizer = tiny_tokenizer(stamp_tokens=False)
