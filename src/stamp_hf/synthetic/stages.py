@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..data import IGNORE_INDEX, STAMPCollator, encode_conversation, load_mask, read_records
+from ..from_scratch import base_config, bpe_tokenizer
 from ..modeling_stamp import mask_target
 from ..pipeline_stamp import segmentation_result, split_by_sample
 from ..processing_stamp import QWEN2_VL_CHAT_TEMPLATE, load_image, user_turn
 from ..prompts import RES_ANSWERS, RES_QUESTIONS
-from ..testing import tiny_config, tiny_tokenizer
 from .scenes import COLOURS, FORMS, SHAPES, SIZES, draw_scene, find_reference, make_sample, split_seeds
 
 DEMO_ARCHITECTURE = dict(hidden_size=192, num_layers=4, vision_depth=4, vision_embed_dim=96, patch_size=8,
@@ -51,7 +51,7 @@ def demo_corpus(samples: int = 3000) -> list[str]:
 def demo_tokenizer():
     """A byte-level BPE tokenizer with Qwen2-VL's special tokens (no STAMP tokens: those come with `stamp-hf init`),
     learned on `demo_corpus()`."""
-    return tiny_tokenizer(vocab_size=TOKENIZER_VOCAB_SIZE, corpus=demo_corpus(), stamp_tokens=False)
+    return bpe_tokenizer(demo_corpus(), TOKENIZER_VOCAB_SIZE, stamp_tokens=False)
 
 
 # ---------------------------------------------------------------------------------------------- the base model
@@ -75,19 +75,11 @@ class BaseChatProcessor:
 def build_base(seed: int = 0, tokenizer=None):
     """A randomly initialised plain Qwen2-VL (transformers' Qwen2VLForConditionalGeneration) of the demo's size and its
     chat processor (BaseChatProcessor)."""
-    from dataclasses import fields
-
-    from transformers import AutoConfig, GenerationConfig, Qwen2VLForConditionalGeneration
+    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
-    from ..configuration_stamp import STAMPConfigMixin
-
     tokenizer = tokenizer if tokenizer is not None else demo_tokenizer()
-    stamp_config = tiny_config(tokenizer, **DEMO_ARCHITECTURE)
-    settings = {k: v for k, v in stamp_config.to_dict().items() if k not in {f.name for f in fields(STAMPConfigMixin)}}
-    for key in ("model_type", "auto_map", "architectures", "transformers_version"):
-        settings.pop(key, None)
-    config = AutoConfig.for_model("qwen2_vl", **settings)
+    config = base_config(tokenizer, "qwen2_vl", **DEMO_ARCHITECTURE)
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config)
     model.generation_config = GenerationConfig(eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>")],
