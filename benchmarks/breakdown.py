@@ -334,7 +334,7 @@ print("BREAKDOWN " + json.dumps(result))
 
 def cli_breakdown(args):
     """`stamp-hf segment` on the demo model, --repeats fresh processes (median of each stage)."""
-    from stamp_hf.synthetic import make_sample
+    from stamp_hf.synthetic.scenes import make_sample
     from stamp_hf.testing import tiny_sam
 
     runs = []

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from demo_tools import evaluate_demo
-from stamp_hf.demo import DEMO_MODEL
-from stamp_hf.synthetic import write_split
+from stamp_hf.demo_model import DEMO_MODEL
+from stamp_hf.synthetic.scenes import write_split
+from stamp_hf.synthetic.stages import evaluate_demo
 
 
 def main(argv=None):

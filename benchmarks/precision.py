@@ -97,7 +97,7 @@ def shapes_latency(args):
 
 
 def demo_samples(count):
-    from stamp_hf.synthetic import make_sample, split_seeds
+    from stamp_hf.synthetic.scenes import make_sample, split_seeds
 
     return [make_sample(seed) for seed in split_seeds("test", count)]
 

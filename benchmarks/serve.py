@@ -159,7 +159,7 @@ def main() -> None:
             f"{c['requests_per_s']:>12.2f} {c['p50_ms']:>9.0f} {c['p95_ms']:>9.0f}  " for c in cells))
     report = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "model": "the bundled demo model (stamp_hf.demo.DEMO_MODEL)", "image": "examples/shapes.png (320x240)",
+        "model": "the bundled demo model (stamp_hf.demo_model.DEMO_MODEL)", "image": "examples/shapes.png (320x240)",
         "settings": {key: getattr(args, key) for key in ("requests", "warmup", "clients", "max_batch_size",
                                                          "batch_wait_ms", "replicas", "demo_concurrency")},
         "results": results,

@@ -6,7 +6,7 @@ N = 256, 1024 and 1280 merged patches. Per `<|seg|>`, median of alternating roun
 b and c, the slow ones, run in the first --official-rounds / --autoregressive-rounds rounds only):
 
   (a) ours: generate_with_masks' phase 2 (`decode_masks` on the phase-1 cache, all `<|seg|>` in one forward);
-  (b) the official procedure restated on this model (stamp_hf.baselines.official_mask_logits): per `<|seg|>` the
+  (b) the official procedure restated on this model (stamp_hf.testing.official.official_mask_logits): per `<|seg|>` the
       vision tower again, the cache sliced (copied) to that `<|seg|>`, one forward of its N placeholders; its logits are
       checked against (a) here;
   (c) autoregressive mask decoding (the next-token paradigm, Text4Seg-style): N tokens one by one on the cache. Its
@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from stamp_hf import STAMPModel
-from stamp_hf.baselines import autoregressive_mask_decoding, official_mask_logits, plain_forward
+from stamp_hf.testing.official import autoregressive_mask_decoding, official_mask_logits, plain_forward
 from stamp_hf.testing import ForceTokens, tiny_config, tiny_processor, tiny_tokenizer
 
 GRIDS = {256: (16, 16), 1024: (32, 32), 1280: (32, 40)}  # N -> merged patch grid (h, w); 28 px per merged patch

@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from transformers import AutoModel, AutoProcessor
 
-from stamp_hf.demo import DEMO_MODEL
+from stamp_hf.demo_model import DEMO_MODEL
 
 # A released checkpoint loads like any Hub model:
 #   model = AutoModel.from_pretrained("org/stamp-2b", trust_remote_code=True)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from stamp_hf.synthetic.drawn import drawn_scene
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from drawn_scenes import drawn_scene  # noqa: E402
 
 SHAPES = ROOT / "examples" / "shapes.png"
 EXAMPLE_SEED = json.loads((ROOT / "tests" / "fixtures" / "demo_floors.json").read_text())["example_seed"]

@@ -63,7 +63,7 @@ def snapshot(folder):
 def test_a_16_bit_png_gives_the_mask_of_its_8_bit_conversion(tmp_path):
     """A mode I;16 PNG was read as a white image; now its 65535 range maps to 255, so the demo model segments it as
     it segments the 8-bit image."""
-    from stamp_hf.demo import load_demo_model
+    from stamp_hf.demo_model import load_demo_model
     from transformers import pipeline
 
     grey8 = np.asarray(Image.open(Path(__file__).parents[1] / "examples" / "shapes.png").convert("L"))

@@ -1,6 +1,6 @@
 """The demo model shipped in demo_model/: complete, small, safe to load, loadable without stamp_hf, and still as good as
 measured when it was built, on unseen samples of both held-out sets (the generator's test split and the separately
-drawn set); and the tools that build it (benchmarks/demo_tools.py, benchmarks/drawn_scenes.py)."""
+drawn set); and the kit that builds it (stamp_hf.synthetic: stages, drawn)."""
 
 import json
 import sys
@@ -13,7 +13,6 @@ import torch
 from conftest import run_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))  # the demo model's training tools live next to its benchmark
 DEMO = ROOT / "demo_model"
 # Floors a few points under what the shipped model measured on these very samples (80 records of each set, seeds
 # no training or benchmark run uses), so that a regression shows and a rerun on another machine does not trip them.
@@ -54,8 +53,8 @@ def test_demo_model_loads_without_stamp_hf(tmp_path):
 
 
 def held_out(tmp_path, name):
-    from drawn_scenes import write_drawn_set
-    from stamp_hf.synthetic import write_split
+    from stamp_hf.synthetic.drawn import write_drawn_set
+    from stamp_hf.synthetic.scenes import write_split
 
     count, start = FLOORS["samples"], FLOORS["start"]
     return write_split(tmp_path, "test", count, start=start) if name == "test" else write_drawn_set(tmp_path, count, start)
@@ -63,7 +62,7 @@ def held_out(tmp_path, name):
 
 @pytest.mark.parametrize("name", ["test", "drawn"])
 def test_demo_model_segments_and_answers_on_unseen_samples(tmp_path, name):
-    from demo_tools import evaluate_demo, language_blind_baseline
+    from stamp_hf.synthetic.stages import evaluate_demo, language_blind_baseline
 
     data = held_out(tmp_path, name)
     metrics = evaluate_demo(DEMO, data, tmp_path / "eval")
@@ -79,7 +78,7 @@ def test_demo_model_segments_and_answers_on_unseen_samples(tmp_path, name):
 def test_example_image_is_a_drawn_scene_with_one_red_circle():
     from PIL import Image
 
-    from drawn_scenes import drawn_scene
+    from stamp_hf.synthetic.drawn import drawn_scene
 
     import random
 
@@ -98,7 +97,7 @@ def test_demo_tokenizer_is_rebuilt_the_same_in_every_process_and_shipped_with_th
 
     from transformers import AutoTokenizer
 
-    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); from demo_tools import demo_tokenizer; "
+    code = ("import json; from stamp_hf.synthetic.stages import demo_tokenizer; "
             "print(json.dumps(sorted(demo_tokenizer().get_vocab().items())))")
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
                            env={**__import__("os").environ, "PYTHONHASHSEED": str(h)}).stdout for h in (1, 2)]
@@ -118,7 +117,7 @@ def test_drawn_set_masks_are_the_drawn_pixels_and_requests_are_truthful(tmp_path
     generator's reference rules), absent targets are empty, and every pixel of a shape has a named colour."""
     from PIL import Image
 
-    from drawn_scenes import write_drawn_set
+    from stamp_hf.synthetic.drawn import write_drawn_set
 
     jsonl = write_drawn_set(tmp_path, 30)
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
@@ -137,8 +136,8 @@ def test_drawn_set_masks_are_the_drawn_pixels_and_requests_are_truthful(tmp_path
 
 
 def test_patch_attributes_label_each_patch_with_the_shape_covering_most_of_it():
-    from demo_tools import PATCH_ATTRIBUTES, patch_attributes
-    from stamp_hf.synthetic import make_sample
+    from stamp_hf.synthetic.stages import PATCH_ATTRIBUTES, patch_attributes
+    from stamp_hf.synthetic.scenes import make_sample
 
     sample = make_sample(3, size=(128, 128))
     labels = patch_attributes(sample.shapes, sample.object_masks, (16, 16))
@@ -158,7 +157,7 @@ def test_base_is_a_plain_qwen2_vl_that_stamp_hf_init_makes_into_stamp(tmp_path):
     and its merger change), saved as a Hub repo that `stamp-hf init` turns into a STAMP model with its grid bounds."""
     from transformers import AutoModel, Qwen2VLForConditionalGeneration
 
-    from demo_tools import build_base, pretrain_vision_tower, save_base
+    from stamp_hf.synthetic.stages import build_base, pretrain_vision_tower, save_base
     from stamp_hf.cli import main as cli
 
     model, processor = build_base(seed=0)
@@ -184,8 +183,8 @@ def test_balance_features_evens_out_the_feature_spread_at_the_embeddings_length(
     colours as fast as kinds)."""
     import random
 
-    from demo_tools import balance_features, build_base
-    from stamp_hf.synthetic import draw_scene
+    from stamp_hf.synthetic.stages import balance_features, build_base
+    from stamp_hf.synthetic.scenes import draw_scene
 
     model, processor = build_base(seed=0)
     images = [draw_scene(random.Random(seed))[1] for seed in range(8)]
@@ -214,9 +213,9 @@ def test_balance_features_evens_out_the_feature_spread_at_the_embeddings_length(
 def test_dialogue_training_lowers_the_answer_loss_on_prepared_llava_data(tmp_path):
     """The base's instruction tuning reads what `stamp-hf prepare-data` writes from the LLaVA export and learns from
     the answers only (the vision tower stays as it was)."""
-    from demo_tools import build_base, train_dialogue
+    from stamp_hf.synthetic.stages import build_base, train_dialogue
     from stamp_hf.prepare import prepare_data
-    from stamp_hf.synthetic import write_dialogue_export
+    from stamp_hf.synthetic.scenes import write_dialogue_export
 
     export = write_dialogue_export(tmp_path / "dialogue.json", 8)
     prepared = prepare_data(export, tmp_path / "dialogue.jsonl", images=tmp_path / "dialogue_images")
@@ -229,9 +228,9 @@ def test_dialogue_training_lowers_the_answer_loss_on_prepared_llava_data(tmp_pat
 
 
 def test_demo_card_states_the_run_it_was_given_and_never_overwrites(tmp_path):
-    """write_demo_card (the last step of benchmarks/demo_model.py --ship): the card carries the given run's figures
+    """write_demo_card (the last step of python -m stamp_hf.synthetic.build --ship): the card carries the given run's figures
     and the verdict they earn, training leftovers stay behind, and an existing folder is refused."""
-    from demo_tools import write_demo_card
+    from stamp_hf.synthetic.stages import write_demo_card
     from stamp_hf.testing import tiny_stamp
 
     model, processor = tiny_stamp(seed=0)

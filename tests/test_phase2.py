@@ -362,7 +362,7 @@ def test_flash_attention_configured_phase2_runs_block_attention(tiny):
 def test_official_procedure_restated_equals_generate_with_masks(fixture, segs, request):
     """The official per-<|seg|> procedure (vision re-run, cache sliced per <|seg|>, one forward of its placeholders),
     as benchmarks/speed.py times it, gives the masks of generate_with_masks and leaves the cache untouched."""
-    from stamp_hf.baselines import official_mask_logits
+    from stamp_hf.testing.official import official_mask_logits
 
     model, processor = request.getfixturevalue(fixture)
     inputs, out = generate(model, processor, random_image(90, 150), segs=segs)

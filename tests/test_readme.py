@@ -56,8 +56,7 @@ def test_readme_main_job_command_writes_an_overlay_with_the_bundled_demo_model(t
             assert image.tobytes() == shown.tobytes()
     assert "1 mask(s)" in result.stderr
     # the mask is the red circle's: the example image is the drawn held-out set's scene EXAMPLE_SEED
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from drawn_scenes import drawn_scene
+    from stamp_hf.synthetic.drawn import drawn_scene
 
     seed = json.loads((ROOT / "tests" / "fixtures" / "demo_floors.json").read_text())["example_seed"]
     shapes, _, masks = drawn_scene(random.Random(seed))

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from stamp_hf.synthetic import (
+from stamp_hf.synthetic.scenes import (
     FORMS,
     IMAGE_SIZES,
     Reference,
@@ -41,7 +41,7 @@ def test_same_seed_gives_identical_images_masks_and_texts():
 def test_samples_are_the_same_in_every_process():
     """A seed means the same sample whatever Python's string-hash seed is (the absent targets were once drawn from
     a set, whose order changes between processes)."""
-    code = ("import json; from stamp_hf.synthetic import make_sample, split_seeds; "
+    code = ("import json; from stamp_hf.synthetic.scenes import make_sample, split_seeds; "
             "print(json.dumps([[make_sample(s).messages, make_sample(s).form] for s in split_seeds('test', 150)]))")
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**__import__("os").environ, "PYTHONHASHSEED": str(h)}).stdout for h in (1, 2)]

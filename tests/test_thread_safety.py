@@ -12,9 +12,9 @@ import torch
 
 from conftest import ForceTokens, chat, forced_response
 from stamp_hf.conversation import Conversation
-from stamp_hf.demo import load_demo_model
+from stamp_hf.demo_model import load_demo_model
 from stamp_hf.pipeline_stamp import PIPELINE_TASK
-from stamp_hf.synthetic import draw_scene
+from stamp_hf.synthetic.scenes import draw_scene
 
 CALLS_PER_JOB = 3  # each job runs this many times in every threaded round, interleaved with the others
 

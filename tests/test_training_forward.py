@@ -159,7 +159,7 @@ def test_the_image_resolution_loss_is_minimised_by_sharper_masks_than_the_patch_
     """What mask_loss_resolution="image" is for: fit free logits on a 6 x 10 grid of 28 px cells to a star and a
     triangle by each loss. The patch loss (with fractions) is minimised by logit(fraction), whose upsampled mask is
     blurred across cells; the image loss is minimised by the logits whose upsampled mask is closest to the shape."""
-    from stamp_hf.synthetic import Shape
+    from stamp_hf.synthetic.scenes import Shape
 
     model, processor = tiny_stamp(seed=1)
     for kind, radius in (("star", 70), ("triangle", 60)):

@@ -25,7 +25,7 @@ from .data import load_mask, read_records
 from .pipeline_stamp import segmentation_result, split_by_sample
 from .processing_stamp import left_padded_batch, load_image, user_turn
 from .prompts import REASON_SENTENCE_QUESTION, RES_QUESTIONS
-from .sources import Reference, detect_format, read_grefcoco, read_reasonseg, read_refer
+from .sources import ReferAnnotation, detect_format, read_grefcoco, read_reasonseg, read_refer
 
 RES_PROMPT = RES_QUESTIONS[0]  # Prompt S1 of the paper: "Please segment only the {} in the image."
 REASON_PROMPT = REASON_SENTENCE_QUESTION  # Prompt S2, for sentence queries
@@ -127,7 +127,7 @@ def load_grefcoco(root, split: str, split_by: str = "unc", image_root=None, prom
     return _reference_samples(read_grefcoco(root, split, split_by, image_root), prompt)
 
 
-def _reference_samples(references: list[Reference], prompt: str) -> list[EvalSample]:
+def _reference_samples(references: list[ReferAnnotation], prompt: str) -> list[EvalSample]:
     """One sample per sentence of each reference; the target is the union of its annotations' masks."""
     return [
         EvalSample(f"{ref.ref_id}_{sent_id}", ref.image, prompt.format(sentence), ref.targets)

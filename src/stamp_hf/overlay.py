@@ -22,11 +22,3 @@ def overlay_masks(image: Image.Image, masks, alpha: float = 0.5, outline: int = 
             eroded = np.asarray(mask_image.convert("L").filter(ImageFilter.MinFilter(2 * outline + 1))) > 127
             canvas[inside & ~eroded] = colour
     return Image.fromarray(canvas.round().astype(np.uint8))
-
-
-def mask_count(masks) -> str:
-    """How many masks an answer has, and how many of them are empty: STAMP answers a request for something that is
-    not in the image with a `<|seg|>` like any other, and only the empty mask says that nothing was found. `masks`:
-    the pipeline's entries ({"mask": PIL "L" image, ...})."""
-    empty = sum(not (np.asarray(entry["mask"]) > 127).any() for entry in masks)
-    return f"{len(masks)} mask(s)" + (f", {empty} empty (nothing found)" if empty else "")

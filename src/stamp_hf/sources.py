@@ -21,7 +21,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 @dataclass
-class Reference:
+class ReferAnnotation:
     """One reference of a REFER / gRefCOCO split: its image, its sentences and the masks of the objects it names
     (`targets` empty: a gRefCOCO no-target reference)."""
 
@@ -46,7 +46,7 @@ class ReasonSegAnnotation:
 
 
 @dataclass
-class Conversation:
+class LlavaSample:
     """One LLaVA sample: the image and the turns as training-format messages (the `<image>` marker taken out)."""
 
     id: str
@@ -57,12 +57,10 @@ class Conversation:
 # ---------------------------------------------------------------------------------------------------- format
 
 
-FORMATS = ("refer", "grefcoco", "reasonseg", "llava", "jsonl")
-
-
 def detect_format(data, split: str | None = None) -> str:
-    """Which of FORMATS `data` is, from its layout: a .jsonl file (the training format), a .json file (LLaVA), a folder
-    with grefs(*).json (gRefCOCO), refs(*).p (REFER) or NAME.json annotations (ReasonSeg, optionally in `split`)."""
+    """Which format `data` is, from its layout: "jsonl" (a .jsonl file of the training format), "llava" (a .json file),
+    "grefcoco" / "refer" (a folder with grefs(*).json / refs(*).p) or "reasonseg" (a folder of NAME.json annotations,
+    optionally in `split`)."""
     data = Path(data)
     if data.is_file():
         if data.suffix == ".jsonl":
@@ -99,14 +97,14 @@ def read_pickle(path: Path, allow_pickle: bool):
         return pickle.load(f)
 
 
-def read_refer(root, split: str, split_by: str = "unc", image_root=None, allow_pickle: bool = False) -> list[Reference]:
+def read_refer(root, split: str, split_by: str = "unc", image_root=None, allow_pickle: bool = False) -> list[ReferAnnotation]:
     """The references of `split` in a REFER folder (RefCOCO, RefCOCO+, RefCOCOg, RefCLEF); images under `image_root`
     (COCO train2014, or saiapr_tc-12 for RefCLEF; default: the folder itself)."""
     refs_file = _refs_file(root, f"refs({split_by}).p")
     return _references(refs_file, read_pickle(refs_file, allow_pickle), split, image_root)
 
 
-def read_grefcoco(root, split: str, split_by: str = "unc", image_root=None) -> list[Reference]:
+def read_grefcoco(root, split: str, split_by: str = "unc", image_root=None) -> list[ReferAnnotation]:
     """The references of `split` in a gRefCOCO folder: `ann_id` a list, and `no_target` references (ann_id [-1])
     that name nothing in the image."""
     refs_file = _refs_file(root, f"grefs({split_by}).json")
@@ -140,7 +138,7 @@ def _mask_spec(segmentation) -> dict | None:
     return {"polygons": polygons} if polygons else None
 
 
-def _references(refs_file: Path, refs: list, split: str, image_root) -> list[Reference]:
+def _references(refs_file: Path, refs: list, split: str, image_root) -> list[ReferAnnotation]:
     annotations, images = _coco(refs_file.parent)
     image_root = Path(image_root) if image_root else refs_file.parent
     existing: dict[Path, bool] = {}
@@ -159,7 +157,7 @@ def _references(refs_file: Path, refs: list, split: str, image_root) -> list[Ref
 
 
 def _reference(ref: dict, split: str, annotations: dict, images: dict, image_root: Path, existing: dict, where: str):
-    """The Reference of `ref` if it is in `split`, else None; its image must exist and its objects have masks."""
+    """The ReferAnnotation of `ref` if it is in `split`, else None; its image must exist and its objects have masks."""
     if ref["split"] != split:
         return None
     where = f"{where} {ref['ref_id']}"
@@ -174,7 +172,7 @@ def _reference(ref: dict, split: str, annotations: dict, images: dict, image_roo
     targets = [] if ref.get("no_target") else _targets(ref, annotations, where)
     size = (info["width"], info["height"]) if "width" in info and "height" in info else _image_size(image)
     sentences = [(s["sent_id"], s["sent"]) for s in ref["sentences"]]
-    return Reference(ref["ref_id"], image, size, sentences, targets)
+    return ReferAnnotation(ref["ref_id"], image, size, sentences, targets)
 
 
 def _targets(ref: dict, annotations: dict, where: str) -> list[dict]:
@@ -242,7 +240,7 @@ LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 IMAGE_MARKER = "<image>"
 
 
-def read_llava(path, image_root=None) -> tuple[list[Conversation], int]:
+def read_llava(path, image_root=None) -> tuple[list[LlavaSample], int]:
     """The image conversations of a LLaVA instruction file (images under `image_root`, default the file's folder) and
     the number of text-only samples left out (the training format pairs every record with an image)."""
     path = Path(path)
@@ -264,7 +262,7 @@ def read_llava(path, image_root=None) -> tuple[list[Conversation], int]:
         image = image_root / sample["image"]
         if not image.is_file():
             raise FileNotFoundError(f"{where}: image {image} not found (--images / image_root is the image folder)")
-        conversations.append(Conversation(str(sample.get("id", number)), image, _llava_messages(sample, where)))
+        conversations.append(LlavaSample(str(sample.get("id", number)), image, _llava_messages(sample, where)))
     if not conversations:
         raise ValueError(f"{path}: no conversation with an image")
     return conversations, text_only
@@ -287,10 +285,9 @@ def _llava_messages(sample: dict, where: str) -> list[dict]:
 
 
 __all__ = [
-    "FORMATS",
-    "Conversation",
+    "LlavaSample",
     "ReasonSegAnnotation",
-    "Reference",
+    "ReferAnnotation",
     "detect_format",
     "read_grefcoco",
     "read_llava",

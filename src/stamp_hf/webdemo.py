@@ -25,7 +25,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .conversation import Conversation  # noqa: E402
-from .overlay import PALETTE, mask_count, overlay_masks  # noqa: E402
+from .commands._common import mask_count  # noqa: E402
+from .overlay import PALETTE, overlay_masks  # noqa: E402
 from .pipeline_stamp import PIPELINE_TASK  # noqa: E402
 from .processing_stamp import load_image  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""What the `segment` and `chat` commands share: the model options, loading, safe output files."""
+"""What the `segment` and `chat` commands share: the model options, loading, the mask count they print, safe output
+files."""
 
 import os
 import sys
@@ -6,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..cli import CommandError
-from ..demo import DEMO_MODEL
+from ..demo_model import DEMO_MODEL
 
 # The small synthetic-shapes demo STAMP shipped with the package (see demo_model/README.md): `stamp-hf segment`
 # works offline out of the box; real checkpoints are one --model away.
@@ -37,6 +38,16 @@ def add_model_arguments(parser, refine: bool = True, dtype: bool = False):
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def mask_count(masks) -> str:
+    """How many masks an answer has, and how many of them are empty: STAMP answers a request for something that is
+    not in the image with a `<|seg|>` like any other, and only the empty mask says that nothing was found. `masks`:
+    the pipeline's entries ({"mask": PIL "L" image, ...}). Said by `segment`, `chat` and the web demo's status line."""
+    import numpy as np
+
+    empty = sum(not (np.asarray(entry["mask"]) > 127).any() for entry in masks)
+    return f"{len(masks)} mask(s)" + (f", {empty} empty (nothing found)" if empty else "")
 
 
 def resolve_device(name: str | None):

@@ -4,7 +4,7 @@ import sys
 import time
 from pathlib import Path
 
-from ._common import add_model_arguments, check_writable, load, log, write_all
+from ._common import add_model_arguments, check_writable, load, log, mask_count, write_all
 
 
 def add_arguments(parser):
@@ -17,7 +17,7 @@ def add_arguments(parser):
 
 def run(args):
     from ..conversation import Conversation
-    from ..overlay import mask_count, overlay_masks
+    from ..overlay import overlay_masks
     from ..processing_stamp import load_image
 
     image = load_image(args.image)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import add_model_arguments, check_output_file, check_writable, load, log, write_all
+from ._common import add_model_arguments, check_output_file, check_writable, load, log, mask_count, write_all
 
 
 def add_arguments(parser):
@@ -26,7 +26,7 @@ def mask_paths(out: Path, count: int) -> list[Path]:
 def run(args):
     from transformers import pipeline
 
-    from ..overlay import mask_count, overlay_masks
+    from ..overlay import overlay_masks
     from ..pipeline_stamp import PIPELINE_TASK
     from ..processing_stamp import load_image
 

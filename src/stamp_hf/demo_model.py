@@ -1,6 +1,7 @@
-"""The bundled demo STAMP: a small model trained on synthetic shapes (see its card, demo_model/README.md), so that
-`stamp-hf segment`, the examples and the tests run offline out of the box. Its training tools live next to the
-benchmark that trains it (benchmarks/demo_tools.py, benchmarks/demo_model.py)."""
+"""The bundled demo model: a small STAMP trained on synthetic shapes (see its card, demo_model/README.md), so that
+`stamp-hf segment`, the examples and the tests run offline out of the box. Its files are the folder of the same name
+next to this module (package data); the kit that built it is stamp_hf.synthetic. (The web demo, `stamp-hf demo`, is
+stamp_hf.webdemo.)"""
 
 from pathlib import Path
 

@@ -1,8 +1,10 @@
 """Tiny STAMP models, tokenizers and processors built entirely offline, for tests (ours and users').
 
 Everything is real: transformers' Qwen2-VL / Qwen2.5-VL classes with a few small layers, a byte-level BPE tokenizer
-with the Qwen2-VL special tokens and the STAMP tokens, the Qwen2-VL image processor and chat template. `tiny_base`
-writes a tiny Qwen-VL base checkpoint laid out as the Hub repos are, for `init_from_base`.
+with the Qwen2-VL special tokens and the STAMP tokens, the Qwen2-VL image processor and chat template (built by
+stamp_hf.from_scratch at the toy size TINY). `tiny_base` writes a tiny Qwen-VL base checkpoint laid out as the Hub
+repos are, for `init_from_base`. `stamp_hf.testing.official`: the official per-`<|seg|>` procedure and the other
+references phase 2 is checked and timed against.
 """
 
 import hashlib
@@ -12,34 +14,15 @@ import shutil
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LogitsProcessor
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.utils import is_torchvision_available
 
-from .configuration_stamp import STAMP_CONFIGS, STAMPConfig
-from .modeling_stamp import STAMP_MODELS, STAMPModel
-from .processing_stamp import QWEN2_VL_CHAT_TEMPLATE, STAMPProcessor, default_mask_resample
-from .vocab import add_stamp_tokens
-
-# Qwen2-VL's special tokens, in its id order (151643-151656 in the real vocabulary).
-QWEN2_VL_SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
+from ..configuration_stamp import STAMPConfig
+from ..from_scratch import base_config, bpe_tokenizer, stamp_config
+from ..modeling_stamp import STAMP_MODELS, STAMPModel
+from ..processing_stamp import QWEN2_VL_CHAT_TEMPLATE, STAMPProcessor, default_mask_resample
 
 _CORPUS = [
     "You are a helpful assistant.",
@@ -50,6 +33,10 @@ _CORPUS = [
     "the left right top bottom big small green yellow square star person dog car tree",
     "Yes, no. Sorry, there is no such object in the image.",
 ]
+# the tests' toy size (stamp_hf.from_scratch.stamp_config's settings): 64-wide text, 32-wide ViT, 2 layers each,
+# Qwen2-VL's 14 px patches and 2 x 2 merge, 4 to 64 placeholders
+TINY = dict(hidden_size=64, num_layers=2, vision_depth=2, vision_embed_dim=32, patch_size=14, merge_size=2,
+            min_placeholders=4, max_placeholders=64)
 
 
 class ForceTokens(LogitsProcessor):
@@ -69,23 +56,9 @@ class ForceTokens(LogitsProcessor):
 
 
 def tiny_tokenizer(vocab_size: int = 512, corpus=None, stamp_tokens: bool = True) -> Qwen2Tokenizer:
-    """A Qwen2-style byte-level BPE tokenizer: Qwen2-VL's special tokens after a small vocabulary learned on `corpus`
-    (texts; a few chat sentences by default), then the four STAMP tokens (unless `stamp_tokens=False`: a base
-    model's tokenizer), in the same order as the real Qwen2-VL / STAMP vocabularies."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    bpe.train_from_iterator(_CORPUS * 4 if corpus is None else corpus, trainer=trainer)
-    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
-    tokenizer = Qwen2Tokenizer(
-        vocab=bpe.get_vocab(), merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_VL_SPECIAL_TOKENS], special_tokens=True)
-    if stamp_tokens:
-        add_stamp_tokens(tokenizer)
-    return tokenizer
+    """`bpe_tokenizer` learned on `corpus` (texts; a few chat sentences by default): Qwen2-VL's special tokens, then
+    the four STAMP tokens unless `stamp_tokens=False` (a base model's tokenizer)."""
+    return bpe_tokenizer(_CORPUS * 4 if corpus is None else corpus, vocab_size, stamp_tokens)
 
 
 def tiny_processor(
@@ -115,61 +88,10 @@ def tiny_processor(
     )
 
 
-def tiny_config(
-    tokenizer,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    vision_depth: int = 2,
-    vision_embed_dim: int = 32,
-    patch_size: int = 14,
-    merge_size: int = 2,
-    backbone: str = "qwen2_vl",
-    **overrides,
-) -> STAMPConfig:
-    """A STAMP config with the structure of `backbone` ("qwen2_vl": STAMPConfig, "qwen2_5_vl": STAMPQwen2_5_VLConfig,
-    with window attention in all but the last vision block) at toy size; token ids read from `tokenizer` (when it has
-    the STAMP tokens)."""
-    ids = tokenizer.convert_tokens_to_ids
-    half_head = hidden_size // 4 // 2  # M-RoPE splits half the head dim 1/4, 3/8, 3/8 (t, h, w), as Qwen2-VL does
-    mrope_section = [half_head // 4, 3 * half_head // 8, half_head - half_head // 4 - 3 * half_head // 8]
-    settings = dict(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
-            bos_token_id=ids("<|endoftext|>"),
-            eos_token_id=ids("<|im_end|>"),
-            pad_token_id=ids("<|endoftext|>"),
-        ),
-        vision_config=_tiny_vision_config(backbone, vision_depth, vision_embed_dim, hidden_size, patch_size, merge_size),
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        min_placeholders=4,
-        max_placeholders=64,
-    )
-    settings.update(overrides)
-    config = STAMP_CONFIGS[backbone](**settings)
-    if "<|seg|>" in tokenizer.get_vocab():
-        config.set_stamp_token_ids(tokenizer)
-    return config
-
-
-def _tiny_vision_config(backbone, depth, width, out_size, patch_size, merge_size) -> dict:
-    if backbone == "qwen2_vl":
-        return dict(depth=depth, embed_dim=width, hidden_size=out_size, num_heads=2, mlp_ratio=2, patch_size=patch_size,
-                    spatial_merge_size=merge_size)
-    # Qwen2.5-VL names the ViT width hidden_size and the merger's output out_hidden_size; windows of 2 x 2 merged
-    # patches, so the tiny images of the tests span several windows
-    return dict(depth=depth, hidden_size=width, out_hidden_size=out_size, intermediate_size=2 * width, num_heads=2,
-                patch_size=patch_size, spatial_merge_size=merge_size, window_size=2 * patch_size * merge_size,
-                fullatt_block_indexes=[depth - 1], tokens_per_second=2)
+def tiny_config(tokenizer, **settings) -> STAMPConfig:
+    """`stamp_config` at the toy size TINY (backbone="qwen2_5_vl" for Qwen2.5-VL); `settings` override sizes and any
+    config setting. Token ids are read from `tokenizer`."""
+    return stamp_config(tokenizer, **{**TINY, **settings})
 
 
 def tiny_stamp(
@@ -287,21 +209,13 @@ def tiny_base(
     under legacy names (`model.layers.*`, `visual.*`, no lm_head when tied). `layout="current"` keeps transformers 5's own save. Both
     come with the repos' chat_template.json, preprocessor_config.json (min/max_pixels), generation_config.json and
     tokenizer files. `rows`: embedding rows (default: 29 more than tokens, as the real ones have spare rows)."""
-    from dataclasses import fields
-
     from safetensors.torch import load_file, save_file
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from .configuration_stamp import STAMPConfigMixin
+    from transformers import AutoModelForImageTextToText
 
     folder = Path(folder)
     tokenizer = tiny_tokenizer(stamp_tokens=False)
-    stamp_config = tiny_config(tokenizer, backbone=backbone, tie_word_embeddings=tie)
-    settings = {k: v for k, v in stamp_config.to_dict().items() if k not in {f.name for f in fields(STAMPConfigMixin)}}
-    settings["text_config"]["vocab_size"] = rows if rows is not None else len(tokenizer) + 29
-    for key in ("model_type", "auto_map", "architectures", "transformers_version"):
-        settings.pop(key, None)
-    config = AutoConfig.for_model(backbone, **settings)
+    rows = rows if rows is not None else len(tokenizer) + 29
+    config = base_config(tokenizer, backbone, rows, **TINY, tie_word_embeddings=tie)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config).eval()
     model.generation_config = GenerationConfig(

@@ -1,8 +1,8 @@
 """The separately drawn held-out set of the demo model: shapes drawn the way a person draws them with PIL (plain
 `ImageDraw` primitives in PIL's named colours on flat named backgrounds, at 320x240, 500x300, 200x400 and 640x480),
-not by `stamp_hf.synthetic`'s routine (its shades, textures, sizes and outlines). Requests are asked in a person's
-words ("Please segment the red circle."), questions as the generator asks them; what a request means (which shapes it
-picks out) is decided by the same `Reference` rules as the generator's.
+not by the generator's routine (stamp_hf.synthetic.scenes: its shades, textures, sizes and outlines). Requests are
+asked in a person's words ("Please segment the red circle."), questions as the generator asks them; what a request
+means (which shapes it picks out) is decided by the same `Reference` rules as the generator's.
 
     write_drawn_set(folder, count) -> folder/drawn.jsonl (+ drawn/images, drawn/masks)
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stamp_hf.synthetic import FORMS, Shape, find_reference, held_out_record, question
+from .scenes import FORMS, Shape, find_reference, held_out_record, question
 
 DRAWN_SIZES = ((320, 240), (500, 300), (200, 400), (640, 480))
 BACKGROUNDS = ("white", "whitesmoke", "lightgray", "beige", "ivory", "lavender", "honeydew", "aliceblue", "linen")
@@ -57,7 +57,7 @@ def draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, i
 
 
 def drawn_scene(rng: random.Random):
-    """(shapes as synthetic.Shape for the reference rules, image, each shape's mask): 2 to 4 shapes apart from each
+    """(shapes as scenes.Shape for the reference rules, image, each shape's mask): 2 to 4 shapes apart from each
     other, fully inside the image."""
     width, height = rng.choice(DRAWN_SIZES)
     image = Image.new("RGB", (width, height), rng.choice(BACKGROUNDS))
@@ -87,7 +87,7 @@ def drawn_scene(rng: random.Random):
 
 def write_drawn_set(folder, count: int, start: int = 0) -> Path:
     """`count` drawn scenes, one request or question each, as folder/drawn.jsonl in the held-out format of
-    stamp_hf.synthetic.write_split (task, form, all_shapes). Refuses to overwrite an existing file."""
+    stamp_hf.synthetic.scenes.write_split (task, form, all_shapes). Refuses to overwrite an existing file."""
     folder = Path(folder)
     jsonl = folder / "drawn.jsonl"
     if jsonl.exists():

@@ -1,7 +1,7 @@
-"""Training-time tooling of the small demo STAMP (benchmarks/demo_model.py runs it): its base model (a plain Qwen2-VL
+"""The stages that build the small demo STAMP (stamp_hf.synthetic.build runs them): its base model (a plain Qwen2-VL
 checkpoint, the stand-in for Qwen2-VL-Instruct), its tokenizer (learned offline on the synthetic data's language), the
 base's vision and dialogue training, the evaluation on both held-out sets and the model card. A user of the shipped
-demo model needs none of this (see stamp_hf.demo).
+demo model needs none of this (see stamp_hf.demo_model).
 
 Why these sizes: 8 px ViT patches without the 2 x 2 merge, images resized by the processor into 144..256 patches, so
 masks are predicted on a grid of about 16 x 16 cells of 8 px, fine enough for the shapes (26 to 58 px across at that
@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stamp_hf.data import IGNORE_INDEX, STAMPCollator, encode_record, load_mask, read_records
-from stamp_hf.modeling_stamp import mask_target
-from stamp_hf.pipeline_stamp import segmentation_result, split_by_sample
-from stamp_hf.processing_stamp import QWEN2_VL_CHAT_TEMPLATE, STAMPProcessor, load_image, user_turn
-from stamp_hf.prompts import RES_ANSWERS, RES_QUESTIONS
-from stamp_hf.synthetic import COLOURS, FORMS, SHAPES, SIZES, draw_scene, find_reference, make_sample, split_seeds
-from stamp_hf.testing import tiny_config, tiny_tokenizer
+from ..data import IGNORE_INDEX, STAMPCollator, encode_record, load_mask, read_records
+from ..from_scratch import base_config, bpe_tokenizer
+from ..modeling_stamp import mask_target
+from ..pipeline_stamp import segmentation_result, split_by_sample
+from ..processing_stamp import QWEN2_VL_CHAT_TEMPLATE, STAMPProcessor, load_image, user_turn
+from ..prompts import RES_ANSWERS, RES_QUESTIONS
+from .scenes import COLOURS, FORMS, SHAPES, SIZES, draw_scene, find_reference, make_sample, split_seeds
 
 DEMO_ARCHITECTURE = dict(hidden_size=192, num_layers=4, vision_depth=4, vision_embed_dim=96, patch_size=8,
                          merge_size=1)
@@ -51,7 +51,7 @@ def demo_corpus(samples: int = 3000) -> list[str]:
 def demo_tokenizer():
     """A byte-level BPE tokenizer with Qwen2-VL's special tokens (no STAMP tokens: those come with `stamp-hf init`),
     learned on `demo_corpus()`."""
-    return tiny_tokenizer(vocab_size=TOKENIZER_VOCAB_SIZE, corpus=demo_corpus(), stamp_tokens=False)
+    return bpe_tokenizer(demo_corpus(), TOKENIZER_VOCAB_SIZE, stamp_tokens=False)
 
 
 # ---------------------------------------------------------------------------------------------- the base model
@@ -68,19 +68,11 @@ def base_processor(image_processor, tokenizer) -> STAMPProcessor:
 def build_base(seed: int = 0, tokenizer=None):
     """A randomly initialised plain Qwen2-VL (transformers' Qwen2VLForConditionalGeneration) of the demo's size and its
     chat processor (base_processor)."""
-    from dataclasses import fields
-
-    from transformers import AutoConfig, GenerationConfig, Qwen2VLForConditionalGeneration
+    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
-    from stamp_hf.configuration_stamp import STAMPConfigMixin
-
     tokenizer = tokenizer if tokenizer is not None else demo_tokenizer()
-    stamp_config = tiny_config(tokenizer, **DEMO_ARCHITECTURE)
-    settings = {k: v for k, v in stamp_config.to_dict().items() if k not in {f.name for f in fields(STAMPConfigMixin)}}
-    for key in ("model_type", "auto_map", "architectures", "transformers_version"):
-        settings.pop(key, None)
-    config = AutoConfig.for_model("qwen2_vl", **settings)
+    config = base_config(tokenizer, "qwen2_vl", **DEMO_ARCHITECTURE)
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config)
     model.generation_config = GenerationConfig(eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>")],
@@ -284,7 +276,7 @@ def answer(model, processor, image, question: str, max_new_tokens: int = 40) -> 
 def _scores(jsonl, predict) -> dict:
     """cIoU / gIoU / N-acc / T-acc over the segmentation requests of a held-out file of `predict(record, target,
     folder)`, a boolean mask; per request form too."""
-    from stamp_hf.evaluation import intersection_union, sample_scores, summarize
+    from ..evaluation import intersection_union, sample_scores, summarize
 
     folder = Path(jsonl).parent
     scores, by_form = [], {}
@@ -311,8 +303,8 @@ def language_blind_baseline(jsonl) -> dict:
 def grid_ceiling(jsonl, processor, fit_steps: int = 200) -> dict:
     """The best a model can score on the patch grid: free logits per cell fitted to the true mask by the training
     loss on the upsampled masks (`mask_loss_resolution="image"`), then post-processed as every prediction is."""
-    from stamp_hf.modeling_stamp import bce_dice_loss
-    from stamp_hf.processing_stamp import upsample_mask_logits
+    from ..modeling_stamp import bce_dice_loss
+    from ..processing_stamp import upsample_mask_logits
 
     def predict(record, target, folder):
         image = load_image(folder / record["image"], upright=False)
@@ -339,7 +331,7 @@ def evaluate_demo(model_folder, jsonl, output_dir, limit: int | None = None, bat
     the processor's own)."""
     from transformers import AutoModel, AutoProcessor
 
-    from stamp_hf.evaluation import evaluate, load_jsonl_samples, summarize
+    from ..evaluation import evaluate, load_jsonl_samples, summarize
 
     model = AutoModel.from_pretrained(model_folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(model_folder, trust_remote_code=True)
@@ -394,7 +386,7 @@ big) on pale backgrounds, images of any size (the processor resizes them into 14
 grid). It exists so that `stamp-hf segment`, the examples and the web demo run offline out of the box, with answers
 and masks that are real. {verdict}
 
-**How it was built** (`python benchmarks/demo_model.py --ship demo_model` in the stamp-hf repository; nothing
+**How it was built** (`python -m stamp_hf.synthetic.build --ship demo_model` in the stamp-hf repository; nothing
 downloaded; times on a 2-core CPU, {threads} torch threads, measured by the script around each stage):
 1. *Base vision tower* ({vision_steps} steps of 16 scenes, {vision_minutes:.1f} min): the stand-in for Qwen2-VL's
    pretrained ViT. A linear probe, thrown away afterwards, taught it each patch's shape kind, colour and size, no
@@ -442,7 +434,7 @@ TARGET_CIOU = 85.0  # the demo model's goal on both held-out sets (cIoU and gIoU
 
 def write_demo_card(model_folder, target, summary: dict, results_table: str, ablation_table: str | None) -> Path:
     """Copy a trained demo model to `target` (refused if it exists) and write its model card (README.md) from the
-    `summary` benchmarks/demo_model.py keeps (every stage's record, the results and their references)."""
+    `summary` stamp_hf.synthetic.build keeps (every stage's record, the results and their references)."""
     from safetensors.torch import load_file
 
     model_folder, target = Path(model_folder), Path(target)

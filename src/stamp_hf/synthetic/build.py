@@ -3,14 +3,14 @@ held-out sets and rerun the paper's Table 6 ablation at its scale.
 
 From a clean checkout (CPU is enough; every stage is cached under --out and resumes where it stopped):
 
-    .venv/bin/python benchmarks/demo_model.py                     # every stage, then the tables
-    .venv/bin/python benchmarks/demo_model.py --ship demo_model   # also writes the trained model and its card there
-    .venv/bin/python benchmarks/demo_model.py --ablation          # also the Table 6 variants x 3 seeds
+    .venv/bin/python -m stamp_hf.synthetic.build                     # every stage, then the tables
+    .venv/bin/python -m stamp_hf.synthetic.build --ship demo_model   # also writes the trained model and its card there
+    .venv/bin/python -m stamp_hf.synthetic.build --ablation          # also the Table 6 variants x 3 seeds
 
 Stages:
   data      the generator's training scenes as a gRefCOCO export (referring expressions, present and absent targets)
             and a LLaVA export (questions and answers), its own conversations (everyday requests, two-turn chats),
-            its test split and the separately drawn set (benchmarks/drawn_scenes.py); the two exports go through
+            its test split and the separately drawn set (stamp_hf.synthetic.drawn); the two exports go through
             `stamp-hf prepare-data`, as a user's gRefCOCO and LLaVA data would.
   vision    the base's vision tower learns every patch's shape kind, colour and size (no language), then its
             features' main directions are evened out (balance_features): the stand-in for Qwen2-VL's pretrained
@@ -37,7 +37,9 @@ from pathlib import Path
 
 import torch
 
-from demo_tools import (
+from .drawn import write_drawn_set
+from .scenes import write_dialogue_export, write_refer_export, write_split
+from .stages import (
     balance_features,
     base_processor,
     build_base,
@@ -48,9 +50,8 @@ from demo_tools import (
     pretrain_vision_tower,
     save_base,
     train_dialogue,
+    write_demo_card,
 )
-
-from stamp_hf.synthetic import write_dialogue_export, write_refer_export, write_split
 
 TRAINING = dict(
     per_device_train_batch_size=8,
@@ -114,7 +115,6 @@ def vision_stage(out: Path, steps: int) -> dict:
 def data_stage(out: Path, args) -> dict:
     """Every data file, written once (seeds: refer export from 0, dialogue from 10^6, chat from 2 * 10^6 of the
     train split; the test split and the drawn set are held out)."""
-    from drawn_scenes import write_drawn_set
 
     def build(folder):
         write_refer_export(folder / "refer", args.refer_scenes)
@@ -254,7 +254,7 @@ def ablation_table(runs: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m stamp_hf.synthetic.build", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="data, runs and results go here")
     parser.add_argument("--vision-steps", type=int, default=5000, help="steps of the vision stage (batch 16)")
     parser.add_argument("--dialogue-steps", type=int, default=800, help="steps of the dialogue stage (batch 8)")
@@ -306,8 +306,6 @@ def main(argv=None):
                    timing_seconds=timing, ablation=runs, args={k: str(v) for k, v in vars(args).items()})
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     if args.ship:
-        from demo_tools import write_demo_card
-
         write_demo_card(model, args.ship, summary, results_table(results, refs), ablation_table(runs) if runs else None)
         print(f"\ndemo model written to {args.ship}")
 

@@ -1,4 +1,5 @@
-"""Other ways to get STAMP's masks, restated on a STAMP model, to compare against phase 2 (benchmarks/speed.py).
+"""Other ways to get STAMP's masks, restated on a STAMP model, to check and time phase 2 against (tests/test_phase2.py,
+benchmarks/speed.py). Reference procedures, not an inference path: nothing in the package calls them.
 
 - `official_mask_logits`: the official inference procedure (segment_predictor_cache.py of HKUST-LongGroup/STAMP): for
   each `<|seg|>`, the vision tower runs again, the key/value cache is sliced (copied) to the prefix through that
