@@ -154,7 +154,9 @@ def upsample_mask_logits(grid: torch.Tensor, size) -> torch.Tensor:
 def grid_to_mask(grid: torch.Tensor, size, threshold: float = 0.0, resample: str = "nearest") -> torch.Tensor:
     """One (h, w) patch-logit grid as a boolean (height, width) = `size` mask, by `resample` (see MASK_RESAMPLES)."""
     if resample == "nearest":
-        cells = (grid.float() > threshold).float()
+        # the official line, float64 included: PyTorch's CPU kernel computes source indices in the input's precision,
+        # and float32 picks other cells at some borders (5 of the 333 pixel rows of a 500x333 image at 1024-1280)
+        cells = (grid.float() > threshold).double()
         return F.interpolate(cells[None, None], size=tuple(int(v) for v in size), mode="nearest")[0, 0] > 0.5
     return upsample_mask_logits(grid, size) > threshold
 
