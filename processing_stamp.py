@@ -163,7 +163,9 @@ def grid_to_mask(grid: torch.Tensor, size, threshold: float = 0.0, resample: str
     """One (h, w) patch-logit grid as a boolean (height, width) = `size` mask, by `resample` (see MASK_RESAMPLES)."""
     if resample == "nearest":
         # the official line, float64 included: PyTorch's CPU kernel computes source indices in the input's precision,
-        # and float32 picks other cells at some borders (5 of the 333 pixel rows of a 500x333 image at 1024-1280)
+        # and float32 picks other cells at some borders (5 of the 333 pixel rows of a 500x333 image at 1024-1280).
+        # PyTorch's CUDA kernel computes them in float32 whatever the dtype, so on a GPU (where the official eval ran)
+        # the grid, left on its device, goes through the same kernel as there.
         cells = (grid.float() > threshold).double()
         return F.interpolate(cells[None, None], size=tuple(int(v) for v in size), mode="nearest")[0, 0] > 0.5
     return upsample_mask_logits(grid, size) > threshold
