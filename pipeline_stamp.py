@@ -36,7 +36,8 @@ class STAMPSegmentationPipeline(Pipeline):
     threshold, default config.mask_threshold); `resample` ("nearest" / "bilinear", default the processor's
     `mask_resample`); `refine=True` to refine each mask with SAM, `sam_model` (a Hub id or
     folder for transformers' SamModel, a .pth path for segment-anything, or a refiner object; default
-    facebook/sam-vit-huge) and `seed` for the point sampling.
+    facebook/sam-vit-huge), `seed` for the point sampling and `sam_protocol` ("official" / "stamp", default the
+    processor's `sam_protocol`: see sam_stamp).
     """
 
     _load_processor = True
@@ -68,7 +69,7 @@ class STAMPSegmentationPipeline(Pipeline):
         return super().__call__(inputs, **kwargs)
 
     def _sanitize_parameters(self, timeout=None, threshold=None, resample=None, refine=None, sam_model=None, seed=None,
-                             generate_kwargs=None, **generate_params):
+                             sam_protocol=None, generate_kwargs=None, **generate_params):
         preprocess = {} if timeout is None else {"timeout": timeout}
         forward = {**(generate_kwargs or {}), **generate_params}
         if forward.get("num_return_sequences", 1) != 1:
@@ -82,6 +83,8 @@ class STAMPSegmentationPipeline(Pipeline):
             postprocess["refiner"] = self._refiner(sam_model if sam_model is not None else DEFAULT_SAM_MODEL)
         if seed is not None:
             postprocess["seed"] = seed
+        if sam_protocol is not None:
+            postprocess["sam_protocol"] = sam_protocol
         return preprocess, forward, postprocess
 
     def _refiner(self, source):
@@ -116,8 +119,8 @@ class STAMPSegmentationPipeline(Pipeline):
         out = self.model.generate_with_masks(**inputs, **generate_kwargs)
         return split_by_sample(out, inputs["input_ids"].shape[1], model_inputs["images"])
 
-    def postprocess(self, sample, threshold=None, resample=None, refiner=None, seed=0):
-        return segmentation_result(self.model, self.processor, sample, threshold, resample, refiner, seed)
+    def postprocess(self, sample, threshold=None, resample=None, refiner=None, seed=0, sam_protocol=None):
+        return segmentation_result(self.model, self.processor, sample, threshold, resample, refiner, seed, sam_protocol)
 
     # ------------------------------------------------------------------ batching: our collate, one output per input
 
@@ -158,11 +161,14 @@ def split_by_sample(out, prompt_length: int, images: list[list[Image.Image]]) ->
     return samples
 
 
-def segmentation_result(model, processor, sample: dict, threshold=None, resample=None, refiner=None, seed: int = 0) -> dict:
+def segmentation_result(model, processor, sample: dict, threshold=None, resample=None, refiner=None, seed: int = 0,
+                        sam_protocol=None) -> dict:
     """The one post-processing step: {"text", "masks": [{"label", "score", "mask", "image"}]} for one sample of
     `split_by_sample` (see the pipeline). The threshold defaults to config.mask_threshold, the resampling to the
-    processor's `mask_resample`; SAM (refiner) draws its points with seed + k for the k-th mask."""
+    processor's `mask_resample`; SAM (refiner) prompts as `sam_protocol` says (default the processor's) and draws its
+    points with seed + k for the k-th mask."""
     threshold = model.config.mask_threshold if threshold is None else threshold
+    sam_protocol = processor.sam_protocol if sam_protocol is None else sam_protocol
     tokenizer = processor.tokenizer
     response = sample["response"].tolist()
     end = response_end(model, tokenizer, response)
@@ -176,7 +182,7 @@ def segmentation_result(model, processor, sample: dict, threshold=None, resample
         score = float(probabilities.mean()) if probabilities.numel() else 0.0
         mask = mask.cpu().numpy()
         if refiner is not None:
-            mask = refiner.refine(image, mask, seed=seed + k)
+            mask = refiner.refine(image, mask, seed=seed + k, protocol=sam_protocol)
         masks.append({"label": label, "score": score, "image": image_index,
                       "mask": Image.fromarray(mask.astype(np.uint8) * 255, "L")})
     return {"text": tokenizer.decode(response[:end], skip_special_tokens=False), "masks": masks}

@@ -18,6 +18,8 @@ from transformers.image_utils import load_image as transformers_load_image
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils.chat_template_utils import encode_marked_chat, mark_control_tokens
 
+from .sam_stamp import SAM_PROTOCOLS
+
 # How a patch grid becomes a mask at the image's size (`post_process_masks`):
 #   "nearest": the official STAMP procedure: threshold the grid, then upsample the 0/1 grid with PyTorch's legacy
 #              nearest interpolation (what the released checkpoints were evaluated with);
@@ -52,13 +54,16 @@ class STAMPProcessor(ProcessorMixin):
 
     `apply_chat_template` encodes control tokens typed in the messages (`<|seg|>`, `<|image_pad|>`, ...) as plain text
     by default (`sanitize_control_tokens=True`), so user text can never trigger a mask or forge an image slot.
+
+    Saved with it: `mask_resample` (how `post_process_masks` upsamples, MASK_RESAMPLES) and `sam_protocol` (how SAM
+    refinement prompts SAM, sam_stamp.SAM_PROTOCOLS: "official" for converted released checkpoints, "stamp" else).
     """
 
     return_mm_token_type_ids = True
 
     def __init__(
         self, image_processor=None, tokenizer=None, chat_template=None, min_placeholders=1024, max_placeholders=1280,
-        mask_resample="nearest", **kwargs
+        mask_resample="nearest", sam_protocol="stamp", **kwargs
     ):
         if not 0 < min_placeholders <= max_placeholders:
             raise ValueError(
@@ -67,6 +72,9 @@ class STAMPProcessor(ProcessorMixin):
         self.min_placeholders = min_placeholders
         self.max_placeholders = max_placeholders
         self.mask_resample = _check_resample(mask_resample)
+        if sam_protocol not in SAM_PROTOCOLS:
+            raise ValueError(f"SAM protocol must be one of {SAM_PROTOCOLS}, got {sam_protocol!r}")
+        self.sam_protocol = sam_protocol
         self.image_token = "<|image_pad|>"
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         if image_processor is not None:
@@ -198,7 +206,11 @@ def upsample_mask_logits(grid: torch.Tensor, size) -> torch.Tensor:
 def grid_to_mask(grid: torch.Tensor, size, threshold: float = 0.0, resample: str = "nearest") -> torch.Tensor:
     """One (h, w) patch-logit grid as a boolean (height, width) = `size` mask, by `resample` (see MASK_RESAMPLES)."""
     if resample == "nearest":
-        cells = (grid.float() > threshold).float()
+        # the official line, float64 included: PyTorch's CPU kernel computes source indices in the input's precision,
+        # and float32 picks other cells at some borders (5 of the 333 pixel rows of a 500x333 image at 1024-1280).
+        # PyTorch's CUDA kernel computes them in float32 whatever the dtype, so on a GPU (where the official eval ran)
+        # the grid, left on its device, goes through the same kernel as there.
+        cells = (grid.float() > threshold).double()
         return F.interpolate(cells[None, None], size=tuple(int(v) for v in size), mode="nearest")[0, 0] > 0.5
     return upsample_mask_logits(grid, size) > threshold
 

@@ -198,13 +198,13 @@ def test_refinement_hook_is_scored_alongside(trained, tmp_path):
     calls = []
 
     class Everything:  # a "refinement" whose result we know: the whole image
-        def refine(self, image, mask, seed=0):
-            calls.append((image.size, mask.shape, mask.dtype, seed))
+        def refine(self, image, mask, seed=0, protocol="stamp"):
+            calls.append((image.size, mask.shape, mask.dtype, seed, protocol))
             return np.ones_like(mask)
 
     summary = evaluate(model, processor, samples, tmp_path / "out", refiner=Everything(), progress=False)
     # the k-th mask of an answer gets seed k, as in the pipeline
-    assert calls == [((112, 112), (112, 112), bool, 0), ((140, 84), (84, 140), bool, 0)]
+    assert calls == [((112, 112), (112, 112), bool, 0, "stamp"), ((140, 84), (84, 140), bool, 0, "stamp")]
     areas = [(b[2] - b[0]) * (b[3] - b[1]) for _, b, *_ in SHAPES[:2]]
     pixels = [h * w for (h, w), *_ in SHAPES[:2]]
     refined = summary["STAMP + refinement"]
@@ -244,3 +244,38 @@ def test_eval_command_scores_sam_refined_masks_alongside(trained, tmp_path, caps
         refined = refiner.refine(image, mask.numpy())
         assert (result["refined"]["intersection"], result["refined"]["union"]) == intersection_union(refined, target)
         assert result["refined"] != {k: result[k] for k in result["refined"]}  # the random SAM changed the mask
+
+
+def test_eval_refine_sam_on_a_converted_checkpoint_records_the_protocol_it_used(tmp_path, capsys):
+    """A converted released checkpoint prompts SAM as the official eval did, unless --sam-protocol says otherwise."""
+    from test_convert import PLACEHOLDERS, official_checkpoint
+
+    from stamp_hf import convert_checkpoint
+    from stamp_hf.testing import tiny_sam
+
+    official_checkpoint(tmp_path / "official", "current", seed=1)
+    convert_checkpoint(tmp_path / "official", tmp_path / "converted", **PLACEHOLDERS)
+    assert json.loads((tmp_path / "converted" / "processor_config.json").read_text())["sam_protocol"] == "official"
+    from transformers import AutoModel, AutoProcessor
+
+    from stamp_hf.testing import answer_with_masks
+
+    converted = AutoModel.from_pretrained(tmp_path / "converted")
+    answer_with_masks(converted, AutoProcessor.from_pretrained(tmp_path / "converted"))  # so that SAM has a mask
+    converted.generation_config.save_pretrained(tmp_path / "converted")
+    sam, sam_processor = tiny_sam()
+    sam.save_pretrained(tmp_path / "sam")
+    sam_processor.save_pretrained(tmp_path / "sam")
+    data = write_shapes_dataset(tmp_path / "data")
+    args = ["eval", "--model", str(tmp_path / "converted"), "--data", str(data), "--limit", "1",
+            "--max-new-tokens", "4", "--refine-sam", str(tmp_path / "sam")]
+    for extra, protocol in (([], "official"), (["--sam-protocol", "stamp"], "stamp")):
+        out = tmp_path / f"out-{protocol}"
+        assert cli(args + ["--output", str(out)] + extra) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["run"]["sam_protocol"] == protocol and "STAMP + refinement" in summary
+        (result,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        assert result["masks"] == 1 and "refined" in result
+    assert cli(["eval", "--model", str(tmp_path / "converted"), "--data", str(data), "--output", str(tmp_path / "x"),
+                "--sam-protocol", "official"]) != 0
+    assert "give --refine-sam too" in capsys.readouterr().err

@@ -104,6 +104,12 @@ def test_refine_with_sam_in_the_pipeline(segmenting):
         assert a["mask"].size == (150, 50)
         assert np.array_equal(as_array(a["mask"]), as_array(b["mask"]))
     assert any(not np.array_equal(as_array(a["mask"]), as_array(c["mask"])) for a, c in zip(first["masks"], coarse["masks"]))
+    # the protocol: the processor's ("stamp" for this model) unless the call says otherwise
+    official = pipe(image, PROMPT, max_new_tokens=16, refine=True, sam_model=refiner, seed=3, sam_protocol="official")
+    for k, (a, o, c) in enumerate(zip(first["masks"], official["masks"], coarse["masks"])):
+        for result, protocol in ((a, "stamp"), (o, "official")):
+            expected = refiner.refine(image, as_array(c["mask"]) > 0, seed=3 + k, protocol=protocol)
+            assert np.array_equal(as_array(result["mask"]) > 0, expected)
 
 
 def test_pipeline_from_folder_and_hub_cache_in_a_fresh_process(segmenting, tmp_path):

@@ -110,6 +110,16 @@ def test_mask_resample_is_saved_with_the_processor(tokenizer, tmp_path):
     assert tiny_processor(tokenizer).mask_resample == "nearest"
 
 
+def test_sam_protocol_is_saved_with_the_processor(tokenizer, tmp_path):
+    processor = tiny_processor(tokenizer)
+    assert processor.sam_protocol == "stamp"  # the package's own, unless a checkpoint says otherwise
+    processor.sam_protocol = "official"
+    processor.save_pretrained(tmp_path)
+    assert STAMPProcessor.from_pretrained(tmp_path).sam_protocol == "official"
+    with pytest.raises(ValueError, match="SAM protocol must be one of"):
+        STAMPProcessor(tokenizer=tokenizer, sam_protocol="sam2")
+
+
 def test_torchvision_backend_gives_the_same_grid(tokenizer):
     pil = tiny_processor(tokenizer, backend="pil")
     tv = tiny_processor(tokenizer, backend="torchvision")

@@ -102,6 +102,7 @@ def _load(source, base, allow_pickle, min_placeholders, max_placeholders, revisi
         min_placeholders=model.config.min_placeholders,
         max_placeholders=model.config.max_placeholders,
         mask_resample="nearest",  # the released checkpoints' own post-processing, so `stamp-hf eval` is the official protocol
+        sam_protocol="official",  # and their own SAM refinement (the official eval's points and mask prompt)
     )
     return model, processor, base_model
 

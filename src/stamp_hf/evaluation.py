@@ -46,9 +46,9 @@ class EvalSample:
 
 class Refiner(Protocol):
     """A refinement step (e.g. the SAM refiners of stamp_hf.sam_stamp): the k-th mask of an answer is refined with
-    seed + k, as in the pipeline."""
+    seed + k, as in the pipeline, prompted as `protocol` says (sam_stamp.SAM_PROTOCOLS)."""
 
-    def refine(self, image: Image.Image, mask: np.ndarray, seed: int = 0) -> np.ndarray: ...
+    def refine(self, image: Image.Image, mask: np.ndarray, seed: int = 0, protocol: str = "stamp") -> np.ndarray: ...
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -187,6 +187,7 @@ def evaluate(
     max_new_tokens: int = 64,
     progress: bool = True,
     batch_size: int = 1,
+    sam_protocol: str | None = None,
 ) -> dict:
     """
     Generate a response with masks for every sample, score it, and write results.jsonl, summary.json and
@@ -196,6 +197,8 @@ def evaluate(
     run_info: what identifies the run (model, data, split, ...); resuming a folder written with other run_info is
     refused. It also records the post-processing (config.mask_threshold, the processor's mask_resample).
     refiner: an optional refinement step (e.g. SAM); its results are scored and summarized alongside.
+    sam_protocol: how the refiner prompts SAM ("official" / "stamp"), default the processor's `sam_protocol`; the one
+    used is recorded in run.json and summary.json.
     batch_size: samples generated together (left-padded); the results are those of one at a time.
     Returns {"STAMP": summary, ["STAMP + refinement": summary]}.
     """
@@ -206,6 +209,8 @@ def evaluate(
     output_dir = Path(output_dir)
     run_info = dict(run_info or {}, refine=refiner is not None, mask_threshold=model.config.mask_threshold,
                     mask_resample=processor.mask_resample)
+    if refiner is not None:
+        run_info["sam_protocol"] = processor.sam_protocol if sam_protocol is None else sam_protocol
     if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         _check_run_info(output_dir / "run.json", run_info)
@@ -224,7 +229,7 @@ def evaluate(
         bar = tqdm(total=len(mine), desc="eval", disable=not (progress and state.is_main_process), unit="sample")
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
-            for record in _evaluate_batch(model, processor, chunk, refiner, max_new_tokens):
+            for record in _evaluate_batch(model, processor, chunk, refiner, max_new_tokens, run_info.get("sam_protocol")):
                 out.write(json.dumps(record) + "\n")
             out.flush()
             bar.update(len(chunk))
@@ -256,7 +261,7 @@ def evaluate(
     return summary
 
 
-def _evaluate_batch(model, processor, samples: list[EvalSample], refiner, max_new_tokens) -> list[dict]:
+def _evaluate_batch(model, processor, samples: list[EvalSample], refiner, max_new_tokens, sam_protocol=None) -> list[dict]:
     """One generation for `samples` (left-padded), each scored by the post-processing the pipeline uses."""
     images, encoded = [], []
     for sample in samples:
@@ -269,10 +274,11 @@ def _evaluate_batch(model, processor, samples: list[EvalSample], refiner, max_ne
     with torch.no_grad():
         out = model.generate_with_masks(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     pieces = split_by_sample(out, inputs["input_ids"].shape[1], [[image] for image in images])
-    return [_score(model, processor, sample, image, piece, refiner) for sample, image, piece in zip(samples, images, pieces)]
+    return [_score(model, processor, sample, image, piece, refiner, sam_protocol)
+            for sample, image, piece in zip(samples, images, pieces)]
 
 
-def _score(model, processor, sample: EvalSample, image, piece: dict, refiner) -> dict:
+def _score(model, processor, sample: EvalSample, image, piece: dict, refiner, sam_protocol=None) -> dict:
     target, ignore = _sample_masks(sample, image.size)
     result = segmentation_result(model, processor, piece)
     prediction = _union([entry["mask"] for entry in result["masks"]], image.size)
@@ -281,7 +287,7 @@ def _score(model, processor, sample: EvalSample, image, piece: dict, refiner) ->
               "scores": [round(entry["score"], 6) for entry in result["masks"]],
               **sample_scores(*intersection_union(prediction, target, ignore), not target.any(), not prediction.any())}
     if refiner is not None:
-        refined = segmentation_result(model, processor, piece, refiner=refiner)
+        refined = segmentation_result(model, processor, piece, refiner=refiner, sam_protocol=sam_protocol)
         refined_prediction = _union([entry["mask"] for entry in refined["masks"]], image.size)
         record["refined"] = sample_scores(
             *intersection_union(refined_prediction, target, ignore), not target.any(), not refined_prediction.any()

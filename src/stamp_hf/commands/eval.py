@@ -3,7 +3,8 @@
 DATA is a .jsonl file of the training format, a REFER folder (refs(unc).p + instances.json), a gRefCOCO folder
 (grefs(unc).json + instances.json) or a ReasonSeg folder (NAME.json + NAME.jpg). Per-sample results go to
 OUTPUT/results.jsonl, the summary table to OUTPUT/summary.md and summary.json; rerunning the same command resumes.
-With --refine-sam, SAM-refined masks are scored too and reported in a second row.
+With --refine-sam, SAM-refined masks are scored too and reported in a second row; --sam-protocol chooses how SAM is
+prompted (default the checkpoint's: "official" for converted released checkpoints), recorded in summary.json.
 Run it under `accelerate launch` or `torchrun` to split the samples over several processes."""
 
 from pathlib import Path
@@ -25,6 +26,9 @@ def add_arguments(parser):
                         "expression (default: 'Please segment only the {} in the image.')")
     parser.add_argument("--refine-sam", metavar="CKPT", default=None, help="also score masks refined with SAM: a "
                         "Hub id / folder (transformers SamModel) or a .pth file (segment-anything)")
+    parser.add_argument("--sam-protocol", choices=["official", "stamp"], default=None, help="how --refine-sam prompts "
+                        "SAM: 'official' (the official STAMP eval: 10 + 10 points, its mask prompt) or 'stamp' (3 + 3 "
+                        "points, a +-20 logit prompt); default the checkpoint processor's sam_protocol")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1, help="samples generated together (default 1)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
@@ -51,6 +55,8 @@ def run(args) -> int:
                                       allow_pickle=args.allow_pickle)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     refiner = None
+    if args.sam_protocol and not args.refine_sam:
+        raise CommandError("--sam-protocol chooses how --refine-sam prompts SAM: give --refine-sam too")
     if args.refine_sam:
         from stamp_hf.sam_stamp import sam_refiner
 
@@ -59,5 +65,6 @@ def run(args) -> int:
                 "prompt": prompt, "max_new_tokens": args.max_new_tokens, "limit": args.limit, "refine_sam": args.refine_sam}
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
-    evaluate(model, processor, samples, args.output, run_info, refiner, args.max_new_tokens, batch_size=args.batch_size)
+    evaluate(model, processor, samples, args.output, run_info, refiner, args.max_new_tokens, batch_size=args.batch_size,
+             sam_protocol=args.sam_protocol)
     return 0
