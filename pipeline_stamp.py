@@ -7,12 +7,19 @@
 Hub remote code: imports only torch, transformers, PIL, numpy and the other `*_stamp.py` files.
 """
 
+import threading
+from types import SimpleNamespace
+
 import numpy as np
 from PIL import Image
 from transformers import AutoModel, GenerationConfig, Pipeline
+from transformers.utils import logging
 
 from .processing_stamp import left_padded_batch, user_turn
 from .sam_stamp import sam_refiner
+
+logger = logging.get_logger(__name__)
+_REFINERS_LOCK = threading.Lock()
 
 PIPELINE_TASK = "stamp-segmentation"
 DEFAULT_SAM_MODEL = "facebook/sam-vit-huge"  # the SAM the paper refines with
@@ -31,6 +38,8 @@ class STAMPSegmentationPipeline(Pipeline):
     "image"} per `<|seg|>`}. "mask" is a PIL "L" image (0 / 255) the size of the image the `<|seg|>` refers to (the last
     one before it; "image" is its index among the input's images); "score" is the mean foreground probability of its
     foreground patches (0.0 for an empty mask); "label" is the response text between the previous `<|seg|>` and this one.
+    With SAM refinement, "mask" is SAM's and "coarse_mask" STAMP's own. The masks are the processor's
+    `post_process_generation` (the one post-processing), as PIL images.
 
     Call parameters: any `generate` argument (max_new_tokens, do_sample, generation_config, ...); `threshold` (logit
     threshold, default config.mask_threshold); `resample` ("nearest" / "bilinear", default the processor's
@@ -88,119 +97,112 @@ class STAMPSegmentationPipeline(Pipeline):
         return preprocess, forward, postprocess
 
     def _refiner(self, source):
-        """SAM refiners are loaded once per pipeline and source."""
-        cache = self.__dict__.setdefault("_sam_refiners", {})
+        """SAM refiners are loaded once per pipeline and source (the first call that asks loads it, under a lock, so
+        threads sharing the pipeline neither load it twice nor see a half-filled cache)."""
         key = source if isinstance(source, str) else id(source)
-        if key not in cache:
-            cache[key] = sam_refiner(source)
-        return cache[key]
+        with _REFINERS_LOCK:
+            cache = self.__dict__.setdefault("_sam_refiners", {})
+            if key not in cache:
+                cache[key] = sam_refiner(source)
+            return cache[key]
 
     # ------------------------------------------------------------------ preprocess / forward / postprocess
 
     def preprocess(self, inputs, timeout=None):
+        """The input's chat encoded (every image decoded once, by `load_image`), its images' sizes and the images
+        themselves (kept for SAM, which refines on the pixels; they never go through the model call)."""
         if not isinstance(inputs, dict) or not ({"messages"} <= inputs.keys() or {"image", "prompt"} <= inputs.keys()):
             raise ValueError(
                 "give an image and a prompt, a chat (list of messages), or a dict with 'image' and 'prompt' or "
                 f"'messages'; got {type(inputs).__name__}"
             )
+        if "prompt" in inputs:
+            check_prompt(inputs["prompt"])
         messages = inputs["messages"] if "messages" in inputs else [user_turn([inputs["image"]], inputs["prompt"])]
         encoded, images = self.processor.encode_chat(messages, timeout)
         if not images:
             raise ValueError("STAMP segments images: the input holds no image")
-        return {"inputs": dict(encoded), "images": [images]}
+        return {"inputs": dict(encoded), "sizes": [(image.height, image.width) for image in images], "images": images}
 
-    def _collate(self, samples: list[dict]) -> dict:
-        batch = left_padded_batch(self.processor, [s["inputs"] for s in samples])
-        return {"inputs": batch, "images": [images for s in samples for images in s["images"]]}
+    def collate(self, samples: list[dict]) -> dict:
+        """The model inputs of preprocessed samples as one left-padded batch."""
+        return left_padded_batch(self.processor, [s["inputs"] for s in samples])
 
     def _forward(self, model_inputs, **generate_kwargs):
-        inputs = model_inputs["inputs"]
         generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
-        out = self.model.generate_with_masks(**inputs, **generate_kwargs)
-        return split_by_sample(out, inputs["input_ids"].shape[1], model_inputs["images"])
+        out = self.model.generate_with_masks(**model_inputs, **generate_kwargs)
+        return {"sequences": out.sequences, "seg_positions": out.seg_positions, "seg_images": out.seg_images,
+                "mask_logits": out.mask_logits, "prompt_length": model_inputs["input_ids"].shape[1]}
 
-    def postprocess(self, sample, threshold=None, resample=None, refiner=None, seed=0, sam_protocol=None):
-        return segmentation_result(self.model, self.processor, sample, threshold, resample, refiner, seed, sam_protocol)
+    def postprocess(self, batch, threshold=None, resample=None, refiner=None, seed=0, sam_protocol=None):
+        """One result per sample of `batch` = {"outputs": `_forward`'s, "samples": the preprocessed samples}: the
+        processor's `post_process_generation` (the model's threshold and stop tokens unless given; `threshold` may be
+        one per sample), then `finish_results`."""
+        outputs = SimpleNamespace(**batch["outputs"])
+        results = self.processor.post_process_generation(
+            outputs, outputs.prompt_length, [s["sizes"] for s in batch["samples"]],
+            self.model.config.mask_threshold if threshold is None else threshold, resample,
+            self.model.generation_config.eos_token_id,
+        )
+        images = [s["images"] for s in batch["samples"]]
+        return finish_results(results, images, refiner, seed, sam_protocol or self.processor.sam_protocol)
 
     # ------------------------------------------------------------------ batching: our collate, one output per input
 
     def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
+        if num_workers:
+            logger.warning("the stamp-segmentation pipeline preprocesses in its own thread: num_workers is ignored")
+
         def results():
             batch = []
             for item in inputs:
                 batch.append(self.preprocess(item, **preprocess_params))
                 if len(batch) == batch_size:
-                    yield from self._run_batch(batch, forward_params, postprocess_params)
+                    yield from self.run_batch(batch, forward_params, postprocess_params)
                     batch = []
             if batch:
-                yield from self._run_batch(batch, forward_params, postprocess_params)
+                yield from self.run_batch(batch, forward_params, postprocess_params)
 
         return results()
 
     def run_single(self, inputs, preprocess_params, forward_params, postprocess_params):
-        return next(iter(self._run_batch([self.preprocess(inputs, **preprocess_params)], forward_params,
-                                         postprocess_params)))
+        return self.run_batch([self.preprocess(inputs, **preprocess_params)], forward_params, postprocess_params)[0]
 
-    def _run_batch(self, samples, forward_params, postprocess_params):
-        for sample in self.forward(self._collate(samples), **forward_params):
-            yield self.postprocess(sample, **postprocess_params)
-
-
-def split_by_sample(out, prompt_length: int, images: list[list[Image.Image]]) -> list[dict]:
-    """The generate_with_masks output cut into one dict per row: its response ids, the offsets of its `<|seg|>`s in
-    the response, their mask logits and, for each, the index and the image it masks (`out.seg_images`)."""
-    samples = []
-    for row, row_images in enumerate(images):
-        samples.append({
-            "response": out.sequences[row][prompt_length:],
-            "seg_offsets": [index - prompt_length for index in out.seg_positions[row]],
-            "mask_logits": out.mask_logits[row],
-            "image_indices": list(out.seg_images[row]),
-            "images": [row_images[i] for i in out.seg_images[row]],
-        })
-    return samples
+    def run_batch(self, samples: list[dict], forward_params: dict, postprocess_params: dict) -> list[dict]:
+        """Preprocessed samples through one model call and the post-processing: one result per sample."""
+        outputs = self.forward(self.collate(samples), **forward_params)
+        return self.postprocess({"outputs": outputs, "samples": samples}, **postprocess_params)
 
 
-def segmentation_result(model, processor, sample: dict, threshold=None, resample=None, refiner=None, seed: int = 0,
-                        sam_protocol=None) -> dict:
-    """The one post-processing step: {"text", "masks": [{"label", "score", "mask", "image"}]} for one sample of
-    `split_by_sample` (see the pipeline). The threshold defaults to config.mask_threshold, the resampling to the
-    processor's `mask_resample`; SAM (refiner) prompts as `sam_protocol` says (default the processor's) and draws its
-    points with seed + k for the k-th mask."""
-    threshold = model.config.mask_threshold if threshold is None else threshold
-    sam_protocol = processor.sam_protocol if sam_protocol is None else sam_protocol
-    tokenizer = processor.tokenizer
-    response = sample["response"].tolist()
-    end = response_end(model, tokenizer, response)
-    masks, previous = [], 0
-    pieces = zip(sample["seg_offsets"], sample["mask_logits"], sample["images"], sample["image_indices"])
-    for k, (offset, logits, image, image_index) in enumerate(pieces):
-        label = tokenizer.decode(response[previous:offset], skip_special_tokens=True).strip(" .,;:\n")
-        previous = offset + 1
-        (mask,), = processor.post_process_masks([[logits]], [(image.height, image.width)], threshold, resample)
-        probabilities = logits.float().sigmoid()[logits > threshold]
-        score = float(probabilities.mean()) if probabilities.numel() else 0.0
-        mask = mask.cpu().numpy()
-        if refiner is not None:
-            mask = refiner.refine(image, mask, seed=seed + k, protocol=sam_protocol)
-        masks.append({"label": label, "score": score, "image": image_index,
-                      "mask": Image.fromarray(mask.astype(np.uint8) * 255, "L")})
-    return {"text": tokenizer.decode(response[:end], skip_special_tokens=False), "masks": masks}
+def finish_results(results: list[dict], images: list[list[Image.Image]], refiner=None, seed: int = 0,
+                   sam_protocol: str = "stamp") -> list[dict]:
+    """The pipeline's output from `post_process_generation`'s: each mask as a PIL "L" image (0 / 255), as
+    transformers' image-segmentation pipeline gives masks; with a SAM `refiner`, refined on its image (the k-th mask of
+    a sample with points drawn from seed + k, prompted as `sam_protocol` says), STAMP's own mask kept as
+    "coarse_mask"."""
+    for result, row_images in zip(results, images, strict=True):
+        for k, entry in enumerate(result["masks"]):
+            mask = entry["mask"]
+            if refiner is not None:
+                entry["coarse_mask"] = _pil_mask(mask)
+                mask = refiner.refine(row_images[entry["image"]], mask, seed=seed + k, protocol=sam_protocol)
+            entry["mask"] = _pil_mask(mask)
+    return results
 
 
-def response_end(model, tokenizer, response: list[int]) -> int:
-    """Index of the response's first end token (an end-of-turn id, or padding that a batch row gets after it ended);
-    len(response) if generation stopped at max_new_tokens."""
-    stops = set(_as_list(model.generation_config.eos_token_id)) | {tokenizer.pad_token_id}
-    return next((i for i, token in enumerate(response) if token in stops), len(response))
+def _pil_mask(mask) -> Image.Image:
+    return Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255, "L")
+
+
+def check_prompt(prompt) -> str:
+    """A request's text: a non-empty string (the one message, everywhere a prompt is taken)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty: say what to segment, e.g. \"Please segment the red circle.\"")
+    return prompt
 
 
 def _is_chat(value) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
-
-
-def _as_list(value):
-    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def register_pipeline():
@@ -220,8 +222,7 @@ __all__ = [
     "DEFAULT_SAM_MODEL",
     "PIPELINE_TASK",
     "STAMPSegmentationPipeline",
+    "check_prompt",
+    "finish_results",
     "register_pipeline",
-    "response_end",
-    "segmentation_result",
-    "split_by_sample",
 ]

@@ -163,6 +163,53 @@ class STAMPProcessor(ProcessorMixin):
                 labels[start:end] = input_ids[start:end]
         return labels
 
+    def post_process_generation(self, outputs, prompt_lengths, target_sizes, threshold=0.0, resample=None,
+                                stop_ids=None) -> list[dict]:
+        """
+        The one post-processing of `generate_with_masks`: per sample, {"text", "masks"}: the response up to its first
+        stop token (its `<|seg|>` tokens kept), and one {"label", "score", "image", "mask"} per `<|seg|>`.
+
+        Args:
+            outputs: what `generate_with_masks` returns (sequences, seg_positions, seg_images, mask_logits).
+            prompt_lengths: where each row's response starts in `sequences` (one int for a left-padded batch).
+            target_sizes: per row, the (height, width) of each of its images (or one (height, width) for a row with
+                one image): the sizes of the images before the processor resized them.
+            threshold: a patch (pixel) is foreground where its logit exceeds it (the model's config.mask_threshold);
+                one value, or one per row.
+            resample: "nearest" / "bilinear" (see `post_process_masks`); default `self.mask_resample`.
+            stop_ids: ids that end a response (the model's generation_config.eos_token_id; default the tokenizer's
+                end-of-sequence token); padding after a batch row ended ends it too.
+
+        "mask" is a boolean numpy array at its image's size; "image" the index among the row's images of the image the
+        `<|seg|>` masks; "score" the mean foreground probability of its foreground patches (0.0 for an empty mask);
+        "label" the response text since the previous `<|seg|>`.
+        """
+        resample = _check_resample(self.mask_resample if resample is None else resample)
+        rows = len(outputs.sequences)
+        prompt_lengths = [prompt_lengths] * rows if isinstance(prompt_lengths, int) else list(prompt_lengths)
+        thresholds = list(threshold) if isinstance(threshold, (list, tuple)) else [threshold] * rows
+        stops = set(_as_list(self.tokenizer.eos_token_id if stop_ids is None else stop_ids))
+        stops.add(self.tokenizer.pad_token_id)
+        results = []
+        for row in range(rows):
+            start = prompt_lengths[row]
+            response = outputs.sequences[row][start:].tolist()
+            sizes = target_sizes[row]
+            sizes = [sizes] if isinstance(sizes[0], int) else sizes
+            masks, previous = [], 0
+            pieces = zip(outputs.seg_positions[row], outputs.mask_logits[row], outputs.seg_images[row])
+            for index, logits, image in pieces:
+                offset = index - start
+                label = self.tokenizer.decode(response[previous:offset], skip_special_tokens=True).strip(" .,;:\n")
+                previous = offset + 1
+                mask = grid_to_mask(logits, sizes[image], thresholds[row], resample)
+                foreground = logits.float().sigmoid()[logits > thresholds[row]]
+                score = float(foreground.mean()) if foreground.numel() else 0.0
+                masks.append({"label": label, "score": score, "image": image, "mask": mask.cpu().numpy()})
+            end = next((i for i, token in enumerate(response) if token in stops), len(response))
+            results.append({"text": self.tokenizer.decode(response[:end], skip_special_tokens=False), "masks": masks})
+        return results
+
     def post_process_masks(self, mask_logits, target_sizes, threshold: float = 0.0, resample: str | None = None):
         """
         Masks at the original image sizes.
@@ -213,6 +260,10 @@ def grid_to_mask(grid: torch.Tensor, size, threshold: float = 0.0, resample: str
         cells = (grid.float() > threshold).double()
         return F.interpolate(cells[None, None], size=tuple(int(v) for v in size), mode="nearest")[0, 0] > 0.5
     return upsample_mask_logits(grid, size) > threshold
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _check_resample(resample: str) -> str:

@@ -1,6 +1,7 @@
-"""The pipeline, Conversation and evaluation are thin callers of one inference path (processing_stamp's loader and
-message builder, generate_with_masks, pipeline_stamp's post-processing): for the same input, threshold and SAM
-seed they give the same answer, masks, scores and labels."""
+"""The pipeline, Conversation, evaluation, the web demo and the CLI are thin callers of one inference path
+(processing_stamp's loader and message builder, generate_with_masks, the processor's post_process_generation): for the
+same input, threshold and SAM seed they give the same answer, masks, scores and labels, each reaches that one
+post-processing method, and an image file is decoded once per request."""
 
 import json
 
@@ -61,3 +62,67 @@ def test_pipeline_conversation_and_evaluation_agree(setup, refine, tmp_path):
     assert summary["STAMP + refinement" if refine else "STAMP"]["cIoU"] == pytest.approx(100, abs=1e-3)
     run = json.loads((tmp_path / "eval" / "summary.json").read_text())["run"]
     assert (run["mask_threshold"], run["mask_resample"]) == (0.05, "nearest")
+
+
+@pytest.fixture
+def post_processing_calls(monkeypatch):
+    """Every call of the one post-processing method, STAMPProcessor.post_process_generation (the real one runs)."""
+    from stamp_hf.processing_stamp import STAMPProcessor
+
+    calls = []
+    real = STAMPProcessor.post_process_generation
+
+    def spy(self, outputs, *args, **kwargs):
+        calls.append(len(outputs.sequences))
+        return real(self, outputs, *args, **kwargs)
+
+    monkeypatch.setattr(STAMPProcessor, "post_process_generation", spy)
+    return calls
+
+
+def test_every_caller_reaches_the_one_post_processing_method(setup, post_processing_calls, tmp_path):
+    """The pipeline (one call per batch), Conversation, evaluation (through the pipeline), the web demo and
+    `stamp-hf segment` each reach STAMPProcessor.post_process_generation, and nothing else makes their masks."""
+    model, processor, folder, _ = setup
+    image = folder / "image.png"
+    pipe = pipeline("stamp-segmentation", model=model, processor=processor)
+    pipe([str(image)] * 3, PROMPT, batch_size=3, max_new_tokens=8)
+    assert post_processing_calls == [3]
+    Conversation(model, processor, str(image)).ask(PROMPT, max_new_tokens=8)
+    assert post_processing_calls == [3, 1]
+    sample = EvalSample(id="0", image=image, prompt=PROMPT, targets=[], root=tmp_path)
+    evaluate(model, processor, [sample, EvalSample(id="1", image=image, prompt=PROMPT, targets=[], root=tmp_path)],
+             tmp_path / "eval", max_new_tokens=8, progress=False, batch_size=2)
+    assert post_processing_calls == [3, 1, 2]
+    pytest.importorskip("gradio")
+    from stamp_hf.webdemo import StampDemo
+
+    StampDemo(model, processor, max_new_tokens=8).segment(str(image), PROMPT)
+    assert post_processing_calls == [3, 1, 2, 1]
+
+
+def test_an_image_is_decoded_once_per_request(setup, monkeypatch, tmp_path):
+    """One pipeline call on a file and one `stamp-hf segment` run each open the image file once."""
+    import PIL.Image
+
+    from stamp_hf.cli import main
+
+    model, processor, folder, _ = setup
+    image = str(folder / "image.png")
+    opened = []
+    real_open = PIL.Image.open
+
+    def counting_open(fp, *args, **kwargs):
+        opened.append(str(fp))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image, "open", counting_open)
+    pipeline("stamp-segmentation", model=model, processor=processor)(image, PROMPT, max_new_tokens=8)
+    assert opened.count(image) == 1
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    opened.clear()
+    code = main(["segment", image, PROMPT, "--model", str(tmp_path / "model"), "--max-new-tokens", "8",
+                 "--out", str(tmp_path / "mask.png"), "--overlay", str(tmp_path / "overlay.png")])
+    assert code == 0
+    assert opened.count(image) == 1

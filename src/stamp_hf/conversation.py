@@ -8,7 +8,7 @@ earlier). Each turn is one `model.generate_with_masks` call on the conversation'
 
 import torch
 
-from .pipeline_stamp import segmentation_result, split_by_sample
+from .pipeline_stamp import finish_results
 from .processing_stamp import load_image, user_turn
 
 _SENTINEL = "\x00STAMP-USER-TEXT\x00"
@@ -23,10 +23,12 @@ class Conversation:
     `history` holds the turns as text; `sequences` and `cache` the token ids and keys/values of the whole chat.
     """
 
-    def __init__(self, model, processor, image, threshold=None, refiner=None, resample=None, seed: int = 0):
+    def __init__(self, model, processor, image, threshold=None, refiner=None, resample=None, seed: int = 0,
+                 sam_protocol: str | None = None):
         self.model, self.processor = model, processor
         self.image = load_image(image)
         self.threshold, self.refiner, self.resample, self.seed = threshold, refiner, resample, seed
+        self.sam_protocol = sam_protocol
         self.history: list[dict] = []
         self.sequences = self.cache = self.mm_token_type_ids = None
         self.image_features = self.image_grid_thw = None
@@ -56,8 +58,13 @@ class Conversation:
         )
         self.sequences, self.cache = out.sequences, out.cache
         self.mm_token_type_ids = torch.cat([types, types.new_zeros(1, out.sequences.shape[1] - input_ids.shape[1])], 1)
-        (sample,) = split_by_sample(out, input_ids.shape[1], [[self.image]])
-        result = segmentation_result(model, self.processor, sample, self.threshold, self.resample, self.refiner, self.seed)
+        threshold = model.config.mask_threshold if self.threshold is None else self.threshold
+        results = self.processor.post_process_generation(
+            out, input_ids.shape[1], [[(self.image.height, self.image.width)]], threshold, self.resample,
+            model.generation_config.eos_token_id,
+        )
+        (result,) = finish_results(results, [[self.image]], self.refiner, self.seed,
+                                   self.sam_protocol or self.processor.sam_protocol)
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": result["text"]}]
         return result
 

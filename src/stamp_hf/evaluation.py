@@ -20,10 +20,11 @@ from typing import Protocol
 import numpy as np
 import torch
 from PIL import Image
+from transformers import pipeline
 
 from .data import load_mask, read_records
-from .pipeline_stamp import segmentation_result, split_by_sample
-from .processing_stamp import left_padded_batch, load_image, user_turn
+from .pipeline_stamp import PIPELINE_TASK
+from .processing_stamp import load_image
 from .prompts import REASON_SENTENCE_QUESTION, RES_QUESTIONS
 from .sources import ReferAnnotation, detect_format, read_grefcoco, read_reasonseg, read_refer
 
@@ -224,12 +225,13 @@ def evaluate(
     state.wait_for_everyone()  # every process has the same view of what is done before anyone writes
     mine = remaining[state.process_index :: state.num_processes]
     model = model.to(state.device).eval()
+    pipe = pipeline(PIPELINE_TASK, model=model, processor=processor, device=model.device)
     part = output_dir / f"results.part{state.process_index}.{os.getpid()}.jsonl"
     with part.open("a", encoding="utf-8") as out:
         bar = tqdm(total=len(mine), desc="eval", disable=not (progress and state.is_main_process), unit="sample")
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
-            for record in _evaluate_batch(model, processor, chunk, refiner, max_new_tokens, run_info.get("sam_protocol")):
+            for record in _evaluate_batch(pipe, chunk, refiner, max_new_tokens, run_info.get("sam_protocol")):
                 out.write(json.dumps(record) + "\n")
             out.flush()
             bar.update(len(chunk))
@@ -261,34 +263,30 @@ def evaluate(
     return summary
 
 
-def _evaluate_batch(model, processor, samples: list[EvalSample], refiner, max_new_tokens, sam_protocol=None) -> list[dict]:
-    """One generation for `samples` (left-padded), each scored by the post-processing the pipeline uses."""
-    images, encoded = [], []
+def _evaluate_batch(pipe, samples: list[EvalSample], refiner, max_new_tokens, sam_protocol=None) -> list[dict]:
+    """One pipeline call for `samples` (a left-padded batch), each scored: STAMP's masks and, with a refiner, SAM's."""
+    images = []
     for sample in samples:
         try:
             images.append(load_image(sample.image, upright=False))  # the annotations' own pixel orientation
         except (OSError, ValueError) as error:
             raise type(error)(f"sample {sample.id}: {error}") from None
-        encoded.append(processor.encode_chat([user_turn([images[-1]], sample.prompt)])[0])
-    inputs = {key: value.to(model.device) for key, value in left_padded_batch(processor, encoded).items()}
-    with torch.no_grad():
-        out = model.generate_with_masks(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    pieces = split_by_sample(out, inputs["input_ids"].shape[1], [[image] for image in images])
-    return [_score(model, processor, sample, image, piece, refiner, sam_protocol)
-            for sample, image, piece in zip(samples, images, pieces)]
+    results = pipe([{"image": image, "prompt": sample.prompt} for image, sample in zip(images, samples)],
+                   batch_size=len(samples), max_new_tokens=max_new_tokens, do_sample=False,
+                   refine=refiner is not None, sam_model=refiner, sam_protocol=sam_protocol)
+    return [_score(sample, image, result, refiner is not None) for sample, image, result in zip(samples, images, results)]
 
 
-def _score(model, processor, sample: EvalSample, image, piece: dict, refiner, sam_protocol=None) -> dict:
+def _score(sample: EvalSample, image, result: dict, refined: bool) -> dict:
     target, ignore = _sample_masks(sample, image.size)
-    result = segmentation_result(model, processor, piece)
-    prediction = _union([entry["mask"] for entry in result["masks"]], image.size)
+    coarse = "coarse_mask" if refined else "mask"  # STAMP's own masks (SAM's are "mask" when refined)
+    prediction = _union([entry[coarse] for entry in result["masks"]], image.size)
     record = {"id": sample.id, "prompt": sample.prompt, "response": result["text"], "masks": len(result["masks"]),
               "labels": [entry["label"] for entry in result["masks"]],
               "scores": [round(entry["score"], 6) for entry in result["masks"]],
               **sample_scores(*intersection_union(prediction, target, ignore), not target.any(), not prediction.any())}
-    if refiner is not None:
-        refined = segmentation_result(model, processor, piece, refiner=refiner, sam_protocol=sam_protocol)
-        refined_prediction = _union([entry["mask"] for entry in refined["masks"]], image.size)
+    if refined:
+        refined_prediction = _union([entry["mask"] for entry in result["masks"]], image.size)
         record["refined"] = sample_scores(
             *intersection_union(refined_prediction, target, ignore), not target.any(), not refined_prediction.any()
         )

@@ -13,8 +13,9 @@ A bad request gets HTTP 400 (413 for a body over MAX_BODY_BYTES) with {"error": 
 data only: the image is base64 bytes (paths and URLs are refused), chat contents are strings.
 
 Each request runs the pipeline's steps: `preprocess` (the image through `load_image`, the chat template) off the event
-loop, then a batch of requests with the same generation settings goes through `_collate` + `forward` (one model call
-at a time per replica, MAX_CONCURRENT_BATCHES), then `segmentation_result` per request with its own threshold.
+loop, then a batch of requests with the same generation settings goes through the pipeline's `run_batch` (collate,
+one model call at a time per replica, MAX_CONCURRENT_BATCHES, and the processor's post-processing, each request with
+its own threshold).
 """
 
 import asyncio
@@ -280,11 +281,11 @@ class STAMPService:
             job = await loop.run_in_executor(self.steps, self.prepare, body, fields)
             prepared = time.perf_counter()
             job.queued = prepared
-            sample, batch = await self.answer_batch(job)
-            if isinstance(sample, Exception):
-                raise BadRequest(f"the model cannot answer this: {_one_line(sample)}")
+            answer, batch = await self.answer_batch(job)
+            if isinstance(answer, Exception):
+                raise BadRequest(f"the model cannot answer this: {_one_line(answer)}")
             answered = time.perf_counter()
-            result = await loop.run_in_executor(self.steps, self.respond, job, sample)
+            result = await loop.run_in_executor(self.steps, self.respond, job, answer)
         except BadRequest as error:
             return error_response(str(error), error.status)
         except Exception as error:  # a failure of ours: still one line, and the replica keeps serving
@@ -312,15 +313,14 @@ class STAMPService:
             raise BadRequest(_one_line(error)) from None
         return job
 
-    def respond(self, job: Job, sample: dict) -> dict:
-        """The one post-processing step (the pipeline's), with the request's threshold, as JSON."""
-        result = self.pipe.postprocess(sample, threshold=job.threshold)
+    def respond(self, job: Job, result: dict) -> dict:
+        """A pipeline result as JSON."""
         return {"text": result["text"], "masks": [mask_json(entry) for entry in result["masks"]]}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def answer_batch(self, jobs: list[Job]) -> list[tuple]:
-        """(the pipeline's split sample, or the exception of a request the model refused; {"size", "started",
-        "seconds"} of its model call) per job. Jobs whose generation settings differ run as separate groups."""
+        """(the pipeline's result, or the exception of a request the model refused; {"size", "started", "seconds"}
+        of its model call) per job. Jobs whose generation settings differ run as separate groups."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.model_calls, self.generate, jobs)
 
@@ -331,21 +331,24 @@ class STAMPService:
         results = [None] * len(jobs)
         for max_new_tokens, members in groups.items():
             started = time.perf_counter()
-            outputs = self.forward([jobs[k].sample for k in members], max_new_tokens)
+            answers = self.run([jobs[k] for k in members], max_new_tokens)
             batch = {"size": len(members), "started": started, "seconds": time.perf_counter() - started}
-            for k, output in zip(members, outputs):
-                results[k] = (output, batch)
+            for k, answer in zip(members, answers):
+                results[k] = (answer, batch)
         return results
 
-    def forward(self, samples: list[dict], max_new_tokens: int) -> list:
-        """The pipeline's collate + forward on one left-padded batch; if the batch fails, each sample alone, so
-        that only the request at fault gets the error."""
+    def run(self, jobs: list[Job], max_new_tokens: int) -> list:
+        """The pipeline on one left-padded batch (its collate, forward and post-processing, each request with its own
+        threshold); if the batch fails, each request alone, so that only the request at fault gets the error."""
+        default = self.model.config.mask_threshold
+        thresholds = [default if job.threshold is None else job.threshold for job in jobs]
         try:
-            return self.pipe.forward(self.pipe._collate(samples), max_new_tokens=max_new_tokens)
+            return self.pipe.run_batch([job.sample for job in jobs], {"max_new_tokens": max_new_tokens},
+                                       {"threshold": thresholds})
         except (ValueError, TypeError, RuntimeError) as error:
-            if len(samples) == 1:
+            if len(jobs) == 1:
                 return [error]
-            return [self.forward([sample], max_new_tokens)[0] for sample in samples]
+            return [self.run([job], max_new_tokens)[0] for job in jobs]
 
 
 def application(options, replicas: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0):

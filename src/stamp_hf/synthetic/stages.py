@@ -21,7 +21,6 @@ from PIL import Image
 from ..data import IGNORE_INDEX, STAMPCollator, encode_record, load_mask, read_records
 from ..from_scratch import base_config, bpe_tokenizer
 from ..modeling_stamp import mask_target
-from ..pipeline_stamp import segmentation_result, split_by_sample
 from ..processing_stamp import QWEN2_VL_CHAT_TEMPLATE, STAMPProcessor, load_image, user_turn
 from ..prompts import RES_ANSWERS, RES_QUESTIONS
 from .scenes import COLOURS, FORMS, SHAPES, SIZES, draw_scene, find_reference, make_sample, split_seeds
@@ -269,8 +268,10 @@ def answer(model, processor, image, question: str, max_new_tokens: int = 40) -> 
     special tokens kept (so `<|seg|>` shows)."""
     inputs, images = processor.encode_chat([user_turn([image], question)])
     out = model.generate_with_masks(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    (piece,) = split_by_sample(out, inputs["input_ids"].shape[1], [images])
-    return segmentation_result(model, processor, piece)["text"].strip()
+    (result,) = processor.post_process_generation(out, inputs["input_ids"].shape[1], [[images[0].size[::-1]]],
+                                                  model.config.mask_threshold,
+                                                  stop_ids=model.generation_config.eos_token_id)
+    return result["text"].strip()
 
 
 def _scores(jsonl, predict) -> dict:
