@@ -7,7 +7,8 @@ as embed(`<|mask|>`) + merged image feature j, positioned right after its `<|seg
 up to and including that `<|seg|>` and bidirectionally to its own N placeholders. A Linear(hidden, 1) classifier on the
 final-norm hidden states gives one logit per patch.
 
-Hub remote code: imports only torch, transformers and the other `*_stamp.py` files.
+Hub remote code: imports only torch, transformers, safetensors (which transformers requires) and the other
+`*_stamp.py` files.
 """
 
 import os
@@ -61,7 +62,6 @@ class STAMPOutput(ModelOutput):
     mask_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     mask_logits: list[list[torch.FloatTensor]] | None = None
-    cache: Cache | None = None
 
 
 @dataclass
@@ -497,7 +497,7 @@ class STAMPMixin:
             blocks=blocks,
             key_valid=key_valid,
             text_mask=kernel_mask(self._text_allowed(key_valid, text_len), text_embeds.dtype, kernel),
-            text_kernel=kernel,
+            kernel=kernel,
             causal_placeholders=self.config.placeholder_attention == "causal",
             cache=cache,
         )
@@ -773,7 +773,7 @@ class Phase2Layout:
     blocks: list[PlaceholderBlock]
     key_valid: torch.Tensor  # (batch, cached + T) bool: padding mask of the sequence
     text_mask: torch.Tensor  # (batch, 1, T, cached + T): causal padding mask of the text tokens (bool or additive)
-    text_kernel: str  # "sdpa" or "eager"
+    kernel: str  # "sdpa" or "eager": what the text tokens and the placeholder blocks attend with
     causal_placeholders: bool
     cache: Cache | None  # read in place; gains the T text tokens' keys/values
     _masks: dict = field(default_factory=dict, repr=False)  # dtype -> block_masks, shared by every layer
@@ -797,7 +797,7 @@ class Phase2Layout:
         if self.causal_placeholders:
             own = torch.ones(block.size, block.size, dtype=torch.bool, device=sees.device).tril()
             allowed = torch.cat([sees[:length].expand(block.size, length), own], 1)[None, None]
-        return kernel_mask(allowed, dtype, self.text_kernel)
+        return kernel_mask(allowed, dtype, self.kernel)
 
 
 def block_attention(module, query, key, value, layout: "Phase2Layout", scaling=None):
@@ -824,7 +824,7 @@ def block_attention(module, query, key, value, layout: "Phase2Layout", scaling=N
     output = query.new_zeros(query.shape)
     if text_len:
         output[:, :, :text_len] = _attend(
-            query[:, :, :text_len], text_keys, text_values, layout.text_mask, scaling, layout.text_kernel
+            query[:, :, :text_len], text_keys, text_values, layout.text_mask, scaling, layout.kernel
         )
     room = max((block.size for block in layout.blocks), default=0)
     keys, values = _SequenceThenBlock(text_keys, room), _SequenceThenBlock(text_values, room)
@@ -837,7 +837,7 @@ def block_attention(module, query, key, value, layout: "Phase2Layout", scaling=N
             values.with_block(block.row, value[row, :, span]),
             mask,
             scaling,
-            layout.text_kernel,
+            layout.kernel,
         )
     return output.transpose(1, 2), None
 

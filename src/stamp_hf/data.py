@@ -205,7 +205,7 @@ class STAMPDataset(torch.utils.data.Dataset):
 
     The files are read lazily: construction makes one pass that checks every line (valid JSON, a record, one mask per
     `<|seg|>`; errors name file:line) and keeps only each record's byte offset and line number (16 bytes a record);
-    an item's line is read, parsed and its masks decoded in `__getitem__`. Checked only on access, as before the index:
+    an item's line is read, parsed and its masks decoded in `__getitem__`. Checked only on access:
     that the image and PNG masks can be read and have matching sizes, and that RLE sizes match the image.
     """
 

@@ -42,6 +42,10 @@ def run(args) -> int:
 
     from stamp_hf.evaluation import RES_PROMPT, evaluate, load_samples
 
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.sam_protocol and not args.refine_sam:
+        raise CommandError("--sam-protocol chooses how --refine-sam prompts SAM: give --refine-sam too")
     prompt = args.prompt or RES_PROMPT
     if prompt.count("{}") != 1:
         raise CommandError(f"--prompt must contain '{{}}' once (where the expression goes), got {prompt!r}")
@@ -55,16 +59,12 @@ def run(args) -> int:
                                       allow_pickle=args.allow_pickle)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     refiner = None
-    if args.sam_protocol and not args.refine_sam:
-        raise CommandError("--sam-protocol chooses how --refine-sam prompts SAM: give --refine-sam too")
     if args.refine_sam:
         from stamp_hf.sam_stamp import sam_refiner
 
         refiner = sam_refiner(args.refine_sam)
     run_info = {"model": args.model, "data": str(args.data.resolve()), "split": args.split, "split_by": args.split_by,
                 "prompt": prompt, "max_new_tokens": args.max_new_tokens, "limit": args.limit, "refine_sam": args.refine_sam}
-    if args.batch_size < 1:
-        raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
     evaluate(model, processor, samples, args.output, run_info, refiner, args.max_new_tokens, batch_size=args.batch_size,
              sam_protocol=args.sam_protocol)
     return 0
