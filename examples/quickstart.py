@@ -27,9 +27,10 @@ question = {"role": "user", "content": [{"type": "image", "image": image},
 # 1. Chat and segment: phase 1 generates text; every <|seg|> it emits gets a mask in one extra forward.
 inputs = processor.apply_chat_template([question], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
 out = model.generate_with_masks(**inputs, max_new_tokens=12)
-print("response:", processor.decode(out.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=False))
-(mask,), = processor.post_process_masks(out, target_sizes=[(image.height, image.width)])
-mask = mask.numpy()
+(result,) = processor.post_process_generation(out, inputs["input_ids"].shape[1], [(image.height, image.width)],
+                                              stop_ids=model.generation_config.eos_token_id)
+print("response:", result["text"])
+mask = result["masks"][0]["mask"]  # a boolean array at the image's size, with its label, score and image index
 print("mask:", mask.shape, f"IoU with the red circle: {(mask & circle).sum() / (mask | circle).sum():.2f}")
 
 # 2. Teacher-forced: masks for the <|seg|> tokens of a given answer (the training-time view).
