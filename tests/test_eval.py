@@ -128,7 +128,7 @@ def test_eval_command_scores_a_trained_model(trained, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| STAMP | 5 |" in table
     results = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in results] == ["0", "1", "2", "3", "4"]
+    assert [r["id"] for r in results] == ["1:1", "2:1", "3:1", "4:1", "5:1"]  # record line : assistant turn
     assert all("<|seg|>" in r["response"] and r["masks"] == 1 for r in results)
     assert all(r["iou"] > 0.9 for r in results[:4])
     # the no-target query still gets a mask (the model always answers with one): it scores 0 and N-acc is 0
@@ -164,14 +164,14 @@ def test_eval_resumes_where_it_stopped(trained, tmp_path):
     # an interrupted run: a finished part file with a marked record and a torn last line
     marked = json.loads((out / "results.jsonl").read_text().splitlines()[1])
     (out / "results.jsonl").write_text((out / "results.jsonl").read_text().splitlines()[0] + "\n")
-    (out / "results.part0.123.jsonl").write_text(json.dumps(dict(marked, response="FROM BEFORE")) + "\n{\"id\": \"2\", \"iou")
+    (out / "results.part0.123.jsonl").write_text(json.dumps(dict(marked, response="FROM BEFORE")) + "\n{\"id\": \"3:1\", \"iou")
     summary = evaluate(model, processor, samples, out, run_info={"run": 1}, progress=False)
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in results] == ["0", "1", "2", "3", "4"]  # each once, in order, the torn one redone
+    assert [r["id"] for r in results] == ["1:1", "2:1", "3:1", "4:1", "5:1"]  # each once, in order, the torn one redone
     assert results[1]["response"] == "FROM BEFORE"  # finished samples are not run again
     assert not list(out.glob("results.part*"))
     assert summary["STAMP"]["samples"] == 5
-    with pytest.raises(ValueError, match="holds results of another run"):
+    with pytest.raises(ValueError, match=r"holds the results of another run: run differs \(1 there, 2 now\); pass --restart"):
         evaluate(model, processor, samples, out, run_info={"run": 2}, progress=False)
 
 

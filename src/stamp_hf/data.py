@@ -51,6 +51,11 @@ class Record:
         """The ground-truth masks as boolean (height, width) arrays; `size` is the image's (width, height)."""
         return [load_mask(spec, size, self.root, f"{self.where} mask {k}") for k, spec in enumerate(self.masks)]
 
+    def check(self) -> None:
+        """Read the image and every mask as a sample of it would (readable, of the image's size): the errors of
+        `__getitem__` up front, `file:line` first."""
+        self.load_masks(self.load_image().size)
+
 
 def read_records(path) -> list[Record]:
     """Parse and check a .jsonl file: every line a record, every `<|seg|>` with its mask. Errors name file and line.
