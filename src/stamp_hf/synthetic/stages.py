@@ -339,7 +339,7 @@ def evaluate_demo(model_folder, jsonl, output_dir, limit: int | None = None, bat
     if resample is not None:
         processor.mask_resample = resample
     tasks = read_tasks(jsonl)[:limit]
-    samples = load_jsonl_samples(jsonl)[: len(tasks)]
+    samples = [s for s in load_jsonl_samples(jsonl) if s.id.endswith(":1")][: len(tasks)]  # each record's first turn
     segment = [(s, t) for s, t in zip(samples, tasks) if t["task"] in SEGMENTATION_TASKS]
     summary = evaluate(model, processor, [s for s, _ in segment], Path(output_dir) / "segmentation", progress=False,
                        batch_size=batch_size)["STAMP"]
