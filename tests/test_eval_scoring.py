@@ -4,7 +4,6 @@ before the model loads (file:line), resuming only the same model (weights finger
 failed run leaving nothing half-written. Tiny random models forced to a known answer and a known mask; no training."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import random_image
+from test_bad_inputs import one_line_error, run_cli, snapshot  # the CLI as a user meets it, in this process
 from stamp_hf.cli import main
 from stamp_hf.evaluation import EvalSample, evaluate, load_samples, normalize_answer
 from stamp_hf.testing import answer_with_masks, tiny_stamp
@@ -57,28 +57,6 @@ def workdir(tmp_path_factory):
     ]
     (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return folder
-
-
-def run_cli(workdir, *args):
-    cwd = os.getcwd()
-    os.chdir(workdir)
-    try:
-        return main(list(args))
-    finally:
-        os.chdir(cwd)
-
-
-def one_line_error(capsys, status, *fragments):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and err and err[-1].startswith("stamp-hf eval: error: "), err
-    assert "Traceback" not in "\n".join(err)
-    for fragment in fragments:
-        assert fragment in err[-1], err[-1]
-    return err[-1]
-
-
-def snapshot(folder):
-    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
 
 
 def results(folder):
