@@ -120,15 +120,16 @@ class STAMPProcessor(ProcessorMixin):
         placeholders, the text tokenized) with the control tokens typed in the messages encoded as plain text, so text
         can never trigger a mask or forge an image slot.
 
-        Inference (default): the chat so far plus the generation prompt; every message's text sanitized. Training
-        (`labels=True`): the whole chat; user and system text sanitized, assistant text trusted (its `<|seg|>` is the
-        token), and `labels`: the ids of every assistant turn and its end-of-turn tokens, IGNORE_INDEX elsewhere.
+        User and system text is sanitized; assistant text is the model's own (or a teacher-forced answer), so its
+        `<|seg|>` is the token, in inference as in training. Inference (default): the chat so far plus the generation
+        prompt. Training (`labels=True`): the whole chat and `labels`: the ids of every assistant turn and its
+        end-of-turn tokens, IGNORE_INDEX elsewhere.
 
         Returns (inputs of batch 1, the loaded images in order).
         """
         messages, images = load_chat_images(messages, timeout)
         control_tokens = _control_tokens_re(self.tokenizer)
-        marked = [{**m, "content": m["content"] if labels and m["role"] == "assistant"
+        marked = [{**m, "content": m["content"] if m["role"] == "assistant"
                    else mark_control_tokens(m["content"], control_tokens)} for m in messages]
         text = self.apply_chat_template(marked, tokenize=False, add_generation_prompt=not labels)
         inputs = self(text=text, images=images or None, sanitize_control_tokens=True, return_tensors="pt")
