@@ -2,13 +2,13 @@
 `/segment` endpoint (`stamp-hf demo`), side by side, on the bundled demo model.
 
 Each server runs as its own `stamp-hf` subprocess on a free port of 127.0.0.1, one after the other (so they never
-share the CPUs): serve with --max-batch-size B (batching on), serve with --max-batch-size 1 (off), and demo with
---concurrency --demo-concurrency. For 1, 2, 4 and 8 concurrent clients (threads, each with its own connection or
+share the CPUs): serve with --max-batch-size B (batching on), serve with --max-batch-size 1 (off), and the demo with
+each --demo-concurrency (the web demo's model calls at once on the one shared model). For 1, 2, 4 and 8 concurrent clients (threads, each with its own connection or
 gradio Client), --requests requests go out (examples/shapes.png, the prompts cycling through the demo examples),
 after --warmup requests per server; reported: requests/s (requests / wall time) and p50 / p95 latency.
 
 Run:  HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/serve.py [--requests 32] [--clients 1 2 4 8] [--max-batch-size 8]
-          [--batch-wait-ms 10] [--replicas 1] [--demo-concurrency 1] [--json benchmarks/results/serve_cpu.json]
+          [--batch-wait-ms 10] [--replicas 1] [--demo-concurrency 1 2] [--json benchmarks/results/serve_cpu.json]
 Smoke: --requests 4 --clients 1 4.
 """
 
@@ -122,8 +122,9 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--demo-concurrency", type=int, default=1,
-                        help="stamp-hf demo --concurrency (model calls at once in the demo; default 1)")
+    parser.add_argument("--demo-concurrency", type=int, nargs="+", default=[1, 2],
+                        help="stamp-hf demo --concurrency values, one demo run each (default 1 2: one model call at a "
+                        "time, and the demo's CPU default)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "serve_cpu.json"))
     args = parser.parse_args()
 
@@ -132,8 +133,8 @@ def main() -> None:
         (f"serve, batching on (B={args.max_batch_size}, {args.batch_wait_ms:g} ms)",
          [*serve_common, "--max-batch-size", str(args.max_batch_size)], "/healthz", serve_client),
         ("serve, batching off (B=1)", [*serve_common, "--max-batch-size", "1"], "/healthz", serve_client),
-        (f"demo /segment (gradio, --concurrency {args.demo_concurrency})",
-         ["demo", "--concurrency", str(args.demo_concurrency)], "/", demo_client),
+        *((f"demo /segment (gradio, --concurrency {n})", ["demo", "--concurrency", str(n)], "/", demo_client)
+          for n in args.demo_concurrency),
     ]
     results = {}
     with tempfile.TemporaryDirectory(prefix="stamp-bench-serve-") as folder:
