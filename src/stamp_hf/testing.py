@@ -121,15 +121,18 @@ def tiny_config(
     num_layers: int = 2,
     vision_depth: int = 2,
     vision_embed_dim: int = 32,
-    patch_size: int = 14,
+    patch_size: int | None = None,
     merge_size: int = 2,
     backbone: str = "qwen2_vl",
     **overrides,
 ) -> STAMPConfig:
     """A STAMP config with the structure of `backbone` ("qwen2_vl": STAMPConfig, "qwen2_5_vl": STAMPQwen2_5_VLConfig,
-    with window attention in all but the last vision block) at toy size; token ids read from `tokenizer` (when it has
-    the STAMP tokens)."""
+    with window attention in all but the last vision block; "qwen3_vl" / "qwen3_vl_moe": STAMPQwen3VLConfig /
+    STAMPQwen3VLMoeConfig, 16 px patches, interleaved M-RoPE, DeepStack from every vision block) at toy size; token
+    ids read from `tokenizer` (when it has the STAMP tokens)."""
     ids = tokenizer.convert_tokens_to_ids
+    qwen3 = backbone.startswith("qwen3")
+    patch_size = patch_size or (16 if qwen3 else 14)  # Qwen3-VL: 16 px patches, 32 px merged cells
     half_head = hidden_size // 4 // 2  # M-RoPE splits half the head dim 1/4, 3/8, 3/8 (t, h, w), as Qwen2-VL does
     mrope_section = [half_head // 4, 3 * half_head // 8, half_head - half_head // 4 - 3 * half_head // 8]
     settings = dict(
@@ -141,10 +144,12 @@ def tiny_config(
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section,
+                             **({"mrope_interleaved": True} if qwen3 else {})},
             bos_token_id=ids("<|endoftext|>"),
             eos_token_id=ids("<|im_end|>"),
             pad_token_id=ids("<|endoftext|>"),
+            **_tiny_text_extras(backbone, hidden_size),
         ),
         vision_config=_tiny_vision_config(backbone, vision_depth, vision_embed_dim, hidden_size, patch_size, merge_size),
         image_token_id=ids("<|image_pad|>"),
@@ -161,7 +166,20 @@ def tiny_config(
     return config
 
 
+def _tiny_text_extras(backbone, hidden_size) -> dict:
+    if not backbone.startswith("qwen3"):
+        return {}
+    extras = {"head_dim": hidden_size // 4}  # Qwen3 sets the head width explicitly (128 by default)
+    if backbone == "qwen3_vl_moe":  # 4 experts, 2 per token, in every layer
+        extras.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size, decoder_sparse_step=1)
+    return extras
+
+
 def _tiny_vision_config(backbone, depth, width, out_size, patch_size, merge_size) -> dict:
+    if backbone.startswith("qwen3"):  # DeepStack taps every block: `depth` levels, added after the first LM layers
+        return dict(depth=depth, hidden_size=width, out_hidden_size=out_size, intermediate_size=2 * width, num_heads=2,
+                    patch_size=patch_size, spatial_merge_size=merge_size, num_position_embeddings=64,
+                    deepstack_visual_indexes=list(range(depth)))
     if backbone == "qwen2_vl":
         return dict(depth=depth, embed_dim=width, hidden_size=out_size, num_heads=2, mlp_ratio=2, patch_size=patch_size,
                     spatial_merge_size=merge_size)
