@@ -171,7 +171,8 @@ def _tiny_text_extras(backbone, hidden_size) -> dict:
         return {}
     extras = {"head_dim": hidden_size // 4}  # Qwen3 sets the head width explicitly (128 by default)
     if backbone == "qwen3_vl_moe":  # 4 experts, 2 per token, in every layer
-        extras.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden_size, decoder_sparse_step=1)
+        extras.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=3 * hidden_size // 4,
+                      decoder_sparse_step=1)
     return extras
 
 
@@ -292,7 +293,12 @@ def answer_with_masks(model, processor, answer: str = " it is", segs: int = 1) -
 _BASE_LAYOUTS = {
     "qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLForConditionalGeneration"),
     "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl": ("Qwen3VLProcessor", "Qwen3VLForConditionalGeneration"),
+    "qwen3_vl_moe": ("Qwen3VLProcessor", "Qwen3VLMoeForConditionalGeneration"),
 }
+# tokens the Qwen3 (and Qwen2.5) vocabularies add after Qwen2-VL's special tokens (151657-151668)
+QWEN3_ADDED_TOKENS = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+                      "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>")
 
 
 def tiny_base(
@@ -304,7 +310,13 @@ def tiny_base(
     flat config.json (text settings at the top, `rope_scaling` of type mrope, legacy vision keys), bfloat16 weights
     under legacy names (`model.layers.*`, `visual.*`, no lm_head when tied). `layout="current"` keeps transformers 5's own save. Both
     come with the repos' chat_template.json, preprocessor_config.json (min/max_pixels), generation_config.json and
-    tokenizer files. `rows`: embedding rows (default: 29 more than tokens, as the real ones have spare rows)."""
+    tokenizer files. `rows`: embedding rows (default: 29 more than tokens, as the real ones have spare rows).
+
+    backbone="qwen3_vl" / "qwen3_vl_moe": as the Qwen/Qwen3-VL-2B/4B-Instruct (tie=True), 8B (tie=False) and
+    30B-A3B (MoE) repos are: nested config.json (text settings under text_config with `rope_scaling`), bfloat16
+    weights under the current names (no lm_head when tied; MoE experts in the repos' transposed layout), the Qwen3
+    tokens after Qwen2-VL's special ones, and preprocessor_config.json / video_preprocessor_config.json with 16 px
+    patches. Both layouts apply as above."""
     from dataclasses import fields
 
     from safetensors.torch import load_file, save_file
@@ -313,9 +325,13 @@ def tiny_base(
     from .configuration_stamp import STAMPConfigMixin
 
     folder = Path(folder)
+    qwen3 = backbone.startswith("qwen3")
     tokenizer = tiny_tokenizer(stamp_tokens=False)
+    if qwen3:
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN3_ADDED_TOKENS])
     stamp_config = tiny_config(tokenizer, backbone=backbone, tie_word_embeddings=tie)
-    settings = {k: v for k, v in stamp_config.to_dict().items() if k not in {f.name for f in fields(STAMPConfigMixin)}}
+    stamp_fields = {f.name for f in fields(STAMPConfigMixin)} | {"deepstack_placeholders"}
+    settings = {k: v for k, v in stamp_config.to_dict().items() if k not in stamp_fields}
     settings["text_config"]["vocab_size"] = rows if rows is not None else len(tokenizer) + 29
     for key in ("model_type", "auto_map", "architectures", "transformers_version"):
         settings.pop(key, None)
@@ -331,12 +347,17 @@ def tiny_base(
     tokenizer.save_pretrained(folder)
     processor_class, _ = _BASE_LAYOUTS[backbone]
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}, indent=2))
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor_class,
-    }, indent=2))  # fmt: skip
-    if layout == "hub":
+    if qwen3:
+        _write_qwen3_preprocessors(folder)
+    else:
+        (folder / "preprocessor_config.json").write_text(json.dumps({
+            "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor_class,
+        }, indent=2))  # fmt: skip
+    if layout == "hub" and qwen3:
+        _rewrite_as_qwen3_hub_repo(folder, backbone, tie, load_file, save_file)
+    elif layout == "hub":
         _rewrite_as_hub_repo(folder, backbone, tie, load_file, save_file)
     elif layout != "current":
         raise ValueError(f"layout must be 'hub' or 'current', got {layout!r}")
@@ -370,3 +391,37 @@ def _rewrite_as_hub_repo(folder: Path, backbone: str, tie: bool, load_file, save
             if not (tie and key == "lm_head.weight"):
                 legacy[key] = value.to(torch.bfloat16) if value.is_floating_point() else value  # as released
         save_file(legacy, file, metadata={"format": "pt"})
+
+
+def _write_qwen3_preprocessors(folder: Path) -> None:
+    """The Qwen3-VL repos' preprocessor_config.json and video_preprocessor_config.json (16 px patches, merge 2)."""
+    common = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+              "image_std": [0.5, 0.5, 0.5], "processor_class": "Qwen3VLProcessor"}
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"longest_edge": 16777216, "shortest_edge": 65536}, **common,
+        "image_processor_type": "Qwen2VLImageProcessorFast",
+    }, indent=2))  # fmt: skip
+    (folder / "video_preprocessor_config.json").write_text(json.dumps({
+        "size": {"longest_edge": 25165824, "shortest_edge": 4096}, **common,
+        "video_processor_type": "Qwen3VLVideoProcessor",
+    }, indent=2))  # fmt: skip
+
+
+def _rewrite_as_qwen3_hub_repo(folder: Path, backbone: str, tie: bool, load_file, save_file) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    text, vision = config["text_config"], config["vision_config"]
+    rope = text.pop("rope_parameters")
+    text.update(rope_theta=rope.pop("rope_theta"), rope_scaling=rope, tie_word_embeddings=tie, dtype="bfloat16")
+    vision.pop("rope_parameters", None)
+    vision["model_type"] = backbone  # as in the repos' config.json
+    config.pop("dtype", None)
+    config.update(tie_word_embeddings=tie, architectures=[_BASE_LAYOUTS[backbone][1]])
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for file in folder.glob("*.safetensors"):
+        state = {}
+        for key, value in load_file(file).items():
+            if key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+                value = value.transpose(1, 2).contiguous()  # the MoE repos' (experts, in, out) layout
+            if not (tie and key == "lm_head.weight"):
+                state[key] = value.to(torch.bfloat16) if value.is_floating_point() else value
+        save_file(state, file, metadata={"format": "pt"})
