@@ -271,11 +271,17 @@ def test_training_from_a_base_overfits_and_eval_reports_it(made, offline_hub, tm
     REFER export itself."""
     config = yaml.safe_load(re.search(r"```yaml\n(.*?)```", readme_section(), flags=re.S).group(1))
     assert config["model"] in BASES and BASES[config["model"]][0] == "qwen2_5_vl"
-    refer = write_shapes_refer(tmp_path / "refer")
+    check_training_from_base(config, "stamp_qwen2_5_vl", "STAMPQwen2_5_VLModel", tmp_path, capsys, caplog)
+
+
+def check_training_from_base(config: dict, model_type, model_class, tmp_path, capsys, caplog, shapes=SHAPES) -> None:
+    """`stamp-hf prepare-data` on a REFER export of `shapes`, `stamp-hf train` with `config` (a base as `model`), then
+    `stamp-hf eval` on the export: every mask IoU > 0.9."""
+    refer = write_shapes_refer(tmp_path / "refer", shapes)
     data = tmp_path / "train.jsonl"
     assert cli(["prepare-data", "--data", str(refer), "--split", "train", "--images", str(refer / "images"),
                 "--output", str(data), "--allow-pickle", "--repeats", "4"]) == 0
-    assert len(data.read_text().splitlines()) == 4 * len(SHAPES)  # refs x sentences x repeats, each its templates
+    assert len(data.read_text().splitlines()) == 4 * len(shapes)  # refs x sentences x repeats, each its templates
     config.update(data=str(data), output_dir=str(tmp_path / "run"), min_placeholders=4, max_placeholders=64,
                   training=dict(learning_rate=3e-3, warmup_steps=0, num_train_epochs=25, per_device_train_batch_size=4,
                                 save_strategy="no", use_cpu=True, logging_steps=20, seed=0))  # fmt: skip
@@ -286,14 +292,14 @@ def test_training_from_a_base_overfits_and_eval_reports_it(made, offline_hub, tm
         caplog.text
     )
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["model_type"] == "stamp_qwen2_5_vl" and saved["auto_map"]["AutoModel"].endswith("STAMPQwen2_5_VLModel")
+    assert saved["model_type"] == model_type and saved["auto_map"]["AutoModel"].endswith(model_class)
     assert cli(["eval", "--model", str(tmp_path / "run"), "--data", str(refer), "--split", "train", "--images",
                 str(refer / "images"), "--allow-pickle", "--output", str(tmp_path / "eval")]) == 0
     assert "| STAMP | 4 |" in capsys.readouterr().out
     results = [json.loads(line) for line in (tmp_path / "eval" / "results.jsonl").read_text().splitlines()]
     # measured (CPU, this seed, 25 epochs): IoU 1.0 on each of the four shapes (cell-aligned boxes, the official
     # "nearest" post-processing of a patch-loss model); the issue's floor is 0.9 per mask, gIoU a few points under 100
-    assert len(results) == len(SHAPES) and all(r["masks"] == 1 and r["iou"] > 0.9 for r in results), results
+    assert len(results) == len(shapes) and all(r["masks"] == 1 and r["iou"] > 0.9 for r in results), results
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())["STAMP"]
     assert summary["gIoU"] > 95 and np.isclose(summary["gIoU"], 100 * np.mean([r["iou"] for r in results]))
 

@@ -6,14 +6,25 @@ import json
 import pytest
 import torch
 
+from huggingface_hub import constants
+
+from shapes_data import SHAPES
 from stamp_hf.configuration_stamp import STAMP_TOKENS
-from test_init_base import TINY, check_clean_process_load, check_segments_like_the_reference, init_from_hub_cache
+from test_init_base import (
+    TINY,
+    check_clean_process_load,
+    check_segments_like_the_reference,
+    check_training_from_base,
+    init_from_hub_cache,
+)
 
 BASES = {  # repo id -> (backbone, tied embeddings), as the Hub repos are
     "Qwen/Qwen3-VL-2B-Instruct": ("qwen3_vl", True),
     "Qwen/Qwen3-VL-8B-Instruct": ("qwen3_vl", False),
     "Qwen/Qwen3-VL-30B-A3B-Instruct": ("qwen3_vl_moe", False),
 }
+# the shapes of shapes_data scaled from 28 px to Qwen3-VL's 32 px cells, so the boxes stay cell-aligned
+SHAPES_32 = [(tuple(v * 8 // 7 for v in size), tuple(v * 8 // 7 for v in box), name, rgb) for size, box, name, rgb in SHAPES]
 COMMANDS = [["stamp-hf", "init", repo, "stamp-" + repo.split("/")[1].lower()] for repo in BASES]
 
 
@@ -61,3 +72,12 @@ def test_placeholder_bounds_become_32_px_cells(made):
     assert 4 <= processor.num_placeholders(inputs["image_grid_thw"][0]) <= 64
     # 640 x 480 scaled down into 64 cells of 32 px (floored to whole cells): 288 x 192 px, 9 x 6 cells
     assert torch.equal(inputs["image_grid_thw"][0], torch.tensor([1, 12, 18]))
+
+
+def test_training_from_a_qwen3_base_overfits_and_eval_reports_it(made, tmp_path, capsys, caplog, monkeypatch):
+    """As test_init_base's Qwen2.5-VL run: prepare-data on a REFER export, train from the 2B-shaped base (DeepStack
+    placeholders on, the default), eval: every mask IoU > 0.9."""
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(made[0] / "hf_home" / "hub"))
+    config = {"model": "Qwen/Qwen3-VL-2B-Instruct"}
+    check_training_from_base(config, "stamp_qwen3_vl", "STAMPQwen3VLModel", tmp_path, capsys, caplog, SHAPES_32)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["deepstack_placeholders"] is True
