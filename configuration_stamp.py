@@ -1,7 +1,8 @@
-"""STAMP configurations: a Qwen2-VL or Qwen2.5-VL configuration plus the settings of STAMP's all-mask head.
+"""STAMP configurations: a Qwen2-VL, Qwen2.5-VL or Qwen3-VL (dense or MoE) configuration plus the settings of STAMP's all-mask head.
 
 The STAMP settings are defined once, in `STAMPConfigMixin`; `STAMPConfig` (Qwen2-VL, model type "stamp") and
-`STAMPQwen2_5_VLConfig` (Qwen2.5-VL, model type "stamp_qwen2_5_vl") add them to the backbone's own configuration.
+`STAMPQwen2_5_VLConfig` (Qwen2.5-VL, model type "stamp_qwen2_5_vl"), `STAMPQwen3VLConfig` ("stamp_qwen3_vl") and
+`STAMPQwen3VLMoeConfig` ("stamp_qwen3_vl_moe") add them to the backbone's own configuration.
 
 Hub remote code: imports only transformers (and huggingface_hub, which it ships with).
 """
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from huggingface_hub.dataclasses import strict
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLConfig
+from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLConfig
+from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeConfig
 
 # Appended in this order after the Qwen2-VL vocabulary by the released checkpoints.
 STAMP_TOKENS = ("<|seg|>", "<|mask|>", "<|yes|>", "<|no|>")
@@ -117,8 +120,41 @@ class STAMPQwen2_5_VLConfig(STAMPConfigMixin, Qwen2_5_VLConfig):
     model_type = "stamp_qwen2_5_vl"
 
 
+@dataclass(repr=False, eq=False, kw_only=True)
+class DeepStackConfigMixin:
+    r"""
+    deepstack_placeholders (`bool`):
+        Qwen3-VL adds multi-level ViT features (DeepStack) to the hidden states of its first layers at the image
+        tokens. True (the default): each mask placeholder, which stands for a patch, receives its patch's DeepStack
+        features at the same layers, as the image token of that patch does. False: the placeholders get none (only
+        embed(`<|mask|>`) + the merged patch feature at the input, as on Qwen2-VL).
+    """
+
+    deepstack_placeholders: bool = True
+
+
+@strict
+class STAMPQwen3VLConfig(DeepStackConfigMixin, STAMPConfigMixin, Qwen3VLConfig):
+    """STAMP on Qwen3-VL: [`Qwen3VLConfig`] plus the STAMP settings of [`STAMPConfigMixin`] and
+    `deepstack_placeholders` ([`DeepStackConfigMixin`])."""
+
+    model_type = "stamp_qwen3_vl"
+
+
+@strict
+class STAMPQwen3VLMoeConfig(DeepStackConfigMixin, STAMPConfigMixin, Qwen3VLMoeConfig):
+    """STAMP on Qwen3-VL-MoE: [`Qwen3VLMoeConfig`] plus the STAMP settings, as [`STAMPQwen3VLConfig`]."""
+
+    model_type = "stamp_qwen3_vl_moe"
+
+
 # backbone model type -> the STAMP configuration built on it
-STAMP_CONFIGS = {"qwen2_vl": STAMPConfig, "qwen2_5_vl": STAMPQwen2_5_VLConfig}
+STAMP_CONFIGS = {
+    "qwen2_vl": STAMPConfig,
+    "qwen2_5_vl": STAMPQwen2_5_VLConfig,
+    "qwen3_vl": STAMPQwen3VLConfig,
+    "qwen3_vl_moe": STAMPQwen3VLMoeConfig,
+}
 STAMP_MODEL_TYPES = tuple(config.model_type for config in STAMP_CONFIGS.values())
 
 __all__ = [
@@ -126,6 +162,8 @@ __all__ = [
     "STAMPConfig",
     "STAMPConfigMixin",
     "STAMPQwen2_5_VLConfig",
+    "STAMPQwen3VLConfig",
+    "STAMPQwen3VLMoeConfig",
     "STAMP_CONFIGS",
     "STAMP_MODEL_TYPES",
     "STAMP_TOKENS",

@@ -1,5 +1,6 @@
-"""STAMP: transformers' Qwen2-VL (`STAMPModel`) or Qwen2.5-VL (`STAMPQwen2_5_VLModel`) with STAMP's all-mask
-prediction head. Both are the backbone's own class plus `STAMPMixin`, the one implementation of everything below.
+"""STAMP: transformers' Qwen2-VL (`STAMPModel`), Qwen2.5-VL (`STAMPQwen2_5_VLModel`) or Qwen3-VL
+(`STAMPQwen3VLModel`, `STAMPQwen3VLMoeModel`) with STAMP's all-mask prediction head. Each is the backbone's own class
+plus `STAMPMixin`, the one implementation of everything below (Qwen3-VL adds its DeepStack: `DeepStackMixin`).
 
 Phase 1 is ordinary generation. Phase 2 decodes every `<|seg|>` of a response in one language-model forward on the
 phase-1 cache: each `<|seg|>` gets N `<|mask|>` placeholders (N = merged patches of its image), placeholder j embedded
@@ -23,13 +24,18 @@ from transformers.cache_utils import Cache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
+from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+    BaseModelOutputWithDeepstackFeatures,
+    Qwen3VLForConditionalGeneration,
+)
+from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.utils import ModelOutput, logging
 
-from .configuration_stamp import STAMPConfig, STAMPQwen2_5_VLConfig
+from .configuration_stamp import STAMPConfig, STAMPQwen2_5_VLConfig, STAMPQwen3VLConfig, STAMPQwen3VLMoeConfig
 from .pipeline_stamp import PIPELINE_TASK, STAMPSegmentationPipeline, register_pipeline
 from .processing_stamp import upsample_mask_logits
 
@@ -37,14 +43,14 @@ logger = logging.get_logger(__name__)
 
 # Released STAMP checkpoints (and Qwen2-VL ones) carry the legacy Qwen2-VL keys (`model.layers.*`, `visual.*`).
 # transformers renames them for its own Qwen2-VL class only, not for a subclass defined outside it: give the "stamp"
-# model types the same renaming, so `from_pretrained` (and peft's adapter loading) accepts both layouts.
-for _stamp_type, _backbone_class in (
+# model types the same renaming, so `from_pretrained` (and peft's adapter loading) accepts both layouts. Qwen3-VL-MoE
+# repos keep their experts' weights transposed against transformers 5's layout: the same applies to its converter.
+for _stamp_type, _backbone in (
     (STAMPConfig.model_type, "Qwen2VLForConditionalGeneration"),
     (STAMPQwen2_5_VLConfig.model_type, "Qwen2_5_VLForConditionalGeneration"),
+    (STAMPQwen3VLMoeConfig.model_type, "qwen3_vl_moe"),
 ):
-    register_checkpoint_conversion_mapping(
-        _stamp_type, get_checkpoint_conversion_mapping(_backbone_class), overwrite=True
-    )
+    register_checkpoint_conversion_mapping(_stamp_type, get_checkpoint_conversion_mapping(_backbone), overwrite=True)
 
 
 @dataclass
@@ -278,16 +284,19 @@ class STAMPMixin:
             attention_mask = torch.ones_like(input_ids)
         features = self._image_features(pixel_values, image_grid_thw, encoded)
         embeds = self.get_input_embeddings()(input_ids)
+        image_tokens = None
         if features:
-            image_slots = (input_ids == self.config.image_token_id).unsqueeze(-1)
-            embeds = embeds.masked_scatter(image_slots, torch.cat(features).to(embeds.dtype))
+            image_tokens = input_ids == self.config.image_token_id
+            patches = torch.cat([self._patch_features(feature) for feature in features])
+            embeds = embeds.masked_scatter(image_tokens.unsqueeze(-1), patches.to(embeds.dtype))
         if mm_token_type_ids is None:
             mm_token_type_ids = self._mm_token_type_ids(input_ids)
         positions = self._rope_positions(input_ids, mm_token_type_ids, image_grid_thw, attention_mask)
         seg_indices = [torch.nonzero(row == self._token_id("seg")).flatten().tolist() for row in input_ids]
         queries = self._seg_queries(seg_indices, positions, mm_token_type_ids, self._images_per_row(mm_token_type_ids))
         return self._decode_placeholders(
-            embeds, positions, attention_mask.bool(), queries, features, image_grid_thw, cache=None
+            embeds, positions, attention_mask.bool(), queries, features, image_grid_thw, cache=None,
+            text_image_tokens=image_tokens,
         )
 
     # ------------------------------------------------------------------ inference
@@ -312,9 +321,9 @@ class STAMPMixin:
         `<|seg|>` blocks at a time, only if given, to bound memory). The vision tower runs once per image.
 
         A follow-up turn continues a conversation: `input_ids` = the whole conversation so far plus the new tokens,
-        `cache` = the cache a previous call returned (only the uncached tokens run), `image_features` = the merged
-        features kept from the first turn (as `get_image_features` gives them) instead of `pixel_values`, so the
-        image is not encoded again. The images must all lie in the cached part.
+        `cache` = the cache a previous call returned (only the uncached tokens run), `image_features` = the features
+        kept from the first turn (as `encode_images` gives them) instead of `pixel_values`, so the image is not
+        encoded again. The images must all lie in the cached part.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -326,7 +335,7 @@ class STAMPMixin:
         continuing = cache is not None and cache.get_seq_length() > 0
         encoded = None
         if features and not continuing:  # a continuation's image tokens are in the cache: nothing to scatter
-            encoded = {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
+            encoded = {"image": self._encoder_output(features)}
         for key in ("return_dict_in_generate", "use_cache"):
             if generate_kwargs.pop(key, True) is not True:
                 logger.warning(f"generate_with_masks needs {key}=True; ignoring the value given")
@@ -394,6 +403,8 @@ class STAMPMixin:
         if image_features is not None:
             if len(image_features) != images:
                 raise ValueError(f"the prompts hold {images} image(s) but {len(image_features)} image_features were given")
+            for feature in image_features:
+                self._patch_features(feature)  # a backbone checks the layout of its features (Qwen3-VL: DeepStack)
         elif pixel_values is not None and image_grid_thw is not None:
             patches = int(image_grid_thw.prod(-1).sum())
             if pixel_values.shape[0] != patches:
@@ -463,20 +474,26 @@ class STAMPMixin:
 
     # ------------------------------------------------------------------ phase 2, shared by every path
 
-    def _decode_placeholders(self, text_embeds, text_positions, key_valid, queries, features, image_grid_thw, cache):
+    def _decode_placeholders(self, text_embeds, text_positions, key_valid, queries, features, image_grid_thw, cache,
+                             text_image_tokens=None):
         """
         One language-model forward of `text_embeds` (tokens not yet in `cache`) followed by the placeholders of
         `queries`. Returns the text tokens' final hidden states and a list per row of (h, w) mask-logit grids.
 
         text_embeds: (batch, T, hidden); text_positions: (3, batch, T); key_valid: (batch, cached + T) padding mask of
         the whole sequence. The cache, if any, gains the T text tokens and nothing else (placeholders never enter it).
+        text_image_tokens: (batch, T) bool, where the text holds the image tokens of all of `features` (the
+        teacher-forced path), or None (no image token among them).
         """
         layout = self._phase2_layout(text_embeds, key_valid, queries, image_grid_thw, cache)
         placeholder_embeds, placeholder_positions = self._placeholder_inputs(
             layout, queries, features, text_embeds, text_positions
         )
         inputs_embeds = torch.cat([text_embeds, placeholder_embeds], 1)
-        hidden_states = self._run_phase2(inputs_embeds, torch.cat([text_positions, placeholder_positions], 2), layout)
+        visual_inputs = self._phase2_visual_inputs(layout, queries, features, text_image_tokens)
+        hidden_states = self._run_phase2(
+            inputs_embeds, torch.cat([text_positions, placeholder_positions], 2), layout, **visual_inputs
+        )
         text_hidden, placeholder_hidden = hidden_states.split([layout.text_len, layout.width], 1)
         return text_hidden, self._classify_blocks(placeholder_hidden, layout, queries, image_grid_thw)
 
@@ -524,14 +541,15 @@ class STAMPMixin:
         positions = text_positions.new_zeros(3, batch, layout.width)
         for query, block in zip(queries, layout.blocks, strict=True):
             span = slice(block.start, block.start + block.size)
-            patches = features[query.image].to(dtype) if self.config.fuse_patch_features else 0
+            patches = self._patch_features(features[query.image]).to(dtype) if self.config.fuse_patch_features else 0
             embeds[block.row, span] = mask_embed + patches
             positions[:, block.row, span] = query.position + 1 + torch.arange(block.size, device=device)
         return embeds, positions
 
-    def _run_phase2(self, inputs_embeds, position_ids, layout) -> torch.Tensor:
+    def _run_phase2(self, inputs_embeds, position_ids, layout, **visual_inputs) -> torch.Tensor:
         """The language model with STAMP's block attention: the layout travels to `stamp_attention` through the
-        forward kwargs, so this call alone runs it; gradient checkpointing's recomputation gets the same kwargs."""
+        forward kwargs, so this call alone runs it; gradient checkpointing's recomputation gets the same kwargs.
+        `visual_inputs`: what the backbone's language model takes besides (`_phase2_visual_inputs`)."""
         kernel = self.model.language_model.config._attn_implementation
         if not kernel.startswith(STAMP_ATTENTION_PREFIX):
             raise ValueError(
@@ -541,11 +559,21 @@ class STAMPMixin:
         outputs = self.model.language_model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
-            attention_mask={"full_attention": None, "sliding_attention": None},
+            attention_mask=self._PHASE2_NO_MASK,
             use_cache=False,
             stamp_layout=layout,
+            **visual_inputs,
         )
         return outputs.last_hidden_state
+
+    # the language model's attention_mask in phase 2: none to build, the layout decides (a dict of None masks makes
+    # the Qwen2-VL text models skip building theirs)
+    _PHASE2_NO_MASK = {"full_attention": None, "sliding_attention": None}
+
+    def _phase2_visual_inputs(self, layout, queries, features, text_image_tokens) -> dict:
+        """What the backbone's language model takes besides embeddings and positions in phase 2 (Qwen3-VL: its
+        DeepStack features); nothing for Qwen2-VL and Qwen2.5-VL."""
+        return {}
 
     def _classify_blocks(self, placeholder_hidden, layout, queries, image_grid_thw) -> list[list[torch.Tensor]]:
         """Classifier logits of each block, reshaped to its image's (h, w) mask grid, a list per row."""
@@ -596,15 +624,34 @@ class STAMPMixin:
             )
         return token_id
 
+    def encode_images(self, pixel_values, image_grid_thw) -> list[torch.Tensor]:
+        """The vision tower's features of each image, as `generate_with_masks(image_features=...)` takes them for a
+        follow-up turn: (N_i, hidden) merged patch features (Qwen2-VL, Qwen2.5-VL), or (1 + DeepStack levels, N_i,
+        hidden) on Qwen3-VL (see `_patch_features`)."""
+        return self._image_features(pixel_values, image_grid_thw)
+
     def _image_features(self, pixel_values, image_grid_thw, encoded=None) -> list[torch.Tensor]:
-        """Merged patch features, one (N_i, hidden) tensor per image; the vision tower runs here and only here."""
+        """Image features, one tensor per image (see `encode_images`); the vision tower runs here and only here."""
         if encoded is not None and encoded.get("image") is not None:
-            return list(encoded["image"].pooler_output)
+            return self._features_of(encoded["image"])
         if pixel_values is None:
             return []
         if image_grid_thw is None:
             raise ValueError("pixel_values were given without image_grid_thw; pass the processor's outputs unchanged")
-        return list(self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output)
+        return self._features_of(self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True))
+
+    # How a backbone's image features travel: `_features_of` (the vision tower's output -> one tensor per image),
+    # `_encoder_output` (back, as phase 1's precomputed mm_encoder_outputs) and `_patch_features` (the merged patch
+    # features of one image, (N, hidden)). Qwen2-VL's are the merged patch features alone.
+
+    def _features_of(self, vision_output) -> list[torch.Tensor]:
+        return list(vision_output.pooler_output)
+
+    def _encoder_output(self, features) -> BaseModelOutputWithPooling:
+        return BaseModelOutputWithPooling(pooler_output=tuple(features))
+
+    def _patch_features(self, feature) -> torch.Tensor:
+        return feature
 
     def _mm_token_type_ids(self, input_ids):
         types = torch.zeros_like(input_ids)  # long, as the processor makes them
@@ -883,6 +930,65 @@ def _attend(query, key, value, mask, scaling, kernel):
 
 
 
+class DeepStackMixin:
+    """What Qwen3-VL adds to STAMPMixin: DeepStack. Its vision tower also returns merged features of a few of its
+    layers (`deepstack_features`), which the language model adds to the hidden states of the image tokens after its
+    first layers. An image's features are kept as one (1 + levels, N, hidden) tensor: the merged patch features, then
+    each level's; phase 1 gets them all precomputed, and in phase 2 each placeholder receives its patch's DeepStack
+    features at the same layers as the patch's image token (`config.deepstack_placeholders`, default True)."""
+
+    def _features_of(self, vision_output) -> list[torch.Tensor]:
+        levels = vision_output.deepstack_features or []
+        return [torch.stack(image) for image in zip(vision_output.pooler_output, *levels)]
+
+    def _encoder_output(self, features) -> BaseModelOutputWithDeepstackFeatures:
+        features = [self._checked_features(feature) for feature in features]
+        levels = features[0].shape[0] - 1 if features else 0
+        return BaseModelOutputWithDeepstackFeatures(
+            pooler_output=tuple(feature[0] for feature in features),
+            deepstack_features=[tuple(feature[level] for feature in features) for level in range(1, levels + 1)],
+        )
+
+    def _patch_features(self, feature) -> torch.Tensor:
+        return self._checked_features(feature)[0]
+
+    def _checked_features(self, feature) -> torch.Tensor:
+        levels = len(self.config.vision_config.deepstack_visual_indexes)
+        if feature.ndim != 3 or feature.shape[0] != 1 + levels:
+            raise ValueError(
+                f"Qwen3-VL image features are (1 + {levels} DeepStack levels, N, hidden), as model.encode_images gives "
+                f"them; got shape {tuple(feature.shape)}"
+            )
+        return feature
+
+    # phase 2 needs no attention mask of the text model's making; a 4D one is taken as given, and this one is never
+    # read (the layout decides)
+    _PHASE2_NO_MASK = torch.ones(1, 1, 0, 0, dtype=torch.bool)
+
+    def _phase2_visual_inputs(self, layout, queries, features, text_image_tokens) -> dict:
+        """Qwen3-VL's DeepStack inputs of the phase-2 forward: `visual_pos_masks` (batch, T + width), where the text
+        holds image tokens and, with config.deepstack_placeholders, every placeholder slot; `deepstack_visual_embeds`,
+        per level the features of those positions in row-major order (a placeholder gets its patch's)."""
+        batch = layout.key_valid.shape[0]
+        device = layout.key_valid.device
+        visual = torch.zeros(batch, layout.text_len + layout.width, dtype=torch.bool, device=device)
+        pieces = [[] for _ in range(batch)]  # per row, (levels, n, hidden) features in sequence order
+        if text_image_tokens is not None and bool(text_image_tokens.any()):
+            visual[:, : layout.text_len] = text_image_tokens
+            levels = torch.cat([self._checked_features(feature)[1:] for feature in features], 1)
+            for row, part in enumerate(levels.split(text_image_tokens.sum(1).tolist(), 1)):
+                pieces[row].append(part)
+        if self.config.deepstack_placeholders:
+            for query, block in zip(queries, layout.blocks, strict=True):  # a row's blocks come in slot order
+                start = layout.text_len + block.start
+                visual[block.row, start : start + block.size] = True
+                pieces[block.row].append(self._checked_features(features[query.image])[1:])
+        pieces = [piece for row in pieces for piece in row]
+        if not pieces or pieces[0].shape[0] == 0:
+            return {}
+        return {"visual_pos_masks": visual, "deepstack_visual_embeds": list(torch.cat(pieces, 1).unbind(0))}
+
+
 class STAMPModel(STAMPMixin, Qwen2VLForConditionalGeneration):
     """STAMP on transformers' Qwen2-VL (the released checkpoints)."""
 
@@ -898,8 +1004,26 @@ class STAMPQwen2_5_VLModel(STAMPMixin, Qwen2_5_VLForConditionalGeneration):
     config: STAMPQwen2_5_VLConfig
 
 
+class STAMPQwen3VLModel(DeepStackMixin, STAMPMixin, Qwen3VLForConditionalGeneration):
+    """STAMP on transformers' Qwen3-VL: the same head and phase 2, with Qwen3-VL's vision tower, rope index
+    (interleaved M-RoPE) and DeepStack (see `DeepStackMixin`)."""
+
+    config_class = STAMPQwen3VLConfig
+    config: STAMPQwen3VLConfig
+
+
+class STAMPQwen3VLMoeModel(DeepStackMixin, STAMPMixin, Qwen3VLMoeForConditionalGeneration):
+    """STAMP on transformers' Qwen3-VL-MoE: as `STAMPQwen3VLModel`, with mixture-of-experts MLPs."""
+
+    config_class = STAMPQwen3VLMoeConfig
+    config: STAMPQwen3VLMoeConfig
+
+
 # STAMP model type -> class
-STAMP_MODELS = {cls.config_class.model_type: cls for cls in (STAMPModel, STAMPQwen2_5_VLModel)}
+STAMP_MODELS = {
+    cls.config_class.model_type: cls
+    for cls in (STAMPModel, STAMPQwen2_5_VLModel, STAMPQwen3VLModel, STAMPQwen3VLMoeModel)
+}
 
 
 def register_auto_classes() -> None:
@@ -930,6 +1054,8 @@ __all__ = [
     "STAMPMixin",
     "STAMPModel",
     "STAMPQwen2_5_VLModel",
+    "STAMPQwen3VLModel",
+    "STAMPQwen3VLMoeModel",
     "STAMPOutput",
     "STAMPGenerateOutput",
     "bce_dice_loss",

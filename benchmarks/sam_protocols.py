@@ -38,7 +38,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from stamp_hf.processing_stamp import STAMPProcessor
 from stamp_hf.sam_stamp import SAM_PROTOCOLS, protocol_prompts
-from stamp_hf.synthetic import draw_scene
+from stamp_hf.synthetic.scenes import draw_scene
 from stamp_hf.testing import tiny_tokenizer
 
 SIZES = ((320, 240), (500, 300), (200, 400), (640, 480), (500, 333), (333, 500), (400, 400))  # (width, height)

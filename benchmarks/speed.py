@@ -1,4 +1,5 @@
-"""STAMP's mask pass side by side with the alternatives, and its peak memory (Qwen2-VL-2B layer shapes, random weights).
+"""STAMP's mask pass side by side with the alternatives, and its peak memory (Qwen2-VL-2B layer shapes, random weights;
+`--backbone qwen3_vl`: Qwen3-VL-2B's, with DeepStack, 32 px cells).
 
 One model (Qwen2-VL-2B layer shapes: text hidden 1536 / MLP 8960 / 12 heads / 2 KV heads, vision 1280-dim / 16 heads;
 depth reduced to --text-layers and --vision-layers), one prompt, one forced answer with 1 or 3 `<|seg|>`, images of
@@ -36,11 +37,12 @@ import psutil
 import torch
 from PIL import Image
 
-from stamp_hf import STAMPModel
+from stamp_hf.modeling_stamp import STAMP_MODELS
 from stamp_hf.testing.official import autoregressive_mask_decoding, official_mask_logits, plain_forward
 from stamp_hf.testing import ForceTokens, tiny_config, tiny_processor, tiny_tokenizer
 
-GRIDS = {256: (16, 16), 1024: (32, 32), 1280: (32, 40)}  # N -> merged patch grid (h, w); 28 px per merged patch
+GRIDS = {256: (16, 16), 1024: (32, 32), 1280: (32, 40)}  # N -> merged patch grid (h, w)
+CELL = {"qwen2_vl": 28, "qwen3_vl": 32}  # pixels per merged patch
 TARGETS = {"a/d": 1.05, "b/a": 3.0, "c/a": 10.0}
 
 
@@ -70,18 +72,41 @@ def qwen2_vl_2b_config(tokenizer, text_layers, vision_layers, vocab_size=None, m
     return config
 
 
+def qwen3_vl_2b_config(tokenizer, text_layers, vision_layers, vocab_size=None):
+    """Qwen3-VL-2B's layer shapes at the given depth (the real model: 28 text layers, 24 vision layers, DeepStack
+    from vision layers 5, 11, 17 into text layers 0-2): text hidden 2048 / MLP 6144 / 16 heads of 128 / 8 KV heads,
+    interleaved M-RoPE [24, 20, 20]; vision 1024-dim / 16 heads / MLP 4096, 16 px patches. DeepStack keeps its
+    three levels (taken from the last vision layer when the tower is cut down), so phase 2 pays for them as the real
+    model does."""
+    config = tiny_config(tokenizer, hidden_size=2048, num_layers=text_layers, vision_depth=vision_layers,
+                         vision_embed_dim=1024, backbone="qwen3_vl", min_placeholders=256, max_placeholders=1280)
+    text, vision = config.text_config, config.vision_config
+    text.intermediate_size, text.num_attention_heads, text.num_key_value_heads, text.head_dim = 6144, 16, 8, 128
+    text.rope_parameters["mrope_section"] = [24, 20, 20]
+    vision.num_heads, vision.intermediate_size, vision.num_position_embeddings = 16, 4096, 2304
+    # the real taps when the tower is deep enough, else three of its layers (at least 3 vision layers: see main)
+    vision.deepstack_visual_indexes = [5, 11, 17] if vision_layers > 17 else [0, vision_layers // 2, vision_layers - 1]
+    if vocab_size is not None:
+        text.vocab_size = vocab_size
+    config._attn_implementation = "sdpa"
+    return config
+
+
 def build(args):
     tokenizer = tiny_tokenizer()
-    config = qwen2_vl_2b_config(tokenizer, args.text_layers, args.vision_layers, args.vocab_size)
+    make_config = qwen3_vl_2b_config if args.backbone == "qwen3_vl" else qwen2_vl_2b_config
+    config = make_config(tokenizer, args.text_layers, args.vision_layers, args.vocab_size)
     torch.manual_seed(0)
-    model = STAMPModel(config).eval().to(args.device, getattr(torch, args.dtype))
-    return model, tiny_processor(tokenizer, 256, 1280)
+    model = STAMP_MODELS[config.model_type](config).eval().to(args.device, getattr(torch, args.dtype))
+    cell = CELL[args.backbone]
+    return model, tiny_processor(tokenizer, 256, 1280, patch_size=cell // 2)
 
 
 def request(model, processor, n, segs, device):
     """The prompt for an image of N merged patches and a forced answer with `segs` `<|seg|>`."""
     h, w = GRIDS[n]
-    image = Image.new("RGB", (w * 28, h * 28), (120, 90, 200))
+    cell = model.config.vision_config.patch_size * model.config.vision_config.spatial_merge_size
+    image = Image.new("RGB", (w * cell, h * cell), (120, 90, 200))
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Please segment the cat."}]}]
     inputs = processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
@@ -137,8 +162,8 @@ def speed_rows(model, processor, args):
                 **inputs, max_new_tokens=len(answer), logits_processor=[ForceTokens(answer, prompt_len)]
             )
             sequences, cache = out.sequences, out.cache  # the cache covers all of `sequences`
-            features = list(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
-            assert features[0].shape[0] == n
+            features = model.encode_images(inputs["pixel_values"], inputs["image_grid_thw"])
+            assert model._patch_features(features[0]).shape[0] == n
             official = official_mask_logits(
                 model, sequences, inputs["pixel_values"], inputs["image_grid_thw"], cache, prompt_len
             )
@@ -233,7 +258,8 @@ def memory_figures(args):
     peaks = {}
     for mode in ("generate", "generate_with_masks", "forward"):
         command = [sys.executable, __file__, "--memory-only", mode] + [
-            item for key in ("text_layers", "vision_layers", "device", "dtype", "memory_n", "memory_segs", "vocab_size")
+            item for key in ("backbone", "text_layers", "vision_layers", "device", "dtype", "memory_n", "memory_segs",
+                             "vocab_size")
             if getattr(args, key) is not None
             for item in (f"--{key.replace('_', '-')}", str(getattr(args, key)))
         ]
@@ -259,6 +285,7 @@ def machine(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="qwen2_vl", choices=sorted(CELL), help="2B layer shapes of this backbone")
     parser.add_argument("--text-layers", type=int, default=1)
     parser.add_argument("--vision-layers", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5, help="rounds of (a) and (d)")
@@ -279,11 +306,14 @@ def main():
     if args.memory_only:  # child process: one measurement, a fresh peak
         print(json.dumps(peak_memory(args, args.memory_only)))
         return
+    if args.backbone == "qwen3_vl" and args.vision_layers < 3:
+        args.vision_layers = 3  # DeepStack's three levels come from three distinct vision layers
     if args.tolerance is None:
         args.tolerance = 1e-4 if args.dtype == "float32" else 0.5
 
-    print(f"STAMP mask pass at Qwen2-VL-2B layer shapes, {args.text_layers} text / {args.vision_layers} vision layers "
-          f"(the real model: 28 / 32), random weights, {args.dtype}, sdpa; {machine(args)}")
+    real = {"qwen2_vl": ("Qwen2-VL-2B", "28 / 32"), "qwen3_vl": ("Qwen3-VL-2B", "28 / 24")}[args.backbone]
+    print(f"STAMP mask pass at {real[0]} layer shapes, {args.text_layers} text / {args.vision_layers} vision layers "
+          f"(the real model: {real[1]}), random weights, {args.dtype}, sdpa; {machine(args)}")
     print(f"times per <|seg|>: median (min-max) ms over alternating rounds: (a), (d) {args.repeats}, (b) "
           f"{args.official_rounds}, (c) {args.autoregressive_rounds}; b/a and a/d: median of same-round ratios")
     model, processor = build(args)

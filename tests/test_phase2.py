@@ -20,10 +20,14 @@ def generate(model, processor, image, segs=3, **kwargs):
 
 def reference_mask_logits(model, inputs, sequence, causal_placeholders=False):
     """STAMP phase 2 written out naively: the whole sequence plus every <|seg|>'s N placeholders in one no-cache
-    forward, with the hybrid 4D mask built element by element. Shares nothing with the model's phase-2 code."""
+    forward, with the hybrid 4D mask built element by element. Shares nothing with the model's phase-2 code. On
+    Qwen3-VL, DeepStack is applied explicitly: each level of the vision tower's deepstack features is added after its
+    layer to the image tokens and, with config.deepstack_placeholders, to each block's placeholders (patch j's to
+    placeholder j)."""
     config = model.config
     backbone = model.model
-    features = torch.cat(backbone.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+    vision = backbone.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    features = torch.cat(vision.pooler_output)
     n = features.shape[0]
     ids = sequence[0]
     length = ids.shape[0]
@@ -57,8 +61,17 @@ def reference_mask_logits(model, inputs, sequence, causal_placeholders=False):
     else:
         mask = allowed
     mask = mask[None, None]
+    deepstack = {}
+    if getattr(vision, "deepstack_features", None) is not None:  # Qwen3-VL
+        visual = torch.zeros(total, dtype=torch.bool)
+        visual[:length] = ids == config.image_token_id
+        blocks = len(segs) if config.deepstack_placeholders else 0
+        visual[length:] = blocks > 0
+        levels = [torch.cat(level) for level in vision.deepstack_features]
+        deepstack = {"visual_pos_masks": visual[None], "deepstack_visual_embeds": [level.repeat(1 + blocks, 1) for level in levels]}
     hidden = backbone.language_model(
-        inputs_embeds=x, position_ids=pos, attention_mask={"full_attention": mask, "sliding_attention": mask}
+        inputs_embeds=x, position_ids=pos,
+        attention_mask=mask if deepstack else {"full_attention": mask, "sliding_attention": mask}, **deepstack,
     ).last_hidden_state[0]
     logits = model.classifier(hidden[length:]).squeeze(-1)
     return [chunk for chunk in logits.split(n)]

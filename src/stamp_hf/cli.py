@@ -13,7 +13,7 @@ COMMANDS = {
     "segment": "segment what a sentence describes in an image (masks, overlay, JSON)",
     "chat": "chat about an image, several turns on one cache; masks as overlays",
     "convert": "convert a released STAMP checkpoint (full or LoRA) into a STAMP Hub folder",
-    "init": "make an untrained STAMP from a Qwen2-VL / Qwen2.5-VL base (stamp-hf train then fine-tunes it)",
+    "init": "make an untrained STAMP from a Qwen2-VL / Qwen2.5-VL / Qwen3-VL base (stamp-hf train then fine-tunes it)",
     "push": "publish a STAMP folder to the Hugging Face Hub with its model card",
     "train": "fine-tune STAMP on JSON Lines data (full or LoRA) with transformers' Trainer",
     "eval": "evaluate STAMP on referring segmentation data (cIoU, gIoU, N-acc, T-acc)",

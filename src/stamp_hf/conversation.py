@@ -42,9 +42,7 @@ class Conversation:
             inputs, _ = self.processor.encode_chat([user_turn([self.image], text)])
             inputs = inputs.to(model.device)
             self.image_grid_thw = inputs["image_grid_thw"]
-            self.image_features = list(
-                model.model.get_image_features(inputs["pixel_values"], self.image_grid_thw, return_dict=True).pooler_output
-            )
+            self.image_features = model.encode_images(inputs["pixel_values"], self.image_grid_thw)
             input_ids, types = inputs["input_ids"], inputs["mm_token_type_ids"]
         else:
             new_ids = self._follow_up_ids(text).to(model.device)

@@ -1,5 +1,5 @@
 """STAMP and Qwen-VL models from scratch, offline: a Qwen2-style byte-level BPE tokenizer learned on a corpus, and
-configs of Qwen2-VL / Qwen2.5-VL structure at any size, with or without STAMP's fields. The tests' tiny models
+configs of Qwen2-VL / Qwen2.5-VL / Qwen3-VL structure at any size, with or without STAMP's fields. The tests' tiny models
 (stamp_hf.testing, at toy size) and the bundled demo model (stamp_hf.synthetic.stages, at its own size) start here.
 """
 
@@ -57,15 +57,19 @@ def stamp_config(
     num_layers: int,
     vision_depth: int,
     vision_embed_dim: int,
-    patch_size: int,
+    patch_size: int | None,
     merge_size: int,
     backbone: str = "qwen2_vl",
     **overrides,
 ) -> STAMPConfig:
     """A STAMP config with the structure of `backbone` ("qwen2_vl": STAMPConfig, "qwen2_5_vl": STAMPQwen2_5_VLConfig,
-    with window attention in all but the last vision block) at the given size; token ids read from `tokenizer` (the
-    STAMP ones when it has the STAMP tokens). `overrides`: any other config setting."""
+    with window attention in all but the last vision block; "qwen3_vl" / "qwen3_vl_moe": STAMPQwen3VLConfig /
+    STAMPQwen3VLMoeConfig, interleaved M-RoPE, DeepStack from every vision block) at the given size (`patch_size`
+    None: the backbone's, 14 px or Qwen3-VL's 16 px); token ids read from `tokenizer` (the STAMP ones when it has the
+    STAMP tokens). `overrides`: any other config setting."""
     ids = tokenizer.convert_tokens_to_ids
+    qwen3 = backbone.startswith("qwen3")
+    patch_size = patch_size or (16 if qwen3 else 14)
     half_head = hidden_size // 4 // 2  # M-RoPE splits half the head dim 1/4, 3/8, 3/8 (t, h, w), as Qwen2-VL does
     mrope_section = [half_head // 4, 3 * half_head // 8, half_head - half_head // 4 - 3 * half_head // 8]
     settings = dict(
@@ -77,10 +81,12 @@ def stamp_config(
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section,
+                             **({"mrope_interleaved": True} if qwen3 else {})},
             bos_token_id=ids("<|endoftext|>"),
             eos_token_id=ids("<|im_end|>"),
             pad_token_id=ids("<|endoftext|>"),
+            **_text_extras(backbone, hidden_size),
         ),
         vision_config=_vision_config(backbone, vision_depth, vision_embed_dim, hidden_size, patch_size, merge_size),
         image_token_id=ids("<|image_pad|>"),
@@ -95,7 +101,21 @@ def stamp_config(
     return config
 
 
+def _text_extras(backbone, hidden_size) -> dict:
+    if not backbone.startswith("qwen3"):
+        return {}
+    extras = {"head_dim": hidden_size // 4}  # Qwen3 sets the head width explicitly (128 by default)
+    if backbone == "qwen3_vl_moe":  # 4 experts, 2 per token, in every layer
+        extras.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=3 * hidden_size // 4,
+                      decoder_sparse_step=1)
+    return extras
+
+
 def _vision_config(backbone, depth, width, out_size, patch_size, merge_size) -> dict:
+    if backbone.startswith("qwen3"):  # DeepStack taps every block: `depth` levels, added after the first LM layers
+        return dict(depth=depth, hidden_size=width, out_hidden_size=out_size, intermediate_size=2 * width, num_heads=2,
+                    patch_size=patch_size, spatial_merge_size=merge_size, num_position_embeddings=64,
+                    deepstack_visual_indexes=list(range(depth)))
     if backbone == "qwen2_vl":
         return dict(depth=depth, embed_dim=width, hidden_size=out_size, num_heads=2, mlp_ratio=2, patch_size=patch_size,
                     spatial_merge_size=merge_size)
@@ -113,7 +133,8 @@ def base_config(tokenizer, backbone: str = "qwen2_vl", vocab_rows: int | None = 
     from transformers import AutoConfig
 
     stamp = stamp_config(tokenizer, backbone=backbone, **settings)
-    plain = {k: v for k, v in stamp.to_dict().items() if k not in {f.name for f in fields(STAMPConfigMixin)}}
+    stamp_fields = {f.name for f in fields(STAMPConfigMixin)} | {"deepstack_placeholders"}
+    plain = {k: v for k, v in stamp.to_dict().items() if k not in stamp_fields}
     if vocab_rows is not None:
         plain["text_config"]["vocab_size"] = vocab_rows
     for key in ("model_type", "auto_map", "architectures", "transformers_version"):

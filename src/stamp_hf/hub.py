@@ -19,9 +19,10 @@ DEFAULT_TRAINING_DATA = (
 )
 DEFAULT_DATASETS = ["lichengunc/refcoco", "lichengunc/refcocog"]
 UNTRAINED_DATA = "None yet: the STAMP head (classifier and STAMP token rows) is untrained. Fine-tune it with `stamp-hf train`."
-BACKBONE_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL"}
+BACKBONE_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL", "qwen3_vl_moe": "Qwen3-VL-MoE"}
 # STAMP model type -> backbone model type (the tag and the name the card gives)
-STAMP_BACKBONES = {"stamp": "qwen2_vl", "stamp_qwen2_5_vl": "qwen2_5_vl"}
+STAMP_BACKBONES = {"stamp": "qwen2_vl", "stamp_qwen2_5_vl": "qwen2_5_vl", "stamp_qwen3_vl": "qwen3_vl",
+                   "stamp_qwen3_vl_moe": "qwen3_vl_moe"}
 
 
 class PublishError(ValueError):
@@ -74,7 +75,7 @@ def render_model_card(
     initialized_from: str | None = None,
 ) -> ModelCard:
     """The STAMP model card for `repo_id`; `eval_results` as returned by `read_eval_results` (adds a model-index).
-    `backbone`: "qwen2_vl" or "qwen2_5_vl". `initialized_from`: the base of a fresh `init_from_base` folder (the card
+    `backbone`: "qwen2_vl", "qwen2_5_vl", "qwen3_vl" or "qwen3_vl_moe". `initialized_from`: the base of a fresh `init_from_base` folder (the card
     then says it is an untrained STAMP head on that base, and the card data keeps it for `push`)."""
     index = []
     for row in eval_results or []:

@@ -1,6 +1,6 @@
 """Make a STAMP model from a Qwen-VL base: `init_from_base` (and `stamp-hf init`).
 
-The base is a Hub id or folder of a transformers Qwen2-VL or Qwen2.5-VL checkpoint as the Hub repos lay them out
+The base is a Hub id or folder of a transformers Qwen2-VL, Qwen2.5-VL or Qwen3-VL (dense or MoE) checkpoint as the Hub repos lay them out
 (config.json with flat legacy or nested text settings, legacy or current weight names, tied or untied embeddings,
 tokenizer files, chat template, preprocessor_config.json). As the official training code does it: the four STAMP
 tokens are appended in one `add_special_tokens` call, the embeddings (and an untied lm_head) are resized to
@@ -23,8 +23,8 @@ from .modeling_stamp import STAMP_MODELS
 from .processing_stamp import STAMPProcessor
 from .vocab import add_stamp_tokens
 
-BASE_TYPES = tuple(STAMP_CONFIGS)  # qwen2_vl, qwen2_5_vl
-EXPECTED_BASE = "a base must be Qwen2-VL or Qwen2.5-VL (model_type 'qwen2_vl' or 'qwen2_5_vl')"
+BASE_TYPES = tuple(STAMP_CONFIGS)  # qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe
+EXPECTED_BASE = f"a base must be Qwen2-VL, Qwen2.5-VL or Qwen3-VL (model_type {', '.join(map(repr, BASE_TYPES))})"
 
 
 class BaseModelError(CheckpointError):
@@ -46,7 +46,7 @@ def init_from_base(
     revision: str | None = None,
     token: str | None = None,
 ):
-    """A STAMP model and processor made from `base` (Hub id or folder of a Qwen2-VL / Qwen2.5-VL checkpoint), with
+    """A STAMP model and processor made from `base` (Hub id or folder of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint), with
     an untrained STAMP head; written to `output` as a STAMP Hub folder (remote code, model card) if given.
 
     min_placeholders / max_placeholders: the bounds on N (merged patches per image; the paper's 1024 / 1280).

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken
 from transformers import GenerationConfig, LogitsProcessor
 from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -34,8 +35,8 @@ _CORPUS = [
     "Yes, no. Sorry, there is no such object in the image.",
 ]
 # the tests' toy size (stamp_hf.from_scratch.stamp_config's settings): 64-wide text, 32-wide ViT, 2 layers each,
-# Qwen2-VL's 14 px patches and 2 x 2 merge, 4 to 64 placeholders
-TINY = dict(hidden_size=64, num_layers=2, vision_depth=2, vision_embed_dim=32, patch_size=14, merge_size=2,
+# the backbone's own patches (14 px; Qwen3-VL 16 px) and 2 x 2 merge, 4 to 64 placeholders
+TINY = dict(hidden_size=64, num_layers=2, vision_depth=2, vision_embed_dim=32, patch_size=None, merge_size=2,
             min_placeholders=4, max_placeholders=64)
 
 
@@ -89,8 +90,9 @@ def tiny_processor(
 
 
 def tiny_config(tokenizer, **settings) -> STAMPConfig:
-    """`stamp_config` at the toy size TINY (backbone="qwen2_5_vl" for Qwen2.5-VL); `settings` override sizes and any
-    config setting. Token ids are read from `tokenizer`."""
+    """`stamp_config` at the toy size TINY (backbone="qwen2_5_vl" / "qwen3_vl" / "qwen3_vl_moe" for the other
+    backbones; Qwen3-VL's 16 px patches unless patch_size is given); `settings` override sizes and any config setting.
+    Token ids are read from `tokenizer`."""
     return stamp_config(tokenizer, **{**TINY, **settings})
 
 
@@ -196,7 +198,12 @@ def answer_with_masks(model, processor, answer: str = " it is", segs: int = 1) -
 _BASE_LAYOUTS = {
     "qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLForConditionalGeneration"),
     "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl": ("Qwen3VLProcessor", "Qwen3VLForConditionalGeneration"),
+    "qwen3_vl_moe": ("Qwen3VLProcessor", "Qwen3VLMoeForConditionalGeneration"),
 }
+# tokens the Qwen3 (and Qwen2.5) vocabularies add after Qwen2-VL's special tokens (151657-151668)
+QWEN3_ADDED_TOKENS = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+                      "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>")
 
 
 def tiny_base(
@@ -208,12 +215,21 @@ def tiny_base(
     flat config.json (text settings at the top, `rope_scaling` of type mrope, legacy vision keys), bfloat16 weights
     under legacy names (`model.layers.*`, `visual.*`, no lm_head when tied). `layout="current"` keeps transformers 5's own save. Both
     come with the repos' chat_template.json, preprocessor_config.json (min/max_pixels), generation_config.json and
-    tokenizer files. `rows`: embedding rows (default: 29 more than tokens, as the real ones have spare rows)."""
+    tokenizer files. `rows`: embedding rows (default: 29 more than tokens, as the real ones have spare rows).
+
+    backbone="qwen3_vl" / "qwen3_vl_moe": as the Qwen/Qwen3-VL-2B/4B-Instruct (tie=True), 8B (tie=False) and
+    30B-A3B (MoE) repos are: nested config.json (text settings under text_config with `rope_scaling`), bfloat16
+    weights under the current names (no lm_head when tied; MoE experts in the repos' transposed layout), the Qwen3
+    tokens after Qwen2-VL's special ones, and preprocessor_config.json / video_preprocessor_config.json with 16 px
+    patches. Both layouts apply as above."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForImageTextToText
 
     folder = Path(folder)
+    qwen3 = backbone.startswith("qwen3")
     tokenizer = tiny_tokenizer(stamp_tokens=False)
+    if qwen3:
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN3_ADDED_TOKENS])
     rows = rows if rows is not None else len(tokenizer) + 29
     config = base_config(tokenizer, backbone, rows, **TINY, tie_word_embeddings=tie)
     torch.manual_seed(seed)
@@ -227,12 +243,17 @@ def tiny_base(
     tokenizer.save_pretrained(folder)
     processor_class, _ = _BASE_LAYOUTS[backbone]
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}, indent=2))
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor_class,
-    }, indent=2))  # fmt: skip
-    if layout == "hub":
+    if qwen3:
+        _write_qwen3_preprocessors(folder)
+    else:
+        (folder / "preprocessor_config.json").write_text(json.dumps({
+            "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor_class,
+        }, indent=2))  # fmt: skip
+    if layout == "hub" and qwen3:
+        _rewrite_as_qwen3_hub_repo(folder, backbone, tie, load_file, save_file)
+    elif layout == "hub":
         _rewrite_as_hub_repo(folder, backbone, tie, load_file, save_file)
     elif layout != "current":
         raise ValueError(f"layout must be 'hub' or 'current', got {layout!r}")
@@ -266,3 +287,37 @@ def _rewrite_as_hub_repo(folder: Path, backbone: str, tie: bool, load_file, save
             if not (tie and key == "lm_head.weight"):
                 legacy[key] = value.to(torch.bfloat16) if value.is_floating_point() else value  # as released
         save_file(legacy, file, metadata={"format": "pt"})
+
+
+def _write_qwen3_preprocessors(folder: Path) -> None:
+    """The Qwen3-VL repos' preprocessor_config.json and video_preprocessor_config.json (16 px patches, merge 2)."""
+    common = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+              "image_std": [0.5, 0.5, 0.5], "processor_class": "Qwen3VLProcessor"}
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"longest_edge": 16777216, "shortest_edge": 65536}, **common,
+        "image_processor_type": "Qwen2VLImageProcessorFast",
+    }, indent=2))  # fmt: skip
+    (folder / "video_preprocessor_config.json").write_text(json.dumps({
+        "size": {"longest_edge": 25165824, "shortest_edge": 4096}, **common,
+        "video_processor_type": "Qwen3VLVideoProcessor",
+    }, indent=2))  # fmt: skip
+
+
+def _rewrite_as_qwen3_hub_repo(folder: Path, backbone: str, tie: bool, load_file, save_file) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    text, vision = config["text_config"], config["vision_config"]
+    rope = text.pop("rope_parameters")
+    text.update(rope_theta=rope.pop("rope_theta"), rope_scaling=rope, tie_word_embeddings=tie, dtype="bfloat16")
+    vision.pop("rope_parameters", None)
+    vision["model_type"] = backbone  # as in the repos' config.json
+    config.pop("dtype", None)
+    config.update(tie_word_embeddings=tie, architectures=[_BASE_LAYOUTS[backbone][1]])
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for file in folder.glob("*.safetensors"):
+        state = {}
+        for key, value in load_file(file).items():
+            if key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+                value = value.transpose(1, 2).contiguous()  # the MoE repos' (experts, in, out) layout
+            if not (tie and key == "lm_head.weight"):
+                state[key] = value.to(torch.bfloat16) if value.is_floating_point() else value
+        save_file(state, file, metadata={"format": "pt"})

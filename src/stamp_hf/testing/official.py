@@ -49,7 +49,8 @@ def official_mask_logits(model, sequences, pixel_values, image_grid_thw, cache, 
     mask_embed = model.get_input_embeddings().weight[model.config.mask_token_id]
     masks = []
     for index in seg_indices.tolist():
-        features = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output[-1]
+        vision = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        features = vision.pooler_output[-1]
         prefix = _sliced_cache(cache, index + 1)
         n = features.shape[0]
         embeds = (mask_embed + features.to(mask_embed.dtype))[None]
@@ -58,12 +59,25 @@ def official_mask_logits(model, sequences, pixel_values, image_grid_thw, cache, 
         hidden = model.model.language_model(
             inputs_embeds=embeds,
             position_ids=placeholder_positions,
-            attention_mask={"full_attention": attention, "sliding_attention": attention},
+            **_deepstack_inputs(model, vision, attention, n),
             cache=prefix,
             use_cache=True,
         ).last_hidden_state
         masks.append(model.classifier(hidden[0]).squeeze(-1).reshape(grid))
     return masks
+
+
+def _deepstack_inputs(model, vision, attention, n: int) -> dict:
+    """The mask (and, on Qwen3-VL with config.deepstack_placeholders, every placeholder's DeepStack features: its
+    patch's, as the official procedure would give them on that backbone) for a forward of N placeholders."""
+    deepstack = getattr(vision, "deepstack_features", None)
+    if deepstack is None:  # Qwen2-VL's text models take the mask per layer type
+        return {"attention_mask": {"full_attention": attention, "sliding_attention": attention}}
+    inputs = {"attention_mask": attention}  # Qwen3-VL's takes a 4D mask as given
+    if model.config.deepstack_placeholders:
+        inputs.update(visual_pos_masks=torch.ones(1, n, dtype=torch.bool, device=attention.device),
+                      deepstack_visual_embeds=[level[-1] for level in deepstack])
+    return inputs
 
 
 @torch.no_grad()
