@@ -4,6 +4,7 @@ OSError), which becomes one line on stderr and exit status 2, never a traceback.
 model code inside `run` only, so `stamp-hf --help` and `--version` start in a fraction of a second."""
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -25,6 +26,26 @@ COMMANDS = {
 
 class CommandError(Exception):
     """A problem with what the user asked for (a path, a size, a token): reported in one line, exit status 2."""
+
+
+# what httpx (huggingface_hub's HTTP client) raises on a network failure is not an OSError; neither is a traceback
+NETWORK_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+
+
+def is_network_error(error: BaseException) -> bool:
+    return type(error).__module__.split(".")[0] in NETWORK_MODULES
+
+
+@contextlib.contextmanager
+def network_errors(doing: str):
+    """A network failure inside becomes a CommandError saying what could not be done ("publish X to Y")."""
+    try:
+        yield
+    except Exception as error:
+        if not (is_network_error(error) or isinstance(error, ConnectionError)):
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise CommandError(f"cannot {doing}: network error ({type(error).__name__}: {message})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +75,12 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as error:  # a network failure anywhere: one line, not httpx's traceback
+        if not is_network_error(error):
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"stamp-hf {args.command}: error: network error ({type(error).__name__}: {message})", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ earlier). Each turn is one `model.generate_with_masks` call on the conversation'
 
 import torch
 
-from .pipeline_stamp import finish_results
+from .pipeline_stamp import check_prompt, finish_results
 from .processing_stamp import load_image, user_turn
 
 _SENTINEL = "\x00STAMP-USER-TEXT\x00"
@@ -37,6 +37,7 @@ class Conversation:
     @torch.no_grad()
     def ask(self, text: str, **generate_kwargs) -> dict:
         """The answer to `text` given everything said so far; generate arguments pass through."""
+        check_prompt(text)
         model = self.model
         if self.sequences is None:
             inputs, _ = self.processor.encode_chat([user_turn([self.image], text)])
