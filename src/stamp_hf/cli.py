@@ -6,7 +6,6 @@ model code inside `run` only, so `stamp-hf --help` and `--version` start in a fr
 import argparse
 import contextlib
 import importlib
-import logging
 import sys
 
 # name -> one-line help; the module stamp_hf.commands.<name> (- as _) implements it
@@ -32,6 +31,11 @@ class CommandError(Exception):
 NETWORK_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3")
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (its type when it has none)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def is_network_error(error: BaseException) -> bool:
     return type(error).__module__.split(".")[0] in NETWORK_MODULES
 
@@ -44,8 +48,7 @@ def network_errors(doing: str):
     except Exception as error:
         if not (is_network_error(error) or isinstance(error, ConnectionError)):
             raise
-        message = " ".join(str(error).split()) or type(error).__name__
-        raise CommandError(f"cannot {doing}: network error ({type(error).__name__}: {message})") from None
+        raise CommandError(f"cannot {doing}: network error ({type(error).__name__}: {one_line(error)})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,23 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    # torchao (the `quant` extra), which transformers imports whenever it is installed, makes torch log two
-    # deprecation notices on stderr at that import; they would break the one-line contract of every command
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    # torchao's two deprecation notices at transformers' import are filtered when stamp_hf is imported (__init__)
     args = build_parser().parse_args(argv)
     try:
         return args._run(args) or 0
-    except (CommandError, ValueError, TypeError, OSError) as error:
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"stamp-hf {args.command}: error: {message}", file=sys.stderr)
+    except (CommandError, ValueError, TypeError, OSError, ImportError) as error:  # ImportError: a missing extra or
+        # an unsupported transformers, each said in one line with the pip command
+        print(f"stamp-hf {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     except Exception as error:  # a network failure anywhere: one line, not httpx's traceback
         if not is_network_error(error):
             raise
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"stamp-hf {args.command}: error: network error ({type(error).__name__}: {message})", file=sys.stderr)
+        print(f"stamp-hf {args.command}: error: network error ({type(error).__name__}: {one_line(error)})",
+              file=sys.stderr)
         return 2
 
 

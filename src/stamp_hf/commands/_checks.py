@@ -13,7 +13,7 @@ import re
 import socket
 from pathlib import Path
 
-from ..cli import CommandError
+from ..cli import CommandError, one_line
 
 # torch device types a user may name (availability is checked after torch loads); "cuda:1" style indices
 DEVICE = re.compile(r"(cpu|cuda|mps|xpu|hpu|npu|mtia|meta)(:\d+)?")
@@ -27,10 +27,6 @@ def hub_timeout() -> int:
     from huggingface_hub import constants
 
     return constants.HF_HUB_ETAG_TIMEOUT
-
-
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def check_device(name: str | None) -> None:

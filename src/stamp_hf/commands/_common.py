@@ -6,8 +6,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import CommandError
-from ._checks import check_at_least, check_device, check_source, one_line
+from ..cli import CommandError, one_line
+from ._checks import check_at_least, check_device, check_source
 from ..demo_model import DEMO_MODEL
 
 # The small synthetic-shapes demo STAMP shipped with the package (see demo_model/README.md): `stamp-hf segment`

@@ -10,9 +10,9 @@ import signal
 import threading
 import time
 
-from ..cli import CommandError
+from ..cli import CommandError, one_line
 from ..serve_limits import limits_text
-from ._checks import check_at_least, check_port, one_line
+from ._checks import check_at_least, check_port
 from ._common import add_model_arguments, check_model_arguments, log
 
 
