@@ -62,7 +62,7 @@ def test_readme_main_job_command_writes_an_overlay_with_the_bundled_demo_model(t
         with Image.open(ROOT / "docs" / "demo_overlay.png") as shown:  # the README shows what the command writes
             assert image.tobytes() == shown.tobytes()
     assert "1 mask(s)" in result.stderr
-    assert [line.split()[0] for line in result.stderr.splitlines()] == ["loaded", "answered"], result.stderr
+    assert [line.split()[0] for line in warning_lines(result.stderr)] == ["loaded", "answered"], result.stderr
     # the mask is the red circle's: the example image is the drawn held-out set's scene EXAMPLE_SEED
     from stamp_hf.synthetic.drawn import drawn_scene
 
