@@ -7,13 +7,34 @@ The STAMP settings are defined once, in `STAMPConfigMixin`; `STAMPConfig` (Qwen2
 Hub remote code: imports only transformers (and huggingface_hub, which it ships with).
 """
 
+import re
 from dataclasses import dataclass
 
-from huggingface_hub.dataclasses import strict
-from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig
-from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLConfig
-from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLConfig
-from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeConfig
+import transformers
+
+# The transformers releases this code is tested with: [floor, ceiling). Checked here, in the first remote-code file
+# transformers loads, so an older or newer transformers says so in one line instead of failing deep inside a class.
+TRANSFORMERS_FLOOR, TRANSFORMERS_CEILING = (5, 25), (6, 0)
+TRANSFORMERS_RANGE = "transformers>={}.{},<{}".format(*TRANSFORMERS_FLOOR, TRANSFORMERS_CEILING[0])
+
+
+def check_transformers_version(version: str | None = None) -> None:
+    """ImportError (one line: what is needed, what is installed, the pip command) unless `version` (default: the
+    installed transformers') is in the supported range."""
+    version = transformers.__version__ if version is None else version
+    release = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if not TRANSFORMERS_FLOOR <= release < TRANSFORMERS_CEILING:
+        raise ImportError(f"STAMP's model code needs {TRANSFORMERS_RANGE}, but transformers {version} is installed; "
+                          f"install a supported one: pip install '{TRANSFORMERS_RANGE}'")
+
+
+check_transformers_version()
+
+from huggingface_hub.dataclasses import strict  # noqa: E402  (after the version check: older releases lack it)
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig  # noqa: E402
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLConfig  # noqa: E402
+from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLConfig  # noqa: E402
+from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeConfig  # noqa: E402
 
 # Appended in this order after the Qwen2-VL vocabulary by the released checkpoints.
 STAMP_TOKENS = ("<|seg|>", "<|mask|>", "<|yes|>", "<|no|>")
@@ -167,4 +188,6 @@ __all__ = [
     "STAMP_CONFIGS",
     "STAMP_MODEL_TYPES",
     "STAMP_TOKENS",
+    "TRANSFORMERS_RANGE",
+    "check_transformers_version",
 ]

@@ -15,6 +15,7 @@ Hub remote code: imports only torch, transformers, safetensors (which transforme
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,14 @@ for _stamp_type, _backbone in (
 ):
     register_checkpoint_conversion_mapping(_stamp_type, get_checkpoint_conversion_mapping(_backbone), overwrite=True)
 
+
+def readable_like_user_files(folder, pattern: str) -> None:
+    """Give the files `pattern` matches in `folder` the mode any file the user writes gets (0666 less the umask):
+    safetensors 0.8 writes 0600, which other users of a shared machine cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(folder).glob(pattern):
+        os.chmod(path, 0o666 & ~mask)
 
 @dataclass
 class STAMPOutput(ModelOutput):
@@ -146,7 +155,9 @@ class STAMPMixin:
         and the relative import of pipeline_stamp above makes transformers copy that file with this one on save (and
         fetch it with this one on a remote-code load, so a model loaded from the Hub saves it again)."""
         self.config.custom_pipelines = {PIPELINE_TASK: STAMPSegmentationPipeline.custom_pipeline_entry()}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        readable_like_user_files(save_directory, "*.safetensors")
+        return result
 
     # ------------------------------------------------------------------ training / teacher-forced forward
 

@@ -10,6 +10,8 @@
    fresh process: process start and imports, model load, image read, pipeline construction, the call (split as
    above), writing the outputs.
 3. Images per second through the pipeline at batch 1, 2 and 4 (different images, same prompt, same forced answer).
+4. The time to an argument error (`stamp-hf segment --device banana ...`, target under 1 s; --argument-error-only
+   runs just this).
 
 Each figure is the median of --repeats calls (after one warm-up call). The split comes from timers wrapped around the
 real functions and forward hooks on the vision tower and language model; nothing is changed in what runs.
@@ -375,6 +377,21 @@ def cli_breakdown(args):
     return split
 
 
+def time_to_argument_error(repeats: int = 3) -> dict:
+    """Seconds from process start to the one-line error of `stamp-hf segment --device banana x.png ...` (median of
+    `repeats` fresh processes; the target is under 1 s: the check runs before torch is imported)."""
+    script = Path(sys.executable).with_name("stamp-hf")
+    command = [str(script), "segment", "--device", "banana", "x.png", "Please segment the cat."]
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        seconds.append(time.perf_counter() - start)
+    print(f"\ntime to an argument error ({' '.join(command[1:4])} ...): {statistics.median(seconds):.2f} s "
+          f"(median of {repeats}; target < 1 s): {result.stderr.strip()}")
+    return {"command": command[1:], "seconds": statistics.median(seconds), "stderr": result.stderr.strip()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text-layers", type=int, default=1)
@@ -388,8 +405,13 @@ def main():
     parser.add_argument("--sam-h", action="store_true", help="SAM ViT-H shapes (random weights) instead of a tiny SAM")
     parser.add_argument("--skip-cli", action="store_true")
     parser.add_argument("--skip-batching", action="store_true")
+    parser.add_argument("--argument-error-only", action="store_true",
+                        help="only time a command's argument error (no model is built)")
     parser.add_argument("--json", default="benchmarks/results/breakdown_cpu.json")
     args = parser.parse_args()
+    if args.argument_error_only:
+        time_to_argument_error(args.repeats)
+        return
 
     import torch
 
@@ -404,6 +426,7 @@ def main():
         report["batching"] = batching(args, pipe, answer_length)
     if not args.skip_cli:
         report["cli"] = cli_breakdown(args)
+        report["argument_error"] = time_to_argument_error(args.repeats)
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.json}")

@@ -3,9 +3,9 @@ import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw
-from transformers import AutoModel, AutoProcessor
 
-from stamp_hf.demo_model import DEMO_MODEL
+from stamp_hf.demo_model import DEMO_MODEL  # before transformers: stamp_hf drops torchao's two import-time notices
+from transformers import AutoModel, AutoProcessor  # noqa: I001
 
 # A released checkpoint loads like any Hub model:
 #   model = AutoModel.from_pretrained("org/stamp-2b", trust_remote_code=True)

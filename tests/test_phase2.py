@@ -399,7 +399,7 @@ def test_gradient_checkpointing_recomputes_phase2_with_block_attention():
         model, processor = tiny_stamp(seed=0)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable({"use_reentrant": False})
+            model.activation_checkpointing_enable({"use_reentrant": False})
         inputs = chat(processor, random_image(90, 150))
         seg = torch.tensor([[model.config.seg_token_id]])
         inputs["input_ids"] = torch.cat([inputs["input_ids"], seg], 1)

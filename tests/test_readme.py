@@ -27,11 +27,18 @@ def test_readme_commands_match_ci():
     assert test_command in readme and test_command in ci
 
 
+def warning_lines(stderr: str) -> list[str]:
+    """Lines of stderr that are not progress bars (transformers' "Loading weights" / "Writing model shards")."""
+    lines = re.split(r"[\r\n]+", stderr)
+    return [line for line in lines if line.strip() and not re.match(r"(Loading weights|Writing model shards)", line)]
+
+
 def test_quickstart_runs(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "quickstart.py")], capture_output=True, text=True, cwd=tmp_path, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not warning_lines(result.stderr), result.stderr
     assert "response: Sure, it is <|seg|>." in result.stdout  # the demo model's real answer
     iou = float(re.search(r"IoU with the red circle: ([\d.]+)", result.stdout).group(1))
     assert iou >= 0.8, result.stdout  # a real mask of the red circle, not noise
@@ -55,6 +62,7 @@ def test_readme_main_job_command_writes_an_overlay_with_the_bundled_demo_model(t
         with Image.open(ROOT / "docs" / "demo_overlay.png") as shown:  # the README shows what the command writes
             assert image.tobytes() == shown.tobytes()
     assert "1 mask(s)" in result.stderr
+    assert [line.split()[0] for line in warning_lines(result.stderr)] == ["loaded", "answered"], result.stderr
     # the mask is the red circle's: the example image is the drawn held-out set's scene EXAMPLE_SEED
     from stamp_hf.synthetic.drawn import drawn_scene
 

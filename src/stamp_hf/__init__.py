@@ -7,8 +7,21 @@ stamp_hf module that uses the model) registers STAMP with the Auto classes and t
 """
 
 import importlib
+import logging
 
 __version__ = "0.1.0"
+
+
+class _TorchaoEnumNotice(logging.Filter):
+    """torchao (the `quant` extra), which transformers imports with its model code whenever it is installed, calls
+    torch's deprecated `register_constant` on two Enums at import, and torch logs a notice for each on stderr: nothing a
+    STAMP user can act on (torchao's to fix). This drops exactly those records of that one logger."""
+
+    def filter(self, record):
+        return "is an Enum subclass and is now natively supported by torch.compile" not in record.getMessage()
+
+
+logging.getLogger("torch.utils._pytree").addFilter(_TorchaoEnumNotice())  # at package import: before transformers'
 
 # public name -> the stamp_hf module that defines it
 _EXPORTS = {

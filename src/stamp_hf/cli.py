@@ -4,8 +4,8 @@ OSError), which becomes one line on stderr and exit status 2, never a traceback.
 model code inside `run` only, so `stamp-hf --help` and `--version` start in a fraction of a second."""
 
 import argparse
+import contextlib
 import importlib
-import logging
 import sys
 
 # name -> one-line help; the module stamp_hf.commands.<name> (- as _) implements it
@@ -27,6 +27,30 @@ class CommandError(Exception):
     """A problem with what the user asked for (a path, a size, a token): reported in one line, exit status 2."""
 
 
+# what httpx (huggingface_hub's HTTP client) raises on a network failure is not an OSError; neither is a traceback
+NETWORK_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (its type when it has none)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def is_network_error(error: BaseException) -> bool:
+    return type(error).__module__.split(".")[0] in NETWORK_MODULES
+
+
+@contextlib.contextmanager
+def network_errors(doing: str):
+    """A network failure inside becomes a CommandError saying what could not be done ("publish X to Y")."""
+    try:
+        yield
+    except Exception as error:
+        if not (is_network_error(error) or isinstance(error, ConnectionError)):
+            raise
+        raise CommandError(f"cannot {doing}: network error ({type(error).__name__}: {one_line(error)})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -42,18 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    # torchao (the `quant` extra), which transformers imports whenever it is installed, makes torch log two
-    # deprecation notices on stderr at that import; they would break the one-line contract of every command
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    # torchao's two deprecation notices at transformers' import are filtered when stamp_hf is imported (__init__)
     args = build_parser().parse_args(argv)
     try:
         return args._run(args) or 0
-    except (CommandError, ValueError, TypeError, OSError) as error:
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"stamp-hf {args.command}: error: {message}", file=sys.stderr)
+    except (CommandError, ValueError, TypeError, OSError, ImportError) as error:  # ImportError: a missing extra or
+        # an unsupported transformers, each said in one line with the pip command
+        print(f"stamp-hf {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as error:  # a network failure anywhere: one line, not httpx's traceback
+        if not is_network_error(error):
+            raise
+        print(f"stamp-hf {args.command}: error: network error ({type(error).__name__}: {one_line(error)})",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ earlier). Each turn is one `model.generate_with_masks` call on the conversation'
 
 import torch
 
-from .pipeline_stamp import finish_results
+from .pipeline_stamp import STAMPSegmentationPipeline, check_prompt, finish_results
 from .processing_stamp import load_image, user_turn
 
 _SENTINEL = "\x00STAMP-USER-TEXT\x00"
@@ -36,8 +36,14 @@ class Conversation:
 
     @torch.no_grad()
     def ask(self, text: str, **generate_kwargs) -> dict:
-        """The answer to `text` given everything said so far; generate arguments pass through."""
+        """The answer to `text` given everything said so far; generate arguments pass through (without a length
+        limit, nor one in the model's generation config: the pipeline's, max_new_tokens=256)."""
+        check_prompt(text)
         model = self.model
+        limits = ("max_new_tokens", "max_length", "generation_config")
+        if not any(key in generate_kwargs for key in limits) and model.generation_config.max_new_tokens is None:
+            default = STAMPSegmentationPipeline._default_generation_config.max_new_tokens
+            generate_kwargs["max_new_tokens"] = default
         if self.sequences is None:
             inputs, _ = self.processor.encode_chat([user_turn([self.image], text)])
             inputs = inputs.to(model.device)

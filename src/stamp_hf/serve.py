@@ -36,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from .masks_json import mask_json  # noqa: F401  (also serve.mask_json, as the tests and tools call it)
 from .processing_stamp import user_turn
 from .serve_limits import IMAGE_FORMATS, MAX_BODY_BYTES, MAX_IMAGE_PIXELS, MAX_MESSAGES, MAX_NEW_TOKENS, MAX_TEXT_BYTES
 
@@ -173,16 +174,6 @@ def pipeline_input(job: Job) -> dict:
 
 
 # ---------------------------------------------------------------------- responses
-
-
-def mask_json(entry: dict) -> dict:
-    """A pipeline mask entry as JSON: COCO compressed RLE (pycocotools' counts string) at the image's size."""
-    from pycocotools import mask as coco_mask
-
-    mask = np.asarray(entry["mask"]) > 0
-    rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"label": entry["label"], "score": round(float(entry["score"]), 6), "image": entry["image"],
-            "size": [int(mask.shape[0]), int(mask.shape[1])], "rle": rle["counts"].decode("ascii")}
 
 
 def error_response(message: str, status: int = 400) -> JSONResponse:

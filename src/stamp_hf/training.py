@@ -186,6 +186,8 @@ class TrainConfig:
         settings = dict(PAPER_TRAINING_ARGUMENTS)
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             settings["bf16"] = True
+        settings["dataloader_pin_memory"] = torch.cuda.is_available()  # pinned memory only helps (and only works
+        # without a warning) when batches go to a GPU; the config's own value below wins
         settings.update(self.training)
         if self.eval_data is not None:
             # unless set: eval_loss where checkpoints are saved ("no": once at the end, in train), and the loss only,

@@ -6,7 +6,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import CommandError
+from ..cli import CommandError, one_line
+from ._checks import check_at_least, check_device, check_source
 from ..demo_model import DEMO_MODEL
 
 # The small synthetic-shapes demo STAMP shipped with the package (see demo_model/README.md): `stamp-hf segment`
@@ -17,23 +18,44 @@ DEFAULT_MODEL = str(DEMO_MODEL)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def add_model_arguments(parser, refine: bool = True, dtype: bool = False):
-    """The options that pick and load a model; `refine`: also --refine-sam, `dtype`: also --dtype."""
+def add_model_arguments(parser, refine: bool = True, max_new_tokens: int = 256):
+    """The options that pick and load a model, the same in every command that loads one; `refine`: also
+    --refine-sam."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="STAMP checkpoint: a Hub repo id or a local folder (default: the bundled synthetic-shapes demo "
                         "model, not the paper's)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    if dtype:
-        parser.add_argument("--dtype", choices=DTYPES, default=None,
-                            help="weights and compute dtype (default: the checkpoint's own)")
+    parser.add_argument("--device", default=None,
+                        help="torch device: cpu, cuda, cuda:N, mps, ... (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="weights and compute dtype (default: the checkpoint's own)")
     if refine:
         parser.add_argument("--refine-sam", metavar="CKPT", default=None,
                             help="refine masks with SAM: a Hub id / folder (transformers SamModel) or a .pth file "
-                            "(segment-anything)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+                            "(segment-anything) (default: no refinement)")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                        help=f"most tokens generated per answer (default: {max_new_tokens})")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow a checkpoint whose weights are pickled (pytorch_model.bin): unpickling can run code, "
                         "only for files you trust")
+
+
+def check_model_arguments(args) -> None:
+    """The options of add_model_arguments, checked before torch loads (see _checks)."""
+    check_device(args.device)
+    check_at_least(args, 1, "max_new_tokens")
+    check_source(args.model, "--model", "model")
+    if getattr(args, "refine_sam", None):
+        check_source(args.refine_sam, "--refine-sam", "SAM model", file_suffixes=(".pth", ".pt"))
+
+
+def check_prompt(prompt: str) -> str:
+    """The pipeline's own check (one message everywhere a prompt is taken), as a one-line command error."""
+    from ..pipeline_stamp import check_prompt as pipeline_check
+
+    try:
+        return pipeline_check(prompt)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
 
 
 def log(message: str) -> None:
@@ -84,9 +106,14 @@ def load(args):
         model = AutoModel.from_pretrained(args.model, allow_pickle=args.allow_pickle, **dtype).to(device).eval()
         processor = AutoProcessor.from_pretrained(args.model)
     except OSError as error:
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise CommandError(f"{args.model}: cannot load a STAMP model from it ({reason})") from None
-    refiner = sam_refiner(args.refine_sam) if getattr(args, "refine_sam", None) else None
+        raise CommandError(f"--model {args.model}: cannot load a STAMP model from it ({one_line(error)})") from None
+    refiner = None
+    if getattr(args, "refine_sam", None):
+        try:
+            refiner = sam_refiner(args.refine_sam)
+        except (OSError, ValueError) as error:
+            raise CommandError(f"--refine-sam {args.refine_sam}: cannot load the SAM model ({one_line(error)})") \
+                from None
     log(f"loaded {args.model} on {device} in {time.perf_counter() - start:.1f}s")
     return model, processor, refiner
 

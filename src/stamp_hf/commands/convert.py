@@ -1,6 +1,8 @@
 """Convert a released STAMP checkpoint (full fine-tune or LoRA adapter; local folder or Hub repo id) into a STAMP Hub
 folder that loads with AutoModel / AutoProcessor (trust_remote_code=True), with or without stamp-hf installed."""
 
+from ._checks import check_output_folder, check_source
+
 
 def add_arguments(parser):
     parser.add_argument("source", help="checkpoint folder or Hub repo id (e.g. JiaZL/STAMP-2B-uni, JiaZL/STAMP-7B-lora)")
@@ -13,6 +15,10 @@ def add_arguments(parser):
 
 
 def run(args):
+    check_source(args.source, "SOURCE", "checkpoint", file_suffixes=(), markers=("config.json", "adapter_config.json"))
+    if args.base:
+        check_source(args.base, "--base", "base model")
+    check_output_folder(args.destination, "DESTINATION")
     from stamp_hf.convert import convert_checkpoint
 
     folder = convert_checkpoint(

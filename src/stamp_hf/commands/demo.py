@@ -4,13 +4,15 @@ endpoint /segment for gradio_client. Needs the demo extra: pip install -e ".[dem
 import shlex
 
 from ..cli import CommandError
-from ._common import DEFAULT_MODEL, add_model_arguments, load
+from ._checks import check_at_least, check_port
+from ._common import DEFAULT_MODEL, add_model_arguments, check_model_arguments, load
 
 
 def add_arguments(parser):
     add_model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to serve on (0.0.0.0: every interface; default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--concurrency", type=int, default=None, metavar="N",
                         help="model calls run at once on the one shared model; more requests wait in gradio's queue "
@@ -18,9 +20,10 @@ def add_arguments(parser):
 
 
 def build(args):
-    """The gr.Blocks for the parsed options (model loaded, queue set up)."""
-    if args.concurrency is not None and args.concurrency < 1:
-        raise CommandError(f"--concurrency must be at least 1, got {args.concurrency}")
+    """The gr.Blocks for the parsed options (model loaded, queue set up); the options are checked before torch
+    loads."""
+    check_at_least(args, 1, "concurrency")
+    check_model_arguments(args)
     webdemo = _webdemo()
     model, processor, refiner = load(args)
     concurrency = args.concurrency or webdemo.default_concurrency(model.device)
@@ -49,6 +52,7 @@ def _webdemo():
 
 
 def run(args):
+    check_port(args.host, args.port)  # before the model loads; gradio's own message names GRADIO_SERVER_PORT
     demo = build(args)
     _webdemo().launch(demo, host=args.host, port=args.port, share=args.share)
     return 0

@@ -3,6 +3,8 @@ STAMP tokens appended as the official code adds them, the embeddings resized to 
 classifier. OUTPUT becomes a STAMP Hub folder (remote code, model card) that `stamp-hf train` fine-tunes; on text the
 model answers exactly as the base does."""
 
+from ._checks import check_at_least, check_output_folder, check_source
+
 
 def add_arguments(parser):
     parser.add_argument("base", help="Qwen2-VL / Qwen2.5-VL checkpoint: a Hub repo id or a local folder")
@@ -19,6 +21,9 @@ def add_arguments(parser):
 
 
 def run(args):
+    check_at_least(args, 1, "min_placeholders", "max_placeholders")
+    check_source(args.base, "BASE", "base model")
+    check_output_folder(args.output, "OUTPUT")
     from stamp_hf.init_base import init_from_base
 
     model, _ = init_from_base(

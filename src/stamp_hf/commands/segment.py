@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import add_model_arguments, check_output_file, check_writable, load, log, mask_count, write_all
+from ._checks import check_image
+from ._common import (add_model_arguments, check_model_arguments, check_output_file, check_prompt, check_writable,
+                      load, log, mask_count, write_all)
 
 
 def add_arguments(parser):
@@ -23,17 +25,26 @@ def mask_paths(out: Path, count: int) -> list[Path]:
     return [out] if count == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(count)]
 
 
+def check(args):
+    """Every argument, before torch loads: one line within a second for a mistake."""
+    check_model_arguments(args)
+    check_image(args.image)
+    out = check_output_file(args.out, "--out") if args.out else None
+    overlay = check_output_file(args.overlay, "--overlay") if args.overlay else None
+    check_writable([p for p in (out, overlay) if p], args.force)
+    return out, overlay
+
+
 def run(args):
+    out, overlay = check(args)
     from transformers import pipeline
 
     from ..overlay import overlay_masks
     from ..pipeline_stamp import PIPELINE_TASK
     from ..processing_stamp import load_image
 
+    check_prompt(args.prompt)
     image = load_image(args.image)  # before the model loads: a bad image costs nothing
-    out = check_output_file(args.out, "--out") if args.out else None
-    overlay = check_output_file(args.overlay, "--overlay") if args.overlay else None
-    check_writable([p for p in (out, overlay) if p], args.force)
     model, processor, refiner = load(args)
     pipe = pipeline(PIPELINE_TASK, model=model, processor=processor, device=model.device)
     start = time.perf_counter()

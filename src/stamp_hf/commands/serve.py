@@ -10,15 +10,17 @@ import signal
 import threading
 import time
 
-from ..cli import CommandError
+from ..cli import CommandError, one_line
 from ..serve_limits import limits_text
-from ._common import add_model_arguments, log
+from ._checks import check_at_least, check_port
+from ._common import add_model_arguments, check_model_arguments, log
 
 
 def add_arguments(parser):
-    add_model_arguments(parser, refine=False, dtype=True)
-    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=8000)
+    add_model_arguments(parser, refine=False)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to serve on (0.0.0.0: every interface; default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port to serve on (default: 8000)")
     parser.add_argument("--replicas", type=int, default=1, help="copies of the model serving requests (default 1)")
     parser.add_argument("--max-batch-size", type=int, default=8, metavar="B",
                         help="requests one model call answers at most (default 8; 1 turns batching off)")
@@ -36,17 +38,14 @@ def add_arguments(parser):
 
 
 def check(args) -> None:
-    """The options, refused in one line before Ray starts."""
-    for name in ("replicas", "max_batch_size", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise CommandError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.batch_wait_ms < 0:
-        raise CommandError(f"--batch-wait-ms must be at least 0, got {args.batch_wait_ms}")
-    if not 0 < args.port < 65536:
+    """The options, refused in one line before torch or Ray load."""
+    check_at_least(args, 1, "replicas", "max_batch_size")
+    check_at_least(args, 0, "batch_wait_ms", "cpus_per_replica", "gpus_per_replica")
+    check_model_arguments(args)
+    if args.address is None:
+        check_port(args.host, args.port)  # on a cluster the head's port is Ray's business
+    elif not 0 < args.port < 65536:
         raise CommandError(f"--port must be 1..65535, got {args.port}")
-    for name in ("cpus_per_replica", "gpus_per_replica"):
-        if (getattr(args, name) or 0) < 0:
-            raise CommandError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
 
 
 def resources(args) -> tuple[float, float]:
@@ -81,8 +80,7 @@ def _check_model(args) -> None:
     try:
         AutoConfig.from_pretrained(args.model)
     except (OSError, ValueError) as error:
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise CommandError(f"{args.model}: cannot load a STAMP model from it ({reason})") from None
+        raise CommandError(f"--model {args.model}: cannot load a STAMP model from it ({one_line(error)})") from None
 
 
 def run(args):
