@@ -120,6 +120,7 @@ class STAMPMixin:
         self.classifier = nn.Linear(config.text_config.hidden_size, 1)
         self.post_init()
         self._route_attention()
+        self.loss_type = "ForCausalLM"  # L_text; transformers finds no loss in the class name and would say so
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         """transformers' switch (sdpa, eager, flash, ...); the language model keeps reaching it through STAMP's

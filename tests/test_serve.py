@@ -33,16 +33,13 @@ PROMPTS = ("Please segment the red circle.", "Please segment the blue triangle."
 SIZES = ((320, 240), (200, 150), (256, 256), (180, 300))  # shapes.png resized: different grids, different lengths
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The URL of `stamp-hf serve --replicas 2` (demo model, batches of up to 8 waiting 100 ms), stopped with SIGTERM
-    after the module; its log is shown if it fails to start."""
+def running_server(log_path: Path, *options: str):
+    """Start `stamp-hf serve` on a free port of 127.0.0.1 with `options`, yield its URL, stop it with SIGTERM; its
+    log is shown if it fails to start or to stop."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     script = Path(sys.executable).with_name("stamp-hf")
-    command = [str(script), "serve", "--host", "127.0.0.1", "--port", str(port), "--replicas", "2",
-               "--cpus-per-replica", "0.5", "--max-batch-size", "8", "--batch-wait-ms", "100"]
+    command = [str(script), "serve", "--host", "127.0.0.1", "--port", str(port), *options]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -64,6 +61,13 @@ def server(tmp_path_factory):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert "stopping" in log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The URL of `stamp-hf serve --replicas 2` (demo model, batches of up to 8 waiting 100 ms)."""
+    yield from running_server(tmp_path_factory.mktemp("serve") / "server.log", "--replicas", "2",
+                              "--cpus-per-replica", "0.5", "--max-batch-size", "8", "--batch-wait-ms", "100")
 
 
 def post(url: str, path: str, payload, timeout: float = 120) -> tuple[int, dict, dict]:
@@ -241,3 +245,32 @@ def test_serve_command_without_ray_says_how_to_install_it():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("stamp-hf serve: error: stamp-hf serve needs Ray Serve")
     assert 'pip install -e ".[serve]"' in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def qwen3_server(tmp_path_factory):
+    """`stamp-hf serve` on a tiny random Qwen3-VL STAMP (DeepStack placeholders on) that answers " it is <|seg|>"."""
+    from stamp_hf.testing import answer_with_masks, tiny_stamp
+
+    folder = tmp_path_factory.mktemp("qwen3")
+    model, processor = tiny_stamp(seed=0, backbone="qwen3_vl")
+    answer_with_masks(model, processor)
+    model.save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+    yield from running_server(folder / "server.log", "--model", str(folder / "model"), "--max-batch-size", "8",
+                              "--batch-wait-ms", "100")
+
+
+def test_a_qwen3_vl_stamp_serves_concurrent_requests_exactly_as_alone(qwen3_server):
+    """The server on the Qwen3-VL backbone: concurrent, batched requests of different image sizes get exactly the
+    answers and masks of the same requests sent alone."""
+    with urllib.request.urlopen(qwen3_server + "/v1/model", timeout=30) as response:
+        assert json.loads(response.read())["backbone"] == "qwen3_vl"
+    jobs = [{"image": shapes_base64(size), "prompt": prompt} for size in SIZES for prompt in PROMPTS[:2]]
+    alone = [post(qwen3_server, "/v1/segment", job) for job in jobs]
+    assert all(status == 200 and len(result["masks"]) == 1 for status, result, _ in alone), alone[0]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda job: post(qwen3_server, "/v1/segment", job), jobs))
+    assert max(int(headers["x-stamp-batch-size"]) for _, _, headers in together) > 1  # batches were formed
+    for (_, one, _), (_, batched, _) in zip(alone, together, strict=True):
+        assert (batched["text"], batched["masks"]) == (one["text"], one["masks"])

@@ -179,7 +179,7 @@ def test_page_reports_a_file_that_is_not_an_image_and_an_empty_request_then_keep
 
     upload(page, SHAPES)
     status = submit(page, "   ")
-    assert status == 'Problem: Type a request first, e.g. "Please segment the red circle."', status
+    assert status == 'Problem: The prompt is empty: say what to segment, e.g. "Please segment the red circle."', status
 
     status = submit(page, REQUEST)
     assert status.startswith("Answered in") and page.input_value("#answer textarea") == "Sure, it is <|seg|>."
@@ -217,7 +217,7 @@ def test_segment_endpoint_refuses_bad_input_in_one_line_and_keeps_serving(server
     Image.new("RGB", (1000, 3), (200, 200, 200)).save(tmp_path / "thin.png")
     cases = [
         (not_an_image, REQUEST, "table.csv: cannot read it as an image"),
-        (SHAPES, "", "Type a request first"),
+        (SHAPES, "", "The prompt is empty"),
         (tmp_path / "huge.png", REQUEST, "huge.png is 4097x4097 px, over the demo's limit of 16.8 megapixels"),
         (tmp_path / "thin.png", REQUEST, "thin.png: 1000x3 px is too thin (aspect ratio over 200)"),
         (SHAPES, "segment " * 5000, "over the model's context of 4096 tokens"),

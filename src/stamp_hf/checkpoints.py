@@ -145,6 +145,18 @@ def check_loading(info: dict, folder: Path, allowed_missing: tuple = ()) -> None
         raise CheckpointError(f"the weights in {folder} do not fit a Qwen-VL model with its config: {'; '.join(details)}")
 
 
+def with_lora(model, lora_config):
+    """peft's `get_peft_model`, without the FutureWarning peft triggers itself: its PeftModel reads the model's
+    `is_gradient_checkpointing`, which transformers 5 renamed (is_activation_checkpointing); nothing a user can act on."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, lora_config)
+
+
 __all__ = [
     "CONFIG_CLASSES",
     "CheckpointError",
@@ -155,5 +167,6 @@ __all__ = [
     "resolve_checkpoint",
     "stamp_config",
     "weight_shapes",
+    "with_lora",
     "write_folder",
 ]

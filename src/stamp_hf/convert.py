@@ -19,6 +19,7 @@ from .checkpoints import (
     resolve_checkpoint,
     stamp_config,
     weight_shapes,
+    with_lora,
     write_folder,
 )
 from .configuration_stamp import STAMP_TOKENS, STAMPConfig
@@ -172,7 +173,7 @@ def _load_full(folder: Path, allow_pickle: bool, placeholders: dict):
 
 def _load_lora(folder: Path, base, allow_pickle, revision, token, placeholders):
     try:
-        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+        from peft import LoraConfig, set_peft_model_state_dict
         from peft.utils import load_peft_weights
     except ImportError:
         raise CheckpointError(f"{folder} is a LoRA adapter; merging it needs peft (pip install 'stamp-hf[train]')") from None
@@ -209,7 +210,7 @@ def _load_lora(folder: Path, base, allow_pickle, revision, token, placeholders):
 
     lora_config = LoraConfig.from_pretrained(str(folder))
     lora_config.inference_mode = True
-    peft_model = get_peft_model(model, lora_config)
+    peft_model = with_lora(model, lora_config)
     result = set_peft_model_state_dict(peft_model, {"base_model.model." + k: v for k, v in adapter.items()})
     if result.unexpected_keys:
         raise CheckpointError(

@@ -37,6 +37,7 @@ import torch
 from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
 from transformers.utils import logging
 
+from .checkpoints import with_lora
 from .configuration_stamp import MASK_LOSS_RESOLUTIONS, STAMP_MODEL_TYPES
 from .data import STAMPCollator, STAMPDataset
 from .processing_stamp import default_mask_resample
@@ -289,7 +290,7 @@ def apply_lora(model, settings: LoraSettings | None = None, freeze_vision_tower:
     """The paper's LoRA: adapters on every linear layer (language model and vision tower, unless it is frozen); the
     mask classifier and the embedding rows (and untied lm_head rows) of the STAMP tokens trained in full, so
     `<|seg|>` can be learned."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     settings = settings or LoraSettings()
     stamp_ids = [getattr(model.config, f"{name}_token_id") for name in ("seg", "mask", "yes", "no")]
@@ -305,7 +306,7 @@ def apply_lora(model, settings: LoraSettings | None = None, freeze_vision_tower:
         modules_to_save=["classifier"],
         trainable_token_indices=trainable_rows,
     )
-    return get_peft_model(model, config)
+    return with_lora(model, config)
 
 
 def merge_and_save(model, processor, folder) -> Path:

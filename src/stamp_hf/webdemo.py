@@ -27,7 +27,7 @@ from PIL import Image  # noqa: E402
 from .conversation import Conversation  # noqa: E402
 from .commands._common import mask_count  # noqa: E402
 from .overlay import PALETTE, overlay_masks  # noqa: E402
-from .pipeline_stamp import PIPELINE_TASK  # noqa: E402
+from .pipeline_stamp import PIPELINE_TASK, check_prompt  # noqa: E402
 from .processing_stamp import load_image  # noqa: E402
 
 # The Okabe-Ito names of overlay.PALETTE, so the page can say which colour is which mask.
@@ -108,10 +108,10 @@ class StampDemo:
     def check_request(text: str) -> str:
         """The request, stripped; refused when empty. (A request over the model's context is refused by
         generate_with_masks itself, with both lengths, and shown like any other model error.)"""
-        text = (text or "").strip()
-        if not text:
-            raise BadInput('Type a request first, e.g. "Please segment the red circle."')
-        return text
+        try:
+            return check_prompt(text).strip()
+        except ValueError as error:
+            raise BadInput(str(error)[0].upper() + str(error)[1:]) from None
 
     def refiner_for(self, refine: bool):
         if refine and self.refiner is None:
