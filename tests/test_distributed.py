@@ -91,5 +91,5 @@ def test_eval_under_two_processes_gives_the_summary_of_one(base, tmp_path, capsy
     assert outputs[2][0] == outputs[1][0]
     assert outputs[2][1] == outputs[1][1]  # the same per-sample results, each sample once, in data order
     ids = [json.loads(line)["id"] for line in outputs[2][1].splitlines()]
-    assert ids == [str(i) for i in range(8)]
+    assert ids == [f"{line}:1" for line in range(1, 9)]  # record line : assistant turn, in data order
     assert not list((tmp_path / "eval2").glob("results.part*"))
