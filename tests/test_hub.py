@@ -49,6 +49,14 @@ class HubRecorder:
 
 @pytest.fixture
 def hub(monkeypatch):
+    """The Hub, mocked at the network boundary: repos and commits are recorded; `stamp-hf push`'s reachability probe
+    answers as a reachable Hub would (the tests run with HF_HUB_OFFLINE=1, which the recorder stands in for)."""
+    from huggingface_hub import constants
+
+    from stamp_hf.commands import _checks
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(_checks, "hub_unreachable", lambda: None)
     recorder = HubRecorder()
     monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: recorder.create_repo(api, repo_id, **kw))
     monkeypatch.setattr(HfApi, "create_commit", lambda api, repo_id, **kw: recorder.create_commit(api, repo_id, **kw))
@@ -221,7 +229,7 @@ def test_stamp_hf_push_uploads_one_commit_that_loads_by_repo_id(tiny, tmp_path, 
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda tmp: tmp / "missing", "no config.json"),
+        (lambda tmp: tmp / "missing", "missing: no such folder"),
         (lambda tmp: _write(tmp / "results-bad", "results.json", '[{"dataset": "RefCOCO"}]'), "neither cIoU nor gIoU"),
     ],
 )

@@ -50,7 +50,7 @@ def readme_init_commands() -> list[list[str]]:
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """The tiny bases under their repo ids in a Hub cache, and what the README's init commands make of them."""
-    commands = readme_init_commands()
+    commands = [command for command in readme_init_commands() if command[2] in BASES]  # Qwen3-VL: test_init_qwen3
     assert sorted(command[2] for command in commands) == sorted(BASES)
     return init_from_hub_cache(tmp_path_factory.mktemp("init"), BASES, commands)
 

@@ -81,3 +81,11 @@ def test_training_from_a_qwen3_base_overfits_and_eval_reports_it(made, tmp_path,
     config = {"model": "Qwen/Qwen3-VL-2B-Instruct"}
     check_training_from_base(config, "stamp_qwen3_vl", "STAMPQwen3VLModel", tmp_path, capsys, caplog, SHAPES_32)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["deepstack_placeholders"] is True
+
+
+def test_the_readme_init_commands_name_bases_tested_here_or_in_test_init_base():
+    from test_init_base import BASES as QWEN2_BASES
+    from test_init_base import readme_init_commands
+
+    assert {command[2] for command in readme_init_commands()} <= set(BASES) | set(QWEN2_BASES)
+

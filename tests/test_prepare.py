@@ -274,6 +274,10 @@ TABLE_S1 = {
     "stamp-7b-lora-grefcoco.yaml": ("runs/stamp-7b-lora", 2, 2e-5, "lora"),
     "stamp-2b-reasonseg.yaml": ("runs/stamp-2b-refcoco", 1, 3e-5, "full"),
     "stamp-2b-dialogue.yaml": ("Qwen/Qwen2-VL-2B-Instruct", 2, 3e-5, "full"),
+    # the same recipes on Qwen3-VL (README, "Backbones"): 2B and 4B full, 8B LoRA as the 7B
+    "stamp-qwen3-vl-2b-refcoco.yaml": ("Qwen/Qwen3-VL-2B-Instruct", 3, 3e-5, "full"),
+    "stamp-qwen3-vl-4b-refcoco.yaml": ("Qwen/Qwen3-VL-4B-Instruct", 3, 2e-5, "full"),
+    "stamp-qwen3-vl-8b-lora-refcoco.yaml": ("Qwen/Qwen3-VL-8B-Instruct", 3, 2e-5, "lora"),
 }
 
 
