@@ -237,7 +237,7 @@ def test_unsupported_bases_are_refused_in_one_line_and_write_nothing(made, tmp_p
         outputs["Qwen/Qwen2.5-VL-3B-Instruct"]: r"is already a STAMP model \(model_type 'stamp_qwen2_5_vl'\)",
         stamp_tokens: r"already has the STAMP token\(s\) <\|seg\|>, <\|mask\|>, <\|yes\|>, <\|no\|>",
         pickled: r"holds only pickled weights \(pytorch_model.bin\).*allow_pickle=True \(--allow-pickle\)",
-        tmp_path / "missing": r"is neither a folder nor a Hub repo id",
+        tmp_path / "missing": r"missing(: no such folder| is neither a folder nor a Hub repo id)",  # CLI | Python
     }
     capsys.readouterr()
     for base, reason in cases.items():
