@@ -11,6 +11,14 @@ from conftest import ForceTokens, chat, forced_response, random_image
 TOLERANCES = {"bfloat16": 0.25, "int8": 1e-4}  # as benchmarks/precision.py STAMP_TOLERANCES
 
 
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl"])
+def tiny(request):
+    """A tiny STAMP of each backbone: Qwen2-VL, and Qwen3-VL (DeepStack placeholders on)."""
+    from stamp_hf.testing import tiny_stamp
+
+    return tiny_stamp(seed=0, backbone=request.param)
+
+
 @pytest.fixture(scope="module")
 def saved(tiny, tmp_path_factory):
     model, processor = tiny
@@ -57,7 +65,8 @@ def test_int8_language_model_runs_and_matches_teacher_forcing(tiny, saved):
     model = AutoModel.from_pretrained(saved, quantization_config=int8_language_model_config()).eval()
     layer = model.model.language_model.layers[0]
     assert "Int8" in type(layer.mlp.up_proj.weight).__name__ and "Int8" in type(layer.self_attn.q_proj.weight).__name__
-    for kept in (model.model.visual.blocks[0].mlp.fc1.weight, model.classifier.weight, model.lm_head.weight):
+    vision = next(m.weight for m in model.model.visual.modules() if isinstance(m, torch.nn.Linear))
+    for kept in (vision, model.classifier.weight, model.lm_head.weight):
         assert type(kept) is torch.nn.Parameter and kept.dtype == torch.float32
     reference, _ = masks_and_teacher_forced(tiny[0], processor)
     check_against_teacher_forced(model, processor, TOLERANCES["int8"], reference)

@@ -133,7 +133,7 @@ def test_freeze_vision_tower_keeps_the_vit_and_trains_the_rest(base, tmp_path):
         TrainConfig(model="m", data="d", output_dir="/tmp/x", freeze_vision_tower="yes")
 
 
-@pytest.mark.parametrize("base", ["qwen2_vl", "qwen2_5_vl"], indirect=True)
+@pytest.mark.parametrize("base", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"], indirect=True)
 def test_lora_merges_into_a_plain_checkpoint_with_the_adapter_outputs(base, tmp_path):
     checkpoint, data = base
     train(dict(model=str(checkpoint), data=str(data), output_dir=str(tmp_path / "out"), finetuning="lora",
@@ -160,7 +160,7 @@ def test_lora_merges_into_a_plain_checkpoint_with_the_adapter_outputs(base, tmp_
         from safetensors.torch import load_file, save_file
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(merged)!r}, trust_remote_code=True).eval()
-        assert type(model).__name__ in ("STAMPModel", "STAMPQwen2_5_VLModel"), type(model)
+        assert type(model).__name__ in ("STAMPModel", "STAMPQwen2_5_VLModel", "STAMPQwen3VLModel"), type(model)
         batch = load_file({str(tmp_path / "batch.safetensors")!r})
         with torch.no_grad():
             out = model(**batch, mask_labels=[torch.zeros(1, 1, 1)] * 2)

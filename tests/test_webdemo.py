@@ -320,6 +320,23 @@ def test_options_reach_the_model_threshold_tokens_and_sam(demo_model):
     assert np.array_equal(mask_of(answer), expected)  # the chat refines with the same SAM
 
 
+def test_the_demo_runs_a_qwen3_vl_stamp():
+    """The page's request and chat on a tiny random Qwen3-VL STAMP made to answer with a <|seg|>: an answer, a mask at
+    the upload's size, an overlay, and a follow-up on the chat's cache."""
+    from stamp_hf.testing import answer_with_masks, tiny_stamp
+    from stamp_hf.webdemo import StampDemo
+
+    model, processor = tiny_stamp(seed=0, backbone="qwen3_vl")
+    answer_with_masks(model, processor)
+    app = StampDemo(model, processor, max_new_tokens=8)
+    answer = app.segment(str(SHAPES), REQUEST)
+    assert answer.text.endswith("<|seg|><|im_end|>") or "<|seg|>" in answer.text, answer.text
+    assert mask_of(answer).shape == (240, 320) and answer.overlay.size == (320, 240)
+    chat, _, first = app.ask(None, str(SHAPES), REQUEST)
+    _, _, follow_up = app.ask(chat, str(SHAPES), "Again, please.")
+    assert len(first.masks) == len(follow_up.masks) == 1 and chat.conversation.cache.get_seq_length() > 0
+
+
 def test_demo_command_without_gradio_says_how_to_install_it(tmp_path):
     result = without_module("gradio", ["demo", "--port", "1"])
     assert result.returncode == 2
