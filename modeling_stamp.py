@@ -115,6 +115,11 @@ class STAMPMixin:
     """STAMP on a Qwen-VL backbone: the classifier, the mask loss, phase 2 and the helpers. A concrete class puts it
     before the backbone's `...ForConditionalGeneration` (see `STAMPModel`, `STAMPQwen2_5_VLModel`)."""
 
+    # Both losses take Trainer's batch-wide counts (`num_items_in_batch`, `num_masks_in_batch`), so accumulated and
+    # multi-process batches give the full batch's loss. Qwen3-VL's class says False, which would make Trainer average
+    # per-micro-batch means instead.
+    accepts_loss_kwargs = True
+
     def __init__(self, config):
         super().__init__(config)
         self.classifier = nn.Linear(config.text_config.hidden_size, 1)

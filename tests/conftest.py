@@ -56,6 +56,13 @@ def tiny_qwen25():
     return model, processor
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl():
+    """The Qwen3-VL backbone (DeepStack, interleaved M-RoPE, 32 px cells) at toy size."""
+    model, processor = tiny_stamp(seed=0, backbone="qwen3_vl")
+    return model, processor
+
+
 # A None entry in sys.modules makes `import stamp_hf` fail and find_spec report it missing, as if never installed.
 BLOCK_STAMP_HF = "import sys\nsys.modules['stamp_hf'] = None\n"
 

@@ -34,8 +34,8 @@ def launch(tmp_path, args, processes):
 
 
 @pytest.fixture
-def base(tmp_path):
-    model, processor = tiny_stamp(seed=0)
+def base(tmp_path, request):
+    model, processor = tiny_stamp(seed=0, backbone=getattr(request, "param", "qwen2_vl"))
     model.save_pretrained(tmp_path / "base")
     processor.save_pretrained(tmp_path / "base")
     # 8 samples of different lengths and sizes: a global batch of 4 mixes them differently at every step
@@ -43,6 +43,7 @@ def base(tmp_path):
     return tmp_path / "base", write_shapes_dataset(tmp_path / "data", shapes=shapes)
 
 
+@pytest.mark.parametrize("base", ["qwen2_vl", "qwen3_vl"], indirect=True)
 def test_two_processes_follow_the_loss_curve_of_one(base, tmp_path):
     checkpoint, data = base
     curves = {}

@@ -74,11 +74,11 @@ def expected_upload(model, processor, folder: Path) -> dict[str, bytes]:
     return saved_files(folder)
 
 
-def check_hub_repo_files(files: dict[str, bytes], model):
+def check_hub_repo_files(files: dict[str, bytes], model, model_class: str = "STAMPModel"):
     """A fresh user needs: weights, config with auto_map and custom_pipelines, every remote-code file byte-identical
     to the single source, processor, generation config, nothing pickled."""
     config = json.loads(files["config.json"])
-    assert config["auto_map"]["AutoModel"] == "modeling_stamp.STAMPModel"
+    assert config["auto_map"]["AutoModel"] == f"modeling_stamp.{model_class}"
     assert config["custom_pipelines"]["stamp-segmentation"]["impl"] == "pipeline_stamp.STAMPSegmentationPipeline"
     assert REMOTE_CODE == ["configuration_stamp.py", "modeling_stamp.py", "pipeline_stamp.py", "processing_stamp.py",
                            "sam_stamp.py"]
@@ -160,8 +160,9 @@ def test_model_and_processor_push_to_hub_upload_what_a_user_needs(tiny, tmp_path
     check_hub_repo_files(uploaded, model)
 
 
-def test_stamp_hf_push_uploads_one_commit_that_loads_by_repo_id(tiny, tmp_path, hub, capsys):
-    model, processor = tiny
+@pytest.mark.parametrize("fixture, model_class", [("tiny", "STAMPModel"), ("tiny_qwen3_vl", "STAMPQwen3VLModel")])
+def test_stamp_hf_push_uploads_one_commit_that_loads_by_repo_id(fixture, model_class, tmp_path, hub, capsys, request):
+    model, processor = request.getfixturevalue(fixture)
     folder = tmp_path / "finetuned"
     expected = expected_upload(model, processor, folder)
     render_model_card(str(folder), base_model="JiaZL/STAMP-2B-uni", base_model_relation="finetune").save(
@@ -181,7 +182,7 @@ def test_stamp_hf_push_uploads_one_commit_that_loads_by_repo_id(tiny, tmp_path, 
             assert without_dtype(json.loads(files[name])) == without_dtype(json.loads(content))
         elif not name.endswith(".safetensors"):
             assert files[name] == content, name
-    check_hub_repo_files(files, model)
+    check_hub_repo_files(files, model, model_class)
     card = ModelCard(files["README.md"].decode())
     assert card.data.base_model == "JiaZL/STAMP-2B-uni" and card.data.base_model_relation == "finetune"
     assert {(r.dataset_name, r.metric_name) for r in card.data.eval_results} >= {("RefCOCO", "cIoU"), ("gRefCOCO", "gIoU")}
@@ -222,7 +223,7 @@ def test_stamp_hf_push_uploads_one_commit_that_loads_by_repo_id(tiny, tmp_path, 
         """,
         tmp_path,
     )
-    assert "loaded by repo id STAMPModel STAMPProcessor" in out
+    assert f"loaded by repo id {model_class} STAMPProcessor" in out
     assert "pipeline STAMPSegmentationPipeline" in out
 
 
