@@ -1,6 +1,7 @@
 """The README's usage example is examples/quickstart.py verbatim, and it runs as written."""
 
 import json
+import os
 import random
 import re
 import shlex
@@ -72,3 +73,52 @@ def test_readme_main_job_command_writes_an_overlay_with_the_bundled_demo_model(t
     with Image.open(tmp_path / "mask.png") as written:
         mask = np.asarray(written) > 127
     assert (mask & truth).sum() / (mask | truth).sum() >= 0.8
+
+
+PROGRESS = re.compile(r"^(Loading weights|Writing model shards|eval)?:?\s*\d+%\|")  # tqdm bars, any command's
+
+
+def test_the_readme_commands_print_no_warnings(tmp_path):
+    """The README's command kinds as a new user runs them, console script by console script, on tiny local inputs: `init`
+    on a base, `prepare-data` on a REFER export, `train` (a checkpoint every step, so Trainer's checkpoint ordering
+    runs), `eval`, `chat --json --out-dir`, `segment --json`. stderr holds progress bars and each command's own lines
+    only; stdout holds the command's output only (no third-party notice, e.g. DeepSpeed's, which logs on stdout)."""
+    import yaml
+    from shapes_data import write_shapes_refer
+    from stamp_hf.testing import tiny_base
+
+    tiny_base(tmp_path / "base")
+    refer = write_shapes_refer(tmp_path / "refer")
+    image = str(next((refer / "images").iterdir()))
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(dict(
+        model="stamp", data="train.jsonl", output_dir="run",
+        training=dict(max_steps=3, per_device_train_batch_size=2, learning_rate="1e-3", save_steps=1, logging_steps=1))))
+    own_lines = {  # command -> what its own stderr lines start with
+        "init": (), "prepare-data": ("wrote 4 records",), "train": (), "eval": (),
+        "chat": ("loaded run", "turn 1:", "turn 2:"), "segment": ("loaded run", "answered in", "the answer has no"),
+    }
+    commands = [
+        ["init", "base", "stamp", "--min-placeholders", "4", "--max-placeholders", "64"],
+        ["prepare-data", "--data", "refer", "--split", "train", "--images", "refer/images", "--allow-pickle",
+         "--output", "train.jsonl"],
+        ["train", "train.yaml"],
+        ["eval", "--model", "run", "--data", "train.jsonl", "--output", "results"],
+        ["chat", image, "--model", "run", "--json", "--out-dir", "masks", "--max-new-tokens", "8"],
+        ["segment", image, "the red square", "--model", "run", "--json", "--max-new-tokens", "8"],
+    ]
+    script = Path(sys.executable).with_name("stamp-hf")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    for command in commands:
+        stdin = "Please segment the red square.\nWhat colour is it?\n" if command[0] == "chat" else None
+        result = subprocess.run([str(script), *command], input=stdin, capture_output=True, text=True, cwd=tmp_path,
+                                env=env, timeout=600)
+        assert result.returncode == 0, (command, result.stderr[-3000:])
+        noise = [line for line in warning_lines(result.stderr)
+                 if not PROGRESS.match(line.strip()) and not line.startswith(own_lines[command[0]] or ("\0",))]
+        assert not noise, (command, noise)
+        stdout = [line for line in result.stdout.splitlines() if line.strip()]
+        assert not [line for line in stdout if re.search(r"warn|deprecat", line, flags=re.I)], (command, stdout)
+        if command[0] in ("chat", "segment"):  # --json: every stdout line is one JSON object
+            assert [type(json.loads(line)) for line in stdout] == [dict] * (2 if command[0] == "chat" else 1), stdout
+    # three checkpoints, the oldest rotated out (the package keeps save_total_limit=2): the ordering that warned ran
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]

@@ -23,6 +23,18 @@ class _TorchaoEnumNotice(logging.Filter):
 
 logging.getLogger("torch.utils._pytree").addFilter(_TorchaoEnumNotice())  # at package import: before transformers'
 
+
+class _DeepSpeedCpuNotice(logging.Filter):
+    """DeepSpeed (the `deepspeed` extra), which transformers imports with its model-loading code whenever it is
+    installed, logs "Setting accelerator to CPU" on every process of a machine without a GPU, and on stdout, where it
+    would corrupt `--json` output. It says nothing a CPU user can act on; this drops exactly that record."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("Setting accelerator to CPU.")
+
+
+logging.getLogger("DeepSpeed").addFilter(_DeepSpeedCpuNotice())
+
 # public name -> the stamp_hf module that defines it
 _EXPORTS = {
     "STAMP_TOKENS": "configuration_stamp",

@@ -28,6 +28,7 @@ under `training` for the paper's ZeRO-2 setup on GPUs.
 """
 
 import json
+import logging as stdlib_logging
 import shutil
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -44,6 +45,18 @@ from .processing_stamp import default_mask_resample
 from .init_base import BASE_TYPES, base_model_type, init_from_base
 
 logger = logging.get_logger(__name__)
+
+
+class _CheckpointOrderNotice(stdlib_logging.Filter):
+    """Trainer orders checkpoints by modification time, and when two were written within a second (any short run)
+    it says "mtime may not be reliable on this filesystem" and orders them by step, which is right: nothing to act
+    on. This drops exactly that record."""
+
+    def filter(self, record):
+        return "mtime may not be reliable on this filesystem" not in record.getMessage()
+
+
+logging.get_logger("transformers.trainer_utils").addFilter(_CheckpointOrderNotice())
 
 # The paper's optimisation settings (Table S1); batch size 96 = devices x per_device x gradient_accumulation.
 PAPER_TRAINING_ARGUMENTS = {
