@@ -105,3 +105,24 @@ def test_segment_with_sam_refinement(workdir):
     assert not np.array_equal(refined_mask, coarse_mask)
     bad = stamp_hf("segment", "image.png", "x", "--model", "tiny", "--refine-sam", "missing.pth", cwd=workdir)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "missing.pth" in bad.stderr
+
+
+def test_every_option_has_help_that_states_its_default():
+    """`stamp-hf COMMAND --help` tells a new user what each option does and what happens without it."""
+    import argparse
+
+    from stamp_hf.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = []
+    for name, parser in commands.items():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag = action.option_strings[0] if action.option_strings else action.dest
+            flag_only = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+            if not action.help or (action.option_strings and not action.required and not flag_only
+                                   and "default" not in action.help):
+                missing.append(f"{name} {flag}")
+    assert not missing
+    assert len(commands) >= 10

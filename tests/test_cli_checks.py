@@ -92,6 +92,17 @@ PRE_TORCH = [
     (["push", "tiny", "me/x"], "publish tiny to me/x", "HF_HUB_OFFLINE"),
     (["init", "./no_base", "out"], "BASE ./no_base", "no such folder"),
     (["convert", "notes.txt", "out"], "SOURCE notes.txt", "is a file"),
+    (["eval", "--data", "missing.jsonl", "--output", "out"], "--data missing.jsonl", "no such data file or folder"),
+    (["eval", "--model", "./no_such_model", "--data", "notes.txt", "--output", "out"], "--model ./no_such_model",
+     "no such folder"),
+    (["eval", "--device", "banana", "--data", "notes.txt", "--output", "out"], "--device banana", "not a torch device"),
+    (["eval", "--data", "notes.txt", "--output", "out", "--batch-size", "0"], "--batch-size", "at least 1"),
+    (["eval", "--data", "notes.txt", "--output", "notes.txt"], "--output notes.txt", "is a file"),
+    (["eval", "--data", "notes.txt", "--output", "out", "--images", "image.png"], "--images image.png", "is a file"),
+    (["train", "missing.yaml"], "CONFIG missing.yaml", "no such config file"),
+    (["train", "empty_folder"], "CONFIG empty_folder", "is a folder"),
+    (["prepare-data", "--data", "missing", "--output", "x.jsonl"], "--data missing", "no such data file or folder"),
+    (["prepare-data", "--data", "notes.txt", "--output", "x.jsonl", "--repeats", "0"], "--repeats", "at least 1"),
 ]
 
 
@@ -114,6 +125,40 @@ def test_a_busy_port_is_named_before_the_model_loads(workdir):
         result, _ = probe(workdir, "demo", "--model", "tiny", "--port", str(port))
     message = assert_one_line(result, "demo", f"--port {port}", "in use")
     assert "GRADIO_SERVER_PORT" not in message and result.stdout.split() == ["False"]
+
+
+@pytest.mark.parametrize("taken_after_check", [1, 2], ids=["while the model loads", "between check and bind"])
+def test_a_port_taken_after_the_first_check_is_named_in_one_line(workdir, monkeypatch, capsys, taken_after_check):
+    """Another server takes the port after stamp-hf demo checked it: during the model load (the second check names
+    it) or in the instant before gradio binds (gradio's error, "Cannot find empty port ... GRADIO_SERVER_PORT", is
+    turned into the same line)."""
+    pytest.importorskip("gradio")
+    from stamp_hf.commands import demo
+
+    port = free_tcp_port()
+    real_check, calls, server = demo.check_port, [], socket.socket()
+
+    def check_then_take(host, number, option="--port"):
+        real_check(host, number, option)
+        calls.append(number)
+        if len(calls) == taken_after_check:
+            server.bind((host, number))
+            server.listen()
+
+    monkeypatch.setattr(demo, "check_port", check_then_take)
+    monkeypatch.chdir(workdir)
+    with server:
+        assert main(["demo", "--model", "tiny", "--port", str(port)]) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading lines
+    assert message == (f"stamp-hf demo: error: --port {port}: the port is in use on 127.0.0.1 (another server?); stop "
+                       "it or pick another --port")
+    assert len(calls) == taken_after_check
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_an_unreachable_hub_is_one_line_within_the_stated_time(workdir):

@@ -62,6 +62,14 @@ def check_folder(path, option: str) -> Path:
     return path
 
 
+def check_exists(path, option: str, what: str) -> Path:
+    """An input that may be a file or a folder (a dataset, a config file) and must exist."""
+    path = Path(path)
+    if not path.exists():
+        raise CommandError(f"{option} {path}: no such {what}")
+    return path
+
+
 def check_output_folder(path, option: str) -> Path | None:
     """A folder the command writes into (made when missing); a file of that name is refused."""
     if path is None:

@@ -18,9 +18,10 @@ DEFAULT_MODEL = str(DEMO_MODEL)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def add_model_arguments(parser, refine: bool = True, max_new_tokens: int = 256):
+def add_model_arguments(parser, refine: bool = True, max_new_tokens: int = 256,
+                        pickles: str = "a checkpoint whose weights are pickled (pytorch_model.bin)"):
     """The options that pick and load a model, the same in every command that loads one; `refine`: also
-    --refine-sam."""
+    --refine-sam; `pickles`: what --allow-pickle allows in this command."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="STAMP checkpoint: a Hub repo id or a local folder (default: the bundled synthetic-shapes demo "
                         "model, not the paper's)")
@@ -35,8 +36,7 @@ def add_model_arguments(parser, refine: bool = True, max_new_tokens: int = 256):
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
                         help=f"most tokens generated per answer (default: {max_new_tokens})")
     parser.add_argument("--allow-pickle", action="store_true",
-                        help="allow a checkpoint whose weights are pickled (pytorch_model.bin): unpickling can run code, "
-                        "only for files you trust")
+                        help=f"allow {pickles}: unpickling can run code, only for files you trust")
 
 
 def check_model_arguments(args) -> None:

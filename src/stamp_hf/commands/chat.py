@@ -16,11 +16,11 @@ def add_arguments(parser):
     parser.add_argument("--json", action="store_true",
                         help="print one JSON line per turn: turn, question, answer, masks (label, score, size, COCO RLE)")
     parser.add_argument("--out-dir", metavar="DIR",
-                        help="write each mask as DIR/turn_<k>_mask_<i>.png (an empty mask only with --keep-empty)")
+                        help="write each mask as DIR/turn_<k>_mask_<i>.png (an empty mask only with --keep-empty) (default: no mask files)")
     parser.add_argument("--keep-empty", action="store_true",
                         help="with --out-dir: also write empty masks (default: an empty mask, nothing found, is not written)")
     parser.add_argument("--overlay-dir", metavar="DIR",
-                        help="write turn_<k>.png, the image with that turn's masks, for each answer with a non-empty mask")
+                        help="write turn_<k>.png, the image with that turn's masks, for each answer with a non-empty mask (default: no overlays)")
     parser.add_argument("--force", action="store_true", help="overwrite existing files in --out-dir / --overlay-dir")
 
 

@@ -54,5 +54,12 @@ def _webdemo():
 def run(args):
     check_port(args.host, args.port)  # before the model loads; gradio's own message names GRADIO_SERVER_PORT
     demo = build(args)
-    _webdemo().launch(demo, host=args.host, port=args.port, share=args.share)
+    check_port(args.host, args.port)  # again: another server may have taken it while the model loaded
+    try:
+        _webdemo().launch(demo, host=args.host, port=args.port, share=args.share)
+    except OSError as error:  # taken in the instant between the check and gradio's bind
+        if "Cannot find empty port" not in str(error):
+            raise
+        raise CommandError(f"--port {args.port}: the port is in use on {args.host} (another server?); stop it or "
+                           "pick another --port") from None
     return 0

@@ -15,11 +15,13 @@ from pathlib import Path
 
 from stamp_hf.cli import CommandError
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from ._checks import check_at_least, check_exists, check_folder, check_output_folder
+from ._common import add_model_arguments, check_model_arguments
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", required=True, help="a STAMP checkpoint (folder or Hub id)")
+    add_model_arguments(parser, refine=False, max_new_tokens=64,
+                        pickles="REFER's refs(*).p and a checkpoint whose weights are pickled (pytorch_model.bin)")
     parser.add_argument("--data", required=True, type=Path, help="the data file or folder (see above)")
     parser.add_argument("--split", default=None, help="split to evaluate (default: val for REFER and gRefCOCO; "
                         "ReasonSeg: a subfolder such as val or test, default the folder itself)")
@@ -29,9 +31,6 @@ def add_arguments(parser):
     parser.add_argument("--split-by", default="unc", help="REFER / gRefCOCO partition: unc, umd, google (default unc)")
     parser.add_argument("--images", type=Path, default=None, help="image folder for REFER / gRefCOCO (COCO train2014; "
                         "default: none, the annotations' paths)")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow loading pickles: REFER's refs(*).p, "
-                        "a model with only pytorch_model.bin (a pickle can run code: only for files you trust; "
-                        "default off)")
     parser.add_argument("--prompt", default=None, help="question template for REFER / gRefCOCO, '{}' = the "
                         "expression (default: 'Please segment only the {} in the image.')")
     parser.add_argument("--refine-sam", metavar="CKPT", default=None, help="also score masks refined with SAM: a "
@@ -39,37 +38,35 @@ def add_arguments(parser):
     parser.add_argument("--sam-protocol", choices=["official", "stamp"], default=None, help="how --refine-sam prompts "
                         "SAM: 'official' (the official STAMP eval: 10 + 10 points, its mask prompt) or 'stamp' (3 + 3 "
                         "points, a +-20 logit prompt); default the checkpoint processor's sam_protocol")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens of an answer (default 64)")
     parser.add_argument("--batch-size", type=int, default=1, help="samples generated together (default 1)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples (default: all)")
-    parser.add_argument("--device", default=None, help="torch device (default: the process's accelerator (cuda) if "
-                        "there is one, else cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto",
-                        help="weights dtype (default auto: the checkpoint's own)")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own modeling code "
                         "(default off: the package's STAMP classes load STAMP folders without it)")
 
 
 def run(args) -> int:
+    check_model_arguments(args)  # every argument before torch loads
+    check_at_least(args, 1, "batch_size", "limit")
+    check_exists(args.data, "--data", "data file or folder")
+    if args.images is not None:
+        check_folder(args.images, "--images")
+    if args.sam_protocol and not args.refine_sam:
+        raise CommandError("--sam-protocol chooses how --refine-sam prompts SAM: give --refine-sam too")
+    if args.prompt is not None and args.prompt.count("{}") != 1:
+        raise CommandError(f"--prompt must contain '{{}}' once (where the expression goes), got {args.prompt!r}")
+    check_output_folder(args.output, "--output")
+
     from stamp_hf.commands._common import resolve_device
     from stamp_hf.evaluation import RES_PROMPT, check_run, evaluate, load_samples, model_fingerprint, samples_fingerprint
 
-    if args.batch_size < 1:
-        raise CommandError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.sam_protocol and not args.refine_sam:
-        raise CommandError("--sam-protocol chooses how --refine-sam prompts SAM: give --refine-sam too")
     prompt = args.prompt or RES_PROMPT
-    if prompt.count("{}") != 1:
-        raise CommandError(f"--prompt must contain '{{}}' once (where the expression goes), got {prompt!r}")
-    if args.output.exists() and not args.output.is_dir():
-        raise CommandError(f"--output {args.output} is a file; give a folder")
     device = resolve_device(args.device)
     samples = load_samples(args.data, args.split, args.split_by, args.images, args.allow_pickle, prompt)
     run_info = {
         "model": _normalized(args.model), "model_fingerprint": model_fingerprint(args.model),
         "data": str(args.data.resolve()), "data_fingerprint": samples_fingerprint(samples),
         "split": args.split, "split_by": args.split_by, "images": _normalized(args.images), "prompt": prompt,
-        "max_new_tokens": args.max_new_tokens, "limit": args.limit, "dtype": args.dtype,
+        "max_new_tokens": args.max_new_tokens, "limit": args.limit, "dtype": args.dtype or "auto",
         "refine_sam": _normalized(args.refine_sam),
     }
     if args.limit is not None:
@@ -80,7 +77,7 @@ def run(args) -> int:
     import torch
     from transformers import AutoModel, AutoProcessor
 
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = getattr(torch, args.dtype) if args.dtype else "auto"
     model = AutoModel.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code,
                                       allow_pickle=args.allow_pickle)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)

@@ -12,13 +12,14 @@ from pathlib import Path
 
 from stamp_hf.cli import CommandError
 
+from ._checks import check_at_least, check_exists, check_folder
 from ._common import log
 
 
 def add_arguments(parser):
     parser.add_argument("--data", required=True, type=Path, help="the dataset folder or LLaVA .json file (see above)")
     parser.add_argument("--split", default=None, help="REFER / gRefCOCO split (train, val, ...; required there); "
-                        "ReasonSeg: the subfolder (train, val); none for LLaVA")
+                        "ReasonSeg: the subfolder (train, val); none for LLaVA (default: none, the ReasonSeg folder itself)")
     parser.add_argument("--output", required=True, type=Path, help="the .jsonl file to write")
     parser.add_argument("--images", type=Path, default=None, help="image folder: COCO train2014 (RefCOCO*, gRefCOCO), "
                         "saiapr_tc-12 (RefCLEF), the LLaVA image root (default: next to the data)")
@@ -33,10 +34,12 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    check_at_least(args, 1, "repeats")  # every argument before torch loads
+    check_exists(args.data, "--data", "data file or folder")
+    if args.images is not None:
+        check_folder(args.images, "--images")
     from stamp_hf.prepare import prepare_data
 
-    if args.repeats < 1:
-        raise CommandError(f"--repeats must be at least 1, got {args.repeats}")
     result = prepare_data(args.data, args.output, args.split, args.images, args.split_by, args.allow_pickle,
                           args.seed, args.repeats, args.force)
     skipped = f", {result['skipped']} text-only samples left out" if result["skipped"] else ""

@@ -13,7 +13,8 @@ def add_arguments(parser):
     parser.add_argument("repo", help="Hub repo id to create or update (org/name)")
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument("--eval-results", metavar="RESULTS_JSON",
-                        help='JSON list of {"dataset": ..., "dataset_type": ..., "split": ..., "cIoU": ..., "gIoU": ...}')
+                        help='JSON list of {"dataset": ..., "dataset_type": ..., "split": ..., "cIoU": ..., "gIoU": ...}: '
+                        "the card's results table (default: a card without results)")
 
 
 def run(args):

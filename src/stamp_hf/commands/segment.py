@@ -15,8 +15,8 @@ def add_arguments(parser):
     parser.add_argument("image", help="image file")
     parser.add_argument("prompt", help='what to segment, e.g. "Please segment the red car."')
     add_model_arguments(parser)
-    parser.add_argument("--out", metavar="MASK.png", help="write the mask (several masks: MASK_0.png, MASK_1.png, ...)")
-    parser.add_argument("--overlay", metavar="OVERLAY.png", help="write the image with the masks drawn on it")
+    parser.add_argument("--out", metavar="MASK.png", help="write the mask (several masks: MASK_0.png, MASK_1.png, ...) (default: no mask file)")
+    parser.add_argument("--overlay", metavar="OVERLAY.png", help="write the image with the masks drawn on it (default: no overlay)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
 
