@@ -18,7 +18,7 @@ The config file (YAML or JSON) of `stamp-hf train CONFIG` / `train(config)`:
     mask_loss_weights: null         # [bce, dice]; null keeps the checkpoint's; "official" = [0.3, 0.7]
     mask_loss_resolution: null      # patch (the paper) | image: the loss on the upsampled masks; null keeps the checkpoint's
     soft_mask_labels: null          # true: targets are each cell's foreground fraction; null keeps the checkpoint's
-    resume: false                   # true: from the last checkpoint in output_dir; or a checkpoint folder
+    resume: false                   # true: from the newest complete checkpoint in output_dir; or a checkpoint folder
     training:                       # any transformers.TrainingArguments field; the paper's values are the defaults
       num_train_epochs: 3
       per_device_train_batch_size: 4
@@ -29,13 +29,14 @@ under `training` for the paper's ZeRO-2 setup on GPUs.
 
 import json
 import logging as stdlib_logging
+import re
 import shutil
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
+from transformers import AutoModel, AutoProcessor, PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .checkpoints import with_lora
@@ -261,12 +262,14 @@ class STAMPTrainer(Trainer):
     Both parts are normalised over the whole accumulated, all-process batch: L_text by its label tokens (Trainer's
     `num_items_in_batch`), L_mask by its masks (`num_masks_in_batch`, counted here the same way and passed to the model
     with each micro-batch), so accumulation and several processes give the loss of the full batch.
+
+    Resuming loads the checkpoint's weights through `from_pretrained` (see `_load_from_checkpoint`).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._parts = None
-        self._parts_logged_at = 0
+        self._parts_since_step = 0
 
     def _get_num_items_in_batch(self, batch_samples: list, device):
         tokens = super()._get_num_items_in_batch(batch_samples, device)
@@ -287,16 +290,34 @@ class STAMPTrainer(Trainer):
                 scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             text = outputs.text_loss if outputs.text_loss is not None else outputs.mask_loss.new_zeros(())
             parts = torch.stack([text.detach(), outputs.mask_loss.detach()]) * scale
-            self._parts = parts if self._parts is None else self._parts + parts
+            if self._parts is None:  # the first step since the last log, or since the run (re)started
+                self._parts, self._parts_since_step = parts, self.state.global_step
+            else:
+                self._parts = self._parts + parts
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, start_time=None):
         if "loss" in logs and self._parts is not None:
-            steps = max(self.state.global_step - self._parts_logged_at, 1)
+            steps = max(self.state.global_step - self._parts_since_step, 1)
             text, mask = (self.accelerator.gather(self._parts[None]).mean(0) / steps).tolist()
             logs = {**logs, "text_loss": text, "mask_loss": mask}
-            self._parts, self._parts_logged_at = None, self.state.global_step
+            self._parts = None
         super().log(logs, start_time)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Trainer reloads a checkpoint's weights with `load_state_dict` under the keys as saved, but `save_pretrained`
+        writes the released (legacy Qwen2-VL) key layout: resuming then kept the starting weights, with only a warning.
+        A plain model is reloaded through `from_pretrained` (safetensors only), which renames and converts the keys as
+        it does for any checkpoint, and must match every weight. LoRA adapters, DeepSpeed and FSDP states load as
+        Trainer loads them."""
+        target = self.model if model is None else model
+        folder = Path(resume_from_checkpoint)
+        weights = ("model.safetensors", "model.safetensors.index.json")
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        if sharded or not isinstance(target, PreTrainedModel) or not any((folder / name).is_file() for name in weights):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = type(target).from_pretrained(folder, config=target.config, dtype=target.dtype, use_safetensors=True)
+        target.load_state_dict(saved.state_dict())
 
 
 def apply_lora(model, settings: LoraSettings | None = None, freeze_vision_tower: bool = False):
@@ -374,8 +395,42 @@ def train(config: TrainConfig | dict | str | Path) -> STAMPTrainer:
         raise
 
 
+def is_complete_checkpoint(folder: Path) -> bool:
+    """Whether Trainer finished writing the checkpoint folder: it writes trainer_state.json last, after the weights,
+    optimizer, scheduler and RNG states, straight into checkpoint-N (no temporary name). A folder without it, or with
+    it cut short, is one a killed run was writing."""
+    try:
+        return "global_step" in json.loads((Path(folder) / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def resume_checkpoint(resume: bool | str, output_dir: Path) -> str | None:
+    """The checkpoint to resume from: None for `resume: false`, the folder given, or for `true` the newest complete
+    checkpoint-N in output_dir (transformers' own choice is the highest N, even a half-written one). Said on the log
+    when a newer, incomplete one is passed over; the resumed run writes that step's checkpoint again."""
+    if not resume:
+        return None
+    if resume is not True:
+        if not is_complete_checkpoint(resume):
+            raise FileNotFoundError(f"resume: {resume} is not a complete checkpoint (no readable trainer_state.json)")
+        return str(resume)
+    numbered = [(int(match[1]), path) for path in output_dir.glob("checkpoint-*")
+                if (match := re.fullmatch(r"checkpoint-(\d+)", path.name)) and path.is_dir()]  # fmt: skip
+    incomplete = []
+    for _, folder in sorted(numbered, reverse=True):
+        if is_complete_checkpoint(folder):
+            if incomplete:
+                logger.warning(f"{', '.join(incomplete)} in {output_dir} is incomplete (its save was interrupted): "
+                               f"resuming from {folder.name}")
+            return str(folder)
+        incomplete.append(folder.name)
+    raise FileNotFoundError(f"resume: true, but {output_dir} holds no complete checkpoint to resume from")
+
+
 def _train(config: TrainConfig, output_dir: Path) -> STAMPTrainer:
     args = config.training_arguments()
+    resume = resume_checkpoint(config.resume, output_dir)
     model, processor = load_starting_point(config)
     if config.text_loss_weight is not None:
         model.config.text_loss_weight = float(config.text_loss_weight)
@@ -399,7 +454,7 @@ def _train(config: TrainConfig, output_dir: Path) -> STAMPTrainer:
         eval_dataset=STAMPDataset(config.eval_data, processor, resolution) if config.eval_data else None,
         data_collator=STAMPCollator(processor),
     )
-    trainer.train(resume_from_checkpoint=config.resume or None)
+    trainer.train(resume_from_checkpoint=resume)
     if config.eval_data and args.eval_strategy == "no":
         trainer.evaluate()
     if trainer.is_world_process_zero():
@@ -420,7 +475,9 @@ __all__ = [
     "STAMPTrainer",
     "TrainConfig",
     "apply_lora",
+    "is_complete_checkpoint",
     "load_starting_point",
     "merge_and_save",
+    "resume_checkpoint",
     "train",
 ]
