@@ -29,8 +29,10 @@ under `training` for the paper's ZeRO-2 setup on GPUs.
 
 import json
 import logging as stdlib_logging
+import os
 import re
 import shutil
+import tempfile
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -351,8 +353,17 @@ def merge_and_save(model, processor, folder) -> Path:
         model = model.merge_and_unload()
     model.config.use_cache = True  # the Trainer turns it off while training; the checkpoint is for generation
     folder = Path(folder)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".final.partial-*"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=".final.partial-", dir=folder))
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    # moved in with config.json last: a run killed here leaves no config.json, so its folder is not taken for a
+    # finished model, and `resume: true` finishes it from the last checkpoint
+    for file in sorted(staging.iterdir(), key=lambda path: path.name == "config.json"):
+        os.replace(file, folder / file.name)
+    staging.rmdir()
     return folder
 
 
