@@ -308,6 +308,8 @@ def load_image(source, timeout=None, upright: bool = True) -> Image.Image:
 
 
 def _read_file(path: str, upright: bool) -> Image.Image:
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not an image file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such image file")
     return _open(path, path, upright)

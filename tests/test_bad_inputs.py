@@ -14,8 +14,10 @@ from PIL import Image
 
 from conftest import chat, random_image
 from stamp_hf.cli import main
+from stamp_hf.prepare import prepare_data
 from stamp_hf.processing_stamp import load_image, left_padded_batch
 from stamp_hf.testing import answer_with_masks, tiny_stamp
+from stamp_hf.training import train
 
 SCRIPT = Path(sys.executable).parent / "stamp-hf"
 
@@ -288,3 +290,53 @@ def test_a_bad_input_in_a_real_process_is_one_line_without_traceback(workdir):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert "aspect ratio" in result.stderr and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------------ Python API
+
+def _train_settings(workdir, **changes):
+    settings = dict(model=str(workdir / "tiny"), data=str(workdir / "train.jsonl"), output_dir=str(workdir / "run"))
+    return {**settings, **changes}
+
+
+PYTHON_API = {  # name -> (call on workdir, exception type, the words of its one line)
+    "a training value that is no number": (
+        lambda w: train(
+            _train_settings(w, training={"learning_rate": "fast"})),
+        ValueError, "training.learning_rate must be a number, got 'fast'"),
+    "a TrainingArguments field at the top": (
+        lambda w: train(_train_settings(w, learning_rate=1e-4)),
+        ValueError, "learning_rate is a TrainingArguments setting: put it under training:"),
+    "a model folder that does not exist": (
+        lambda w: train(_train_settings(w, model="./no_such_model")),
+        FileNotFoundError, "model ./no_such_model: no such folder"),
+    "a model that is a file": (
+        lambda w: train(_train_settings(w, model=str(w / "keep.png"))),
+        ValueError, "keep.png is a file; give the checkpoint's folder"),
+    "training data that does not exist": (
+        lambda w: train(_train_settings(w, data=str(w / "none.jsonl"))),
+        FileNotFoundError, "data " + "{w}/none.jsonl: no such data file"),
+    "evaluation data that is a folder": (
+        lambda w: train(_train_settings(w, eval_data=str(w / "tiny"))),
+        ValueError, "eval_data {w}/tiny is a folder; give the .jsonl file"),
+    "an image path that is a folder": (
+        lambda w: load_image(str(w / "tiny")), IsADirectoryError, "{w}/tiny is a folder, not an image file"),
+    "prepare-data on a missing dataset": (
+        lambda w: prepare_data(w / "missing", w / "out.jsonl"),
+        FileNotFoundError, "no such data file or folder: {w}/missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(PYTHON_API))
+def test_python_api_errors_are_one_line_naming_the_setting_and_leave_nothing(workdir, case):
+    """The cases the CLI reports in one line, through the Python API: the exception's text is that line, it names
+    the setting or file, no output folder is left and the user's files are byte-identical."""
+    call, kind, words = PYTHON_API[case]
+    (workdir / "train.jsonl").touch()  # the user's (empty) training data
+    before = snapshot(workdir)
+    with pytest.raises(kind) as raised:
+        call(workdir)
+    message = str(raised.value)
+    assert "\n" not in message and words.format(w=workdir) in message, message
+    assert snapshot(workdir) == before
+    assert not (workdir / "run").exists() and not (workdir / "out.jsonl").exists()

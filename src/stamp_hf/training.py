@@ -41,7 +41,7 @@ import torch
 from transformers import AutoModel, AutoProcessor, PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .checkpoints import with_lora
+from .checkpoints import REPO_ID, with_lora
 from .configuration_stamp import MASK_LOSS_RESOLUTIONS, STAMP_MODEL_TYPES
 from .data import STAMPCollator, STAMPDataset
 from .processing_stamp import default_mask_resample
@@ -172,15 +172,7 @@ class TrainConfig:
             raise ValueError(f"{path}: the config must be a mapping of settings")
         for override in overrides:
             apply_override(raw, override)
-        missing = [name for name in ("model", "data", "output_dir") if name not in raw]
-        if missing:
-            raise ValueError(f"{path}: missing required setting(s) {missing}")
-        unknown = sorted(set(raw) - {f.name for f in fields(cls)})
-        misplaced = [key for key in unknown if key in {f.name for f in fields(TrainingArguments)}]
-        if misplaced:
-            raise ValueError(f"{path}: {misplaced[0]} is a TrainingArguments setting: put it under training:")
-        if unknown:
-            raise ValueError(f"{path}: unknown setting(s) {unknown}")
+        cls.check_settings(raw, where=f"{path}: ")
         # relative paths in the file are relative to the file, so a config runs from any directory
         def resolve(value):
             return value if Path(value).is_absolute() else str((path.parent / value).resolve())
@@ -198,6 +190,43 @@ class TrainConfig:
         if "deepspeed" in training:
             training["deepspeed"] = beside_config(training["deepspeed"])
         return cls(**raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TrainConfig":
+        """The settings of a dict, as a config file gives them (the same one-line errors)."""
+        cls.check_settings(raw)
+        return cls(**raw)
+
+    @classmethod
+    def check_settings(cls, raw: dict, where: str = "") -> None:
+        """The required settings are there and every key is one; a TrainingArguments field at the top level is told
+        to go under training:."""
+        missing = [name for name in ("model", "data", "output_dir") if name not in raw]
+        if missing:
+            raise ValueError(f"{where}missing required setting(s) {missing}")
+        unknown = sorted(set(raw) - {f.name for f in fields(cls)})
+        misplaced = [key for key in unknown if key in {f.name for f in fields(TrainingArguments)}]
+        if misplaced:
+            raise ValueError(f"{where}{misplaced[0]} is a TrainingArguments setting: put it under training:")
+        if unknown:
+            raise ValueError(f"{where}unknown setting(s) {unknown}")
+
+    def check_paths(self) -> None:
+        """The model and data the settings name exist (a Hub id is looked up when it loads), named by setting, before
+        anything loads."""
+        model = str(self.model)
+        if Path(model).expanduser().is_file():
+            raise ValueError(f"model {model} is a file; give the checkpoint's folder (config.json, *.safetensors) or a "
+                             "Hub repo id")
+        if not Path(model).expanduser().exists() and (not REPO_ID.fullmatch(model) or model.startswith(("~", "."))):
+            raise FileNotFoundError(f"model {model}: no such folder (nor a Hub repo id)")
+        for key in ("data", "eval_data"):
+            value = getattr(self, key)
+            for file in value if isinstance(value, list) else [value] if value is not None else []:
+                if Path(file).is_dir():
+                    raise ValueError(f"{key} {file} is a folder; give the .jsonl file")
+                if not Path(file).is_file():
+                    raise FileNotFoundError(f"{key} {file}: no such data file")
 
     def training_arguments(self) -> TrainingArguments:
         settings = dict(PAPER_TRAINING_ARGUMENTS)
@@ -392,7 +421,8 @@ def train(config: TrainConfig | dict | str | Path) -> STAMPTrainer:
     if isinstance(config, (str, Path)):
         config = TrainConfig.from_file(config)
     elif isinstance(config, dict):
-        config = TrainConfig(**config)
+        config = TrainConfig.from_dict(config)
+    config.check_paths()
     output_dir = Path(config.output_dir)
     if (output_dir / "config.json").exists() and not config.resume:
         raise FileExistsError(f"{output_dir} already holds a model; choose another output_dir or set resume: true")
