@@ -25,46 +25,50 @@ from stamp_hf.coco_masks import mask_rle
 from stamp_hf.prompts import RES_ANSWERS, RES_QUESTIONS
 from stamp_hf.sources import IMAGE_MARKER, LLAVA_ROLES
 
-# words the generated text is cut from: quotes, backslashes, newlines, tabs and non-ASCII (accents, CJK, an emoji
-# outside the BMP), so that JSON escapes and UTF-8 pass through both readers
-WORDS = ("the a man woman dog cat left right red blue small large shirt car table near far front back white black "
-         '3.5 "quoted" back\\slash new\nline tab\there café naïve 東京 — 😀 über Ελλάδα').split(" ")
+PLAIN_WORDS = "the a man woman dog cat left right red blue small large shirt car table near far white 3.5".split()
+# quotes, backslashes, newlines, tabs and non-ASCII (accents, CJK, an emoji outside the BMP): JSON escapes and UTF-8
+SPECIAL_WORDS = ['"quoted"', "back\\slash", "new\nline", "tab\there", "café", "naïve", "東京", "—", "😀", "über",
+                 "the"]
 
 
-def _text_pool(rng: random.Random, chars: int = 1 << 16) -> str:
-    words, size = [], 0
-    while size < chars:
-        words.append(rng.choice(WORDS))
-        size += len(words[-1]) + 1
-    return " ".join(words)
+class TextPieces:
+    """Pieces of generated text: one in 20 cut from the special words, so that escapes and UTF-8 pass through both
+    readers; the rest plain ASCII, as most of the public datasets' text is (Python keeps ASCII strings at a byte a
+    character, so the whole-file reading's memory is not overstated)."""
+
+    def __init__(self, rng: random.Random, chars: int = 1 << 16):
+        self.rng = rng
+        self.plain, self.special = (" ".join(rng.choice(words) for _ in range(chars // 5))
+                                    for words in (PLAIN_WORDS, SPECIAL_WORDS))
+
+    def __call__(self, shortest: int, longest: int) -> str:
+        pool = self.special if self.rng.random() < 0.05 else self.plain
+        start = self.rng.randrange(len(pool) - longest)
+        return pool[start:start + self.rng.randint(shortest, longest)].strip() or "x"
 
 
-def write_llava_file(path, samples: int, turns: int = 4, answer_chars: int = 700, images: int = 16,
+def write_llava_file(path, samples: int, turns: int = 4, answer_chars: int = 900, images: int = 16,
                      seed: int = 0) -> Path:
     """`samples` conversations of 1 to `turns` question / answer pairs, answers up to `answer_chars` characters; the
     images (`images` files, reused) under `path`'s folder, coco/train2017. With the defaults a sample is about 1.5 KB,
     as in the 665k mix (about 1 GB)."""
     path = Path(path)
     rng = random.Random(seed)
-    pool = _text_pool(rng)
+    text = TextPieces(rng)
     folder = path.parent / "coco" / "train2017"
     folder.mkdir(parents=True, exist_ok=True)
     for k in range(images):
         (folder / f"{k:012d}.jpg").touch()
-
-    def text(limit):
-        start = rng.randrange(len(pool) - limit)
-        return pool[start:start + rng.randrange(1, limit)].strip() or "x"
 
     with path.open("w", encoding="utf-8") as out:
         out.write("[\n")
         for n in range(samples):
             conversations = []
             for turn in range(rng.randint(1, turns)):
-                question = text(80)
+                question = text(1, 80)
                 if turn == 0 and n % 16:
                     question = f"{IMAGE_MARKER}\n{question}" if n % 2 else f"{question}\n{IMAGE_MARKER}"
-                conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": text(answer_chars)}]
+                conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": text(1, answer_chars)}]
             sample = {"conversations": conversations}
             if n % 16:
                 sample["image"] = f"coco/train2017/{n % images:012d}.jpg"
@@ -85,7 +89,7 @@ def write_refer_folder(root, sentences: int, grefcoco: bool = False, images: int
     root, rng = Path(root), random.Random(seed)
     image_root = Path(image_root) if image_root else root
     image_root.mkdir(parents=True, exist_ok=True)
-    pool = _text_pool(rng)
+    text = TextPieces(rng)
     images = images or max(sentences // 6, 1)
     coco_images, annotations = [], []
     for image_id in range(1, images + 1):
@@ -107,7 +111,7 @@ def write_refer_folder(root, sentences: int, grefcoco: bool = False, images: int
             ref = {"ref_id": len(refs), "image_id": image_id, "split": split,
                    "sent_ids": list(range(sent_id, sent_id + n)),
                    "file_name": f"COCO_train2014_{image_id:012d}_{objects[0]}.jpg",
-                   "sentences": [_sentence(rng, pool, sent_id + k) for k in range(n)]}
+                   "sentences": [_sentence(text(5, 40), sent_id + k) for k in range(n)]}
             if grefcoco:
                 no_target = rng.random() < 0.1
                 ref.update(ann_id=[-1] if no_target else objects, no_target=no_target,
@@ -144,9 +148,7 @@ def _annotation(rng: random.Random, ann_id: int, image_id: int, width: int, heig
             "area": round(rng.uniform(100, 5000), 4), "bbox": [round(x0 - 40, 2), round(y0 - 40, 2), 80.0, 80.0]}
 
 
-def _sentence(rng: random.Random, pool: str, sent_id: int) -> dict:
-    start = rng.randrange(len(pool) - 40)
-    text = pool[start:start + rng.randrange(5, 40)].strip() or "thing"
+def _sentence(text: str, sent_id: int) -> dict:
     return {"sent_id": sent_id, "sent": text, "raw": text, "tokens": text.split()}
 
 

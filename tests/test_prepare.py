@@ -298,9 +298,10 @@ def test_streamed_reading_writes_the_bytes_of_the_whole_file_reading(tmp_path, k
     assert filecmp.cmp(tmp_path / "streamed.jsonl", tmp_path / "in_memory.jsonl", shallow=False)
 
 
-# prepare-data on 200k generated LLaVA samples (46 MiB of JSON), each run in its own process, peak RSS (ru_maxrss):
-# streaming measured 43 MiB (the interpreter and imports alone: 39 MiB), the whole-file reading 469 MiB, on this
-# project's 2-core CPU machine. The bound sits well above the first and far below the second.
+# prepare-data on 200k generated LLaVA samples (46 MiB of JSON), each reading in its own process, peak RSS (VmHWM):
+# streaming measured 42.9 MiB (the interpreter and the command's imports alone: 39 MiB), the whole-file reading
+# 422.6 MiB, on this project's 2-core CPU machine. The bound sits well above the first and far below the second: a
+# reader that held the file, or every record, would cross it.
 LLAVA_SAMPLES = 200_000
 PEAK_RSS_BOUND_MIB = 100
 
