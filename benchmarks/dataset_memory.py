@@ -204,8 +204,9 @@ def main():
                "python": platform.python_version()}
     print(f"machine: {machine['cpus']} CPUs, python {machine['python']}")
     if args.json:
-        settings = {"records": args.records, "llava_samples": args.llava_samples,
-                    "refer_sentences": args.refer_sentences}
+        settings = {"parts": args.parts, **({"records": args.records} if "dataset" in args.parts else {}),
+                    **({"llava_samples": args.llava_samples, "refer_sentences": args.refer_sentences}
+                       if "prepare" in args.parts else {})}
         args.json.write_text(json.dumps({"machine": machine, "settings": settings, "results": results}, indent=2)
                              + "\n")
 

@@ -230,6 +230,8 @@ def bad_inputs(tmp_path):
     good = {"image": "1.jpg",
             "conversations": [{"from": "human", "value": "<image> Hi"}, {"from": "gpt", "value": "Yo"}]}
     (tmp_path / "1.jpg").touch()
+    not_a_list = tmp_path / "not_a_list.json"
+    not_a_list.write_text(json.dumps({"samples": [good]}))
     truncated = tmp_path / "truncated.json"
     truncated.write_text(json.dumps([good, good])[:-1] + ', {"image": "1.jpg", "conversations" [')
     bad_turn = write_llava(tmp_path / "bad_turn.json",
@@ -250,6 +252,7 @@ def bad_inputs(tmp_path):
          r"refs\(unc\).p: reference 0 is not in the REFER format \(KeyError: 'image_id'\)"),
         (["--data", str(llava)], r"llava.json: sample 0: image .*nowhere.jpg not found"),
         (["--data", str(missing_image), "--images", str(images), "--allow-pickle"], r"needs a split \(--split train\)"),
+        (["--data", str(not_a_list)], r"not_a_list.json: not the LLaVA instruction format \(a JSON list of"),
         (["--data", str(truncated)], r"truncated.json: not valid JSON at sample 2 \(parse error: .*\)$"),
         (["--data", str(bad_turn)], r"bad_turn.json: sample 1: each turn needs 'from' \(human, gpt\)"),
         (["--data", str(grefs), "--split", "train"], r"grefs\(unc\).json: not valid JSON at reference 2 \(parse error"),
