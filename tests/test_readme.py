@@ -75,7 +75,8 @@ def test_readme_main_job_command_writes_an_overlay_with_the_bundled_demo_model(t
     assert (mask & truth).sum() / (mask | truth).sum() >= 0.8
 
 
-PROGRESS = re.compile(r"^(Loading weights|Writing model shards|eval)?:?\s*\d+%\|")  # tqdm bars, any command's
+# tqdm bars, any command's: with a total (a percentage), or prepare-data's count of records written
+PROGRESS = re.compile(r"^((Loading weights|Writing model shards|eval)?:?\s*\d+%\||prepare-data: \d+ records \[)")
 
 
 def test_the_readme_commands_print_no_warnings(tmp_path):

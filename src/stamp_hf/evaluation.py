@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -185,7 +186,7 @@ def load_grefcoco(root, split: str, split_by: str = "unc", image_root=None, prom
     return _reference_samples(read_grefcoco(root, split, split_by, image_root), prompt)
 
 
-def _reference_samples(references: list[ReferAnnotation], prompt: str) -> list[EvalSample]:
+def _reference_samples(references: Iterable[ReferAnnotation], prompt: str) -> list[EvalSample]:
     """One sample per sentence of each reference; the target is the union of its annotations' masks."""
     return [
         EvalSample(f"{ref.ref_id}_{sent_id}", ref.image, prompt.format(sentence), ref.targets)

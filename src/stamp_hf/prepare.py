@@ -13,15 +13,19 @@ ReasonSeg and LLaVA instruction data, written in the JSON Lines training format 
   they lie under its folder, else absolute), never copied.
 
 The sources are read by stamp_hf.sources, the readers `stamp-hf eval` uses, so a mask here decodes to the pixels the
-evaluation compares against.
+evaluation compares against. They stream the large files, and each record is written as it is made, so memory does
+not grow with the input (the 665k-sample LLaVA mix, COCO's instances.json). A progress bar (tqdm) on stderr counts the
+records written and the sources read; like transformers' bars it is on by default, terminal or not (TQDM_DISABLE=1 or
+progress=False turns it off).
 """
 
+import contextlib
 import json
 import os
 import random
 from pathlib import Path
 
-from .data import mask_rle
+from .coco_masks import mask_rle
 from .prompts import REASON_ANSWERS, REASON_QUESTIONS, REASON_SENTENCE_QUESTION, RES_ANSWERS, RES_QUESTIONS
 from .sources import detect_format, read_grefcoco, read_llava, read_reasonseg, read_refer, reasonseg_size
 
@@ -36,6 +40,7 @@ def prepare_data(
     seed: int = 0,
     repeats: int = 1,
     force: bool = False,
+    progress: bool = True,
 ) -> dict:
     """
     Write the training records of `data` (a REFER / gRefCOCO / ReasonSeg folder or a LLaVA .json file) to `output`
@@ -44,7 +49,8 @@ def prepare_data(
 
     Nothing is written when something is wrong (a missing image, a reference without a mask, a pickle without
     `allow_pickle`, an unknown format): the records go to a temporary file renamed to `output` at the end. An existing
-    `output` is replaced only with `force`. Returns {"format", "output", "records", "sources", "skipped"}.
+    `output` is replaced only with `force`. `progress`: the bar on stderr. Returns {"format", "output", "records",
+    "sources", "skipped"} (sources: the references, images or conversations read; skipped: text-only LLaVA samples).
     """
     output = Path(output)
     if output.suffix != ".jsonl":
@@ -64,19 +70,65 @@ def prepare_data(
     folder = output.parent.resolve()
     if kind == "refer":
         sources = read_refer(data, split, split_by, images, allow_pickle)
-        records = _reference_records(sources, rng, repeats, folder)
     elif kind == "grefcoco":
         sources = read_grefcoco(data, split, split_by, images)
-        records = _reference_records(sources, rng, repeats, folder)
     elif kind == "reasonseg":
         sources = read_reasonseg(data, split)
-        records = _reasonseg_records(sources, rng, repeats, folder)
     else:
-        sources, skipped = read_llava(data, images)
-        records = _llava_records(sources, folder)
-    count = _write_atomically(output, records)
-    return {"format": kind, "output": output, "records": count, "sources": len(sources),
-            "skipped": skipped if kind == "llava" else 0}
+        sources = read_llava(data, images)
+    with Progress(SOURCE_UNITS[kind], progress) as counts:
+        sources = counts.read(sources)
+        if kind == "reasonseg":
+            records = _reasonseg_records(sources, rng, repeats, folder)
+        elif kind == "llava":
+            records = _llava_records(sources, folder)
+        else:
+            records = _reference_records(sources, rng, repeats, folder)
+        written = _write_atomically(output, counts.written(records))
+    return {"format": kind, "output": output, "records": written, "sources": counts.sources,
+            "skipped": counts.skipped}
+
+
+SOURCE_UNITS = {"refer": "references", "grefcoco": "references", "reasonseg": "images", "llava": "samples"}
+
+
+class Progress:
+    """What prepare_data reports: the sources read (None from a reader: a source left out, counted as skipped) and the
+    records written, counted as they pass, and shown on a tqdm bar on stderr while it runs. On an error the bar is
+    cleared, so the error stays the one line."""
+
+    def __init__(self, unit: str, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self.unit, self.sources, self.skipped = unit, 0, 0
+        # disable passed only to turn the bar off, so that tqdm's own TQDM_DISABLE=1 still applies otherwise
+        self.bar = tqdm(desc="prepare-data", unit=" records", **({} if enabled else {"disable": True}))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, error_type, error, traceback):
+        self.bar.leave = error_type is None
+        self.bar.set_postfix_str(self.postfix(), refresh=False)
+        self.bar.close()
+
+    def read(self, sources):
+        for source in sources:
+            if source is None:
+                self.skipped += 1
+            else:
+                self.sources += 1
+            yield source
+
+    def written(self, records):
+        for record in records:
+            yield record
+            self.bar.set_postfix_str(self.postfix(), refresh=False)  # about 1 us, shown when the bar redraws
+            self.bar.update()
+
+    def postfix(self) -> str:
+        skipped = f", {self.skipped} left out" if self.skipped else ""
+        return f"{self.sources + self.skipped} {self.unit} read{skipped}"
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -109,7 +161,10 @@ def _reasonseg_records(annotations, rng: random.Random, repeats: int, folder: Pa
 
 
 def _llava_records(conversations, folder: Path):
+    """None: a text-only sample, left out."""
     for conversation in conversations:
+        if conversation is None:
+            continue
         yield {"id": conversation.id, "image": _image_reference(conversation.image, folder),
                "messages": conversation.messages}
 
@@ -143,7 +198,9 @@ def _image_reference(image: Path, folder: Path) -> str:
 
 
 def _write_atomically(output: Path, records) -> int:
-    """Write the records to a temporary file next to `output`, then rename it; on any error nothing is left."""
+    """Write the records, as they come, to a temporary file next to `output`, then rename it; on any error nothing is
+    left, not even the folders made for it."""
+    made = [folder for folder in (output.parent, *output.parent.parents) if not folder.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
     temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     count = 0
@@ -155,8 +212,12 @@ def _write_atomically(output: Path, records) -> int:
         if not count:
             raise ValueError("no records to write")
         temporary.replace(output)
-    finally:
+    except BaseException:
         temporary.unlink(missing_ok=True)
+        for folder in made:  # deepest first; one someone else has put a file in stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return count
 
 

@@ -8,10 +8,17 @@
 
 Masks come out as mask specifications of the training format (stamp_hf.data: {"polygons": ...} / {"rle": ...}), so
 both users decode them with `stamp_hf.data.load_mask`. Problems are one line naming the file and the reference.
+
+The large files are streamed (ijson), never loaded whole: the LLaVA list (the 665k mix is about 1 GB of JSON, several
+GB as Python objects), gRefCOCO's grefs(*).json and COCO's instances.json, of which only the images and annotations
+the split's references name are kept. The REFER and gRefCOCO readers yield references one at a time, so memory
+follows what a split needs, not the size of the files. A REFER refs(*).p pickle is read whole: a pickle has no
+streaming reader.
 """
 
 import json
 import pickle
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +90,55 @@ def detect_format(data, split: str | None = None) -> str:
     )
 
 
+# ---------------------------------------------------------------------------------------------------- streamed JSON
+
+
+def import_ijson():
+    """ijson, the streaming JSON parser the large files are read with, or a one-line ImportError with pip's command."""
+    try:
+        import ijson
+    except ImportError:
+        raise ImportError("reading dataset JSON files in pieces needs ijson: pip install 'stamp-hf[train]'") from None
+    return ijson
+
+
+def json_list(path: Path, label: str, what: str) -> Iterator:
+    """The items of the JSON list in `path`, parsed one at a time. Checked now: ijson is installed and the file is a
+    list (else "`path`: not `what`"); a syntax error later is one line naming the file and the `label` (sample,
+    reference) at which it stopped."""
+    ijson = import_ijson()
+    with path.open("rb") as file:
+        if _first_byte(file) != b"[":
+            raise ValueError(f"{path}: not {what}")
+    return _json_items(ijson, path, "item", label)
+
+
+def json_items(path: Path, prefix: str) -> Iterator:
+    """The values at `prefix` of the JSON file `path` (ijson's notation: "images.item" is each item of the top-level
+    "images" list), parsed one at a time."""
+    return _json_items(import_ijson(), path, prefix, None)
+
+
+def _json_items(ijson, path: Path, prefix: str, label: str | None) -> Iterator:
+    """Numbers come as json.load reads them (int, float; not ijson's default Decimal), so records keep their bytes."""
+    count = 0
+    with path.open("rb") as file:
+        try:
+            for item in ijson.items(file, prefix, use_float=True):
+                yield item
+                count += 1
+        except ijson.JSONError as error:
+            where = f" at {label} {count}" if label else ""
+            raise ValueError(f"{path}: not valid JSON{where} ({str(error).splitlines()[0]})") from None
+
+
+def _first_byte(file) -> bytes:
+    while chunk := file.read(1 << 16):
+        if stripped := chunk.lstrip():
+            return stripped[:1]
+    return b""
+
+
 # ---------------------------------------------------------------------------------------------------- REFER, gRefCOCO
 
 
@@ -97,18 +153,23 @@ def read_pickle(path: Path, allow_pickle: bool):
         return pickle.load(f)
 
 
-def read_refer(root, split: str, split_by: str = "unc", image_root=None, allow_pickle: bool = False) -> list[ReferAnnotation]:
-    """The references of `split` in a REFER folder (RefCOCO, RefCOCO+, RefCOCOg, RefCLEF); images under `image_root`
-    (COCO train2014, or saiapr_tc-12 for RefCLEF; default: the folder itself)."""
+def read_refer(root, split: str, split_by: str = "unc", image_root=None, allow_pickle: bool = False
+               ) -> Iterator[ReferAnnotation]:
+    """The references of `split` in a REFER folder (RefCOCO, RefCOCO+, RefCOCOg, RefCLEF), one at a time; images under
+    `image_root` (COCO train2014, or saiapr_tc-12 for RefCLEF; default: the folder itself)."""
     refs_file = _refs_file(root, f"refs({split_by}).p")
-    return _references(refs_file, read_pickle(refs_file, allow_pickle), split, image_root)
+    refs = read_pickle(refs_file, allow_pickle)
+    return _references(refs_file, lambda: refs, split, image_root)
 
 
-def read_grefcoco(root, split: str, split_by: str = "unc", image_root=None) -> list[ReferAnnotation]:
-    """The references of `split` in a gRefCOCO folder: `ann_id` a list, and `no_target` references (ann_id [-1])
-    that name nothing in the image."""
+def read_grefcoco(root, split: str, split_by: str = "unc", image_root=None) -> Iterator[ReferAnnotation]:
+    """The references of `split` in a gRefCOCO folder, one at a time: `ann_id` a list, and `no_target` references
+    (ann_id [-1]) that name nothing in the image. grefs(*).json is streamed twice (the ids the split needs, then the
+    references), never held."""
     refs_file = _refs_file(root, f"grefs({split_by}).json")
-    return _references(refs_file, json.loads(refs_file.read_text()), split, image_root)
+    what = "a gRefCOCO references file (a JSON list)"
+    json_list(refs_file, "reference", what)  # checked now, read twice below
+    return _references(refs_file, lambda: json_list(refs_file, "reference", what), split, image_root)
 
 
 def _refs_file(root, name) -> Path:
@@ -118,15 +179,40 @@ def _refs_file(root, name) -> Path:
     return refs_file
 
 
-def _coco(root: Path) -> tuple[dict, dict]:
+def _instances_file(root: Path) -> Path:
     instances = root / "instances.json"
     if not instances.is_file():
         raise FileNotFoundError(f"{instances} not found: the REFER layout has it next to the refs file")
-    coco = json.loads(instances.read_text())
+    return instances
+
+
+def _coco(instances: Path, image_ids: set, annotation_ids: set) -> tuple[dict, dict]:
+    """The annotations and images of instances.json (by id) that the ids name. The file (COCO train2014's, a few
+    hundred MB) is streamed once for each list, and the other entries dropped as they are read."""
     try:
-        return {a["id"]: a for a in coco["annotations"]}, {i["id"]: i for i in coco["images"]}
+        annotations = _kept(json_items(instances, "annotations.item"), annotation_ids)
+        images = _kept(json_items(instances, "images.item"), image_ids)
     except (KeyError, TypeError) as error:
         raise ValueError(f"{instances}: not COCO instances ({type(error).__name__}: {error})") from None
+    return annotations, images
+
+
+def _kept(entries: Iterable[dict], ids: set) -> dict:
+    """The entries whose "id" is in `ids`, by id (the last one of a repeated id, as a dict of the whole list keeps)."""
+    return {entry["id"]: entry for entry in entries if entry["id"] in ids}
+
+
+def _split_ids(refs: Iterable, split: str) -> tuple[set, set]:
+    """The image and annotation ids the references of `split` point at. Malformed references are passed over here and
+    reported when they are read."""
+    image_ids, annotation_ids = set(), set()
+    for ref in refs:
+        if not isinstance(ref, dict) or ref.get("split") != split:
+            continue
+        ann_ids = ref.get("ann_id") if isinstance(ref.get("ann_id"), list) else [ref.get("ann_id")]
+        image_ids.update(i for i in [ref.get("image_id")] if isinstance(i, Hashable))
+        annotation_ids.update(i for i in ann_ids if isinstance(i, Hashable))
+    return image_ids, annotation_ids
 
 
 def _mask_spec(segmentation) -> dict | None:
@@ -138,22 +224,29 @@ def _mask_spec(segmentation) -> dict | None:
     return {"polygons": polygons} if polygons else None
 
 
-def _references(refs_file: Path, refs: list, split: str, image_root) -> list[ReferAnnotation]:
-    annotations, images = _coco(refs_file.parent)
-    image_root = Path(image_root) if image_root else refs_file.parent
+def _references(refs_file: Path, refs: Callable[[], Iterable], split: str, image_root) -> Iterator[ReferAnnotation]:
+    """The references of `split`; `refs()` gives the file's references from the start, once for the ids the split
+    needs from instances.json and once to read them."""
+    instances = _instances_file(refs_file.parent)
+    import_ijson()
+    return _split_references(refs_file, refs, split, Path(image_root) if image_root else refs_file.parent, instances)
+
+
+def _split_references(refs_file: Path, refs: Callable[[], Iterable], split: str, image_root: Path, instances: Path):
+    annotations, images = _coco(instances, *_split_ids(refs(), split))
     existing: dict[Path, bool] = {}
-    references = []
-    for number, ref in enumerate(refs):
+    found = False
+    for number, ref in enumerate(refs()):
         try:
             reference = _reference(ref, split, annotations, images, image_root, existing, f"{refs_file}: ref")
         except (KeyError, TypeError) as error:
             raise ValueError(f"{refs_file}: reference {number} is not in the REFER format "
                              f"({type(error).__name__}: {error})") from None
         if reference is not None:
-            references.append(reference)
-    if not references:
+            found = True
+            yield reference
+    if not found:
         raise ValueError(f"{refs_file} has no references in split {split!r}")
-    return references
 
 
 def _reference(ref: dict, split: str, annotations: dict, images: dict, image_root: Path, existing: dict, where: str):
@@ -240,32 +333,31 @@ LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 IMAGE_MARKER = "<image>"
 
 
-def read_llava(path, image_root=None) -> tuple[list[LlavaSample], int]:
-    """The image conversations of a LLaVA instruction file (images under `image_root`, default the file's folder) and
-    the number of text-only samples left out (the training format pairs every record with an image)."""
+def read_llava(path, image_root=None) -> Iterator[LlavaSample | None]:
+    """The samples of a LLaVA instruction file, streamed one at a time: a LlavaSample for each conversation with an
+    image (images under `image_root`, default the file's folder), None for a text-only one (the training format pairs
+    every record with an image, so those are left out and counted)."""
     path = Path(path)
-    try:
-        samples = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
-    if not isinstance(samples, list):
-        raise ValueError(f"{path}: not the LLaVA instruction format (a JSON list of {{image, conversations}})")
-    image_root = Path(image_root) if image_root else path.parent
-    conversations, text_only = [], 0
+    samples = json_list(path, "sample", "the LLaVA instruction format (a JSON list of {image, conversations})")
+    return _llava_samples(path, samples, Path(image_root) if image_root else path.parent)
+
+
+def _llava_samples(path: Path, samples: Iterator, image_root: Path) -> Iterator[LlavaSample | None]:
+    with_image = False
     for number, sample in enumerate(samples):
         where = f"{path}: sample {number}"
         if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
             raise ValueError(f"{where}: not the LLaVA instruction format (needs 'conversations', a list of turns)")
         if "image" not in sample:
-            text_only += 1
+            yield None
             continue
         image = image_root / sample["image"]
         if not image.is_file():
             raise FileNotFoundError(f"{where}: image {image} not found (--images / image_root is the image folder)")
-        conversations.append(LlavaSample(str(sample.get("id", number)), image, _llava_messages(sample, where)))
-    if not conversations:
+        with_image = True
+        yield LlavaSample(str(sample.get("id", number)), image, _llava_messages(sample, where))
+    if not with_image:
         raise ValueError(f"{path}: no conversation with an image")
-    return conversations, text_only
 
 
 def _llava_messages(sample: dict, where: str) -> list[dict]:
@@ -289,6 +381,9 @@ __all__ = [
     "ReasonSegAnnotation",
     "ReferAnnotation",
     "detect_format",
+    "import_ijson",
+    "json_items",
+    "json_list",
     "read_grefcoco",
     "read_llava",
     "read_pickle",

@@ -6,7 +6,9 @@ instruction file (.json: a list of {"image", "conversations"}). One record per r
 asked and answered with the paper's templates (Prompts S1, S2) drawn with --seed; gRefCOCO multi-object sentences
 get the union mask, no-target ones an empty mask; LLaVA conversations become multi-turn records without masks.
 Masks are written inline as COCO RLE, images referenced where they are. The same arguments write the same bytes;
-nothing is written when an image or a mask is missing."""
+nothing is written when an image or a mask is missing. Large files are streamed and records written as they are made,
+so memory stays flat at paper scale; a progress bar on stderr counts records written and sources read (TQDM_DISABLE=1
+turns it off)."""
 
 from pathlib import Path
 
