@@ -44,6 +44,9 @@ from stamp_hf.testing import ForceTokens, tiny_config, tiny_processor, tiny_toke
 GRIDS = {256: (16, 16), 1024: (32, 32), 1280: (32, 40)}  # N -> merged patch grid (h, w)
 CELL = {"qwen2_vl": 28, "qwen3_vl": 32}  # pixels per merged patch
 TARGETS = {"a/d": 1.05, "b/a": 3.0, "c/a": 10.0}
+# for child processes that measure memory: a fixed mmap threshold hands every large block back to the OS when freed,
+# so the resident set follows the live tensors (glibc's adaptive threshold otherwise keeps freed activations resident)
+MEMORY_CHILD_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
 
 
 def qwen2_vl_2b_config(tokenizer, text_layers, vision_layers, vocab_size=None, min_placeholders=256,
@@ -219,8 +222,7 @@ def print_row(row, rows):
 
 @torch.no_grad()
 def peak_memory(args, mode):
-    """Bytes one call adds at its peak, after the model is loaded (CUDA: allocator peak; CPU: resident-set peak
-    sampled every millisecond, with MALLOC_MMAP_THRESHOLD_ fixed by the parent). mode: "generate",
+    """Bytes one call adds at its peak, after the model is loaded (`peak_added`). mode: "generate",
     "generate_with_masks", or "forward" (one plain N-token forward on the cache that generate_with_masks left: one block's activations)."""
     model, processor = build(args)
     inputs, answer = request(model, processor, args.memory_n, args.memory_segs, args.device)
@@ -231,7 +233,14 @@ def peak_memory(args, mode):
         run = lambda: plain_forward(model, cache, embeds, cache.get_seq_length())  # noqa: E731
     else:
         run = lambda: getattr(model, mode)(**inputs, **kwargs)  # noqa: E731
-    if args.device == "cuda":
+    return peak_added(run, args.device)
+
+
+def peak_added(run, device) -> int:
+    """Bytes `run()` adds at its peak over what is allocated before it: CUDA's allocator peak, or on CPU the
+    resident-set peak sampled every millisecond (honest only with MALLOC_MMAP_THRESHOLD_ fixed at process start, so
+    that freed blocks go back to the OS: run it in a child process started with it, as `memory_figures` does)."""
+    if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -248,9 +257,11 @@ def peak_memory(args, mode):
     base = process.memory_info().rss
     sampler = threading.Thread(target=sample)
     sampler.start()
-    run()
-    done.set()
-    sampler.join()
+    try:
+        run()
+    finally:
+        done.set()
+        sampler.join()
     return peak[0] - base
 
 
@@ -263,10 +274,7 @@ def memory_figures(args):
             if getattr(args, key) is not None
             for item in (f"--{key.replace('_', '-')}", str(getattr(args, key)))
         ]
-        # a fixed mmap threshold hands every large block back to the OS when freed, so the resident set follows
-        # the live tensors (glibc's adaptive threshold otherwise keeps freed activations resident)
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+        result = subprocess.run(command, capture_output=True, text=True, check=True, env=MEMORY_CHILD_ENV)
         peaks[mode] = json.loads(result.stdout.strip().splitlines()[-1])
     mib = {mode: value / 2**20 for mode, value in peaks.items()}
     bound = 1.2 * mib["generate"] + mib["forward"]

@@ -177,3 +177,58 @@ def test_the_image_resolution_loss_is_minimised_by_sharper_masks_than_the_patch_
             (predicted,) = processor.post_process_masks([[logits.detach()]], [(168, 280)], resample="bilinear")[0]
             scores[resolution] = float((predicted & mask.bool()).sum() / (predicted | mask.bool()).sum())
         assert scores["image"] > scores["patch"] + 0.05, (kind, scores)
+
+
+def _two_record_batch(model, processor):
+    """Two records of different lengths (right padding), one `<|seg|>` and three, with random masks on their grids."""
+    from stamp_hf.data import STAMPCollator, encode_record
+
+    items = []
+    for seed, (size, answer) in enumerate((((90, 150), "It is here <|seg|>."),
+                                           ((84, 112), "The cat <|seg|>, the dog <|seg|> and the star <|seg|>."))):
+        messages = [{"role": "user", "content": "Please segment the animals."}, {"role": "assistant", "content": answer}]
+        item = encode_record(processor, random_image(*size, seed=seed), messages)
+        segs = answer.count("<|seg|>")
+        item["mask_labels"] = torch.rand(segs, *processor.mask_grid(item["image_grid_thw"][0]),
+                                         generator=torch.Generator().manual_seed(seed)) > 0.5
+        items.append(item)
+    return STAMPCollator(processor)(items)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+def test_the_restated_official_training_step_gives_our_loss_logits_and_gradients(kernel):
+    """benchmarks/train_speed.py times our training step against the official one restated (a language-model pass,
+    then one mask-pass row per <|seg|> under a dense hybrid 4D mask) and against a plain causal step over as many
+    tokens. The restatement computes the same function as ours: same loss, mask logits and gradients; the plain
+    step shares our text loss (its appended tokens come after the text) but not our mask logits."""
+    from stamp_hf.testing.official import official_training_loss, plain_causal_training_loss
+
+    model, processor = tiny_stamp(seed=2, attn_implementation=kernel)
+    model.train()
+    batch = _two_record_batch(model, processor)
+    assert batch["attention_mask"].float().mean() < 1  # the records differ in length: padding is exercised
+
+    def gradients(loss):
+        model.zero_grad()
+        loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    ours = model(**batch)
+    ours_grads = gradients(ours.loss)
+    official, official_text, official_masks = official_training_loss(model, batch)
+    official_grads = gradients(official)
+    torch.testing.assert_close(official, ours.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(official_text, ours.text_loss, atol=1e-5, rtol=1e-5)
+    assert [len(row) for row in official_masks] == [len(row) for row in ours.mask_logits] == [1, 3]
+    for got, want in zip(sum(official_masks, []), sum(ours.mask_logits, [])):
+        assert (got - want).abs().max().item() < 1e-5
+    assert official_grads.keys() == ours_grads.keys()
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(official_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+    plain, plain_text, plain_masks = plain_causal_training_loss(model, batch)
+    torch.testing.assert_close(plain_text, ours.text_loss, atol=1e-5, rtol=1e-5)
+    assert [[m.shape for m in row] for row in plain_masks] == [[m.shape for m in row] for row in ours.mask_logits]
+    assert (plain_masks[1][0] - ours.mask_logits[1][0]).abs().max() > 1e-3  # causal over all blocks: other logits
+    plain_grads = gradients(plain)
+    assert plain_grads.keys() == ours_grads.keys()
