@@ -3,6 +3,9 @@ loader: stamp_hf.demo_model). Nothing at inference imports this.
 
 - `scenes`: the seeded generator: scenes, exact masks, requests, questions and chats; its train / val / test splits
   and the gRefCOCO- and LLaVA-layout exports that `stamp-hf prepare-data` reads.
+- `chats`: the v3 conversations (`version="v3"` of the writers): every question kind, chats that switch targets
+  and refer back, multi-target requests with one labelled `<|seg|>` per target, a tag per assistant turn.
+- `scoring`: the v3 scores (VQA per kind, descriptions, chat target switches, multi-target answers).
 - `drawn`: the separately drawn held-out set (plain PIL primitives, a person's words).
 - `stages`: what each stage of the build does: the demo tokenizer, the plain Qwen2-VL base, its vision and dialogue
   training, the evaluation on both held-out sets, the model card.

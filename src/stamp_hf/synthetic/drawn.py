@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .scenes import FORMS, Shape, find_reference, held_out_record, question
+from .scenes import FORMS, Shape, find_reference, held_out_record, question, v3_sample
 
 DRAWN_SIZES = ((320, 240), (500, 300), (200, 400), (640, 480))
 BACKGROUNDS = ("white", "whitesmoke", "lightgray", "beige", "ivory", "lavender", "honeydew", "aliceblue", "linen")
@@ -85,9 +85,11 @@ def drawn_scene(rng: random.Random):
     return shapes, image, masks
 
 
-def write_drawn_set(folder, count: int, start: int = 0) -> Path:
+def write_drawn_set(folder, count: int, start: int = 0, version: str = "v2") -> Path:
     """`count` drawn scenes, one request or question each, as folder/drawn.jsonl in the held-out format of
-    stamp_hf.synthetic.scenes.write_split (task, form, all_shapes). Refuses to overwrite an existing file."""
+    stamp_hf.synthetic.scenes.write_split (task, form, all_shapes). `version` "v3": each scene gets a v3
+    conversation (questions of every kind, chats, multi-target requests: stamp_hf.synthetic.chats) with its turn
+    tags, as the v3 test split does. Refuses to overwrite an existing file."""
     folder = Path(folder)
     jsonl = folder / "drawn.jsonl"
     if jsonl.exists():
@@ -96,6 +98,11 @@ def write_drawn_set(folder, count: int, start: int = 0) -> Path:
     for seed in range(DRAWN_SEEDS + start, DRAWN_SEEDS + start + count):
         rng = random.Random(seed)
         shapes, image, object_masks = drawn_scene(rng)
+        if version != "v2":
+            sample = v3_sample(rng, seed, shapes, image, object_masks, None, version)
+            records.append(held_out_record(folder, "drawn", seed, image, sample.messages, sample.masks, object_masks,
+                                           sample.task, sample.form, sample.turns, shapes))
+            continue
         task = rng.choices(tuple(TASKS), weights=tuple(TASKS.values()))[0]
         found = None
         if task != "vqa":

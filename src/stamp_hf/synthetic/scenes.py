@@ -120,6 +120,7 @@ class Sample:
     task: str
     form: str | None = None
     object_masks: list[np.ndarray] = field(repr=False, default_factory=list)
+    turns: list[dict] | None = None  # v3: one tag per assistant turn (stamp_hf.synthetic.chats)
 
 
 # ---------------------------------------------------------------------------------------------- scenes
@@ -348,7 +349,7 @@ def request(rng: random.Random, reference: Reference) -> str:
 # ---------------------------------------------------------------------------------------------- questions
 
 
-def _count_sentence(count: int, singular: str, plural: str) -> str:
+def count_sentence(count: int, singular: str, plural: str) -> str:
     if count == 0:
         return f"There are no {plural}."
     if count == 1:
@@ -356,7 +357,7 @@ def _count_sentence(count: int, singular: str, plural: str) -> str:
     return f"There are {NUMBERS[count]} {plural}."
 
 
-def _describe(shapes) -> str:
+def describe_scene(shapes) -> str:
     """The scene in one sentence, shapes from left to right."""
     parts = [f"{'an' if s.size[0] in 'aeiou' else 'a'} {s.size} {s.colour} {s.kind}" for s in sorted(shapes, key=lambda s: (s.cx, s.cy))]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
@@ -396,13 +397,13 @@ def question(rng: random.Random, shapes, frame, kind: str | None = None) -> tupl
             return kind, f"Is there {'an' if noun[0] in 'aeiou' else 'a'} {noun}?", "Yes, there is." if present else "No, there is not.", members
         kind = "count"
     if kind == "describe":
-        return kind, rng.choice(("Describe the image.", "What is in the image?")), _describe(shapes), None
+        return kind, rng.choice(("Describe the image.", "What is in the image?")), describe_scene(shapes), None
     if rng.random() < 0.2:
-        return "count", "How many shapes are there?", _count_sentence(len(shapes), "shape", "shapes"), list(range(len(shapes)))
+        return "count", "How many shapes are there?", count_sentence(len(shapes), "shape", "shapes"), list(range(len(shapes)))
     ref = rng.choice([r for r in _candidates("all", rng) if r.kind is None or r.colour is None])
     members = ref.matching(shapes)
     singular, plural = ref.noun(random.Random(0)), ref.noun(random.Random(0), plural=True)
-    return "count", f"How many {plural} are there?", _count_sentence(len(members), singular, plural), members
+    return "count", f"How many {plural} are there?", count_sentence(len(members), singular, plural), members
 
 
 # ---------------------------------------------------------------------------------------------- samples
@@ -433,13 +434,17 @@ def segmentation_request(rng: random.Random, shapes, frame, present: bool, form:
     return None
 
 
-def make_sample(seed: int, size: tuple[int, int] | None = None, task: str | None = None) -> Sample:
+def make_sample(seed: int, size: tuple[int, int] | None = None, task: str | None = None, version: str = "v2") -> Sample:
     """The sample of `seed`: a scene at `size` (default: drawn from IMAGE_SIZES), its exact masks and one
-    conversation (task drawn from TASK_WEIGHTS unless given)."""
+    conversation (task drawn from TASK_WEIGHTS unless given). `version` "v3": the conversations of
+    stamp_hf.synthetic.chats (tasks TASKS_V3 there) on the same scene; "v2": the data the shipped demo model was
+    built on."""
     rng = random.Random(seed)
     shapes, image, object_masks = draw_scene(rng, size)
     frame = image.size
     hw = (frame[1], frame[0])
+    if version != "v2":
+        return v3_sample(rng, seed, shapes, image, object_masks, task, version)
     if task is None:
         task = rng.choices(tuple(TASK_WEIGHTS), weights=tuple(TASK_WEIGHTS.values()))[0]
     if task not in TASK_WEIGHTS:
@@ -461,6 +466,21 @@ def make_sample(seed: int, size: tuple[int, int] | None = None, task: str | None
     return Sample(seed, image, shapes, messages, masks, task, form, object_masks)
 
 
+def v3_sample(rng: random.Random, seed: int, shapes, image, object_masks, task: str | None, version: str = "v3"):
+    """The v3 Sample of a drawn scene: a conversation of stamp_hf.synthetic.chats, its task drawn from TASKS_V3
+    unless given, each `<|seg|>`'s mask the union of its members (None: nothing there)."""
+    from .chats import TASKS_V3, VERSIONS, conversation
+
+    if version not in VERSIONS:
+        raise ValueError(f"unknown data version {version!r}; expected one of {VERSIONS}")
+    if task is None:
+        task = rng.choices(tuple(TASKS_V3), weights=tuple(TASKS_V3.values()))[0]
+    messages, members_of, turns, task, form = conversation(rng, shapes, image.size, task)
+    hw = (image.size[1], image.size[0])
+    masks = [_union(object_masks, members, hw) for members in members_of]
+    return Sample(seed, image, shapes, messages, masks, task, form, object_masks, turns)
+
+
 # ---------------------------------------------------------------------------------------------- files
 
 
@@ -478,27 +498,30 @@ def _check_new(path: Path) -> None:
         raise FileExistsError(f"{path} already exists; choose another folder or remove it first")
 
 
-def write_split(folder, split: str, count: int, start: int = 0, tasks=None) -> Path:
+def write_split(folder, split: str, count: int, start: int = 0, tasks=None, version: str = "v2") -> Path:
     """Write `count` samples of `split` as `folder/<split>.jsonl` plus PNG images and masks under `folder/<split>/`.
     `tasks`: the tasks to keep (others are skipped, so fewer records may come). Records carry the task, the request
-    form, the seed and a mask of all the shapes (`all_shapes`, for the language-blind baseline). Refuses to overwrite
-    an existing JSONL file, so nothing generated earlier is lost."""
+    form, the seed and a mask of all the shapes (`all_shapes`, for the language-blind baseline); `version` "v3"
+    records also a tag per assistant turn (`turns`) and the scene's shapes. Refuses to overwrite an existing JSONL
+    file, so nothing generated earlier is lost."""
     folder = Path(folder)
     jsonl = folder / f"{split}.jsonl"
     _check_new(jsonl)
     records = []
     for seed in split_seeds(split, count, start):
-        sample = make_sample(seed)
+        sample = make_sample(seed, version=version)
         if tasks is None or sample.task in tasks:
             records.append(held_out_record(folder, split, seed, sample.image, sample.messages, sample.masks,
-                                           sample.object_masks, sample.task, sample.form))
+                                           sample.object_masks, sample.task, sample.form, sample.turns, sample.shapes))
     jsonl.write_text("".join(json.dumps(record) + "\n" for record in records))
     return jsonl
 
 
-def held_out_record(folder, split: str, seed: int, image, messages, masks, object_masks, task, form) -> dict:
+def held_out_record(folder, split: str, seed: int, image, messages, masks, object_masks, task, form, turns=None,
+                    shapes=None) -> dict:
     """One record of a held-out file: its image, its masks (None: empty) and a mask of all the shapes written as
-    PNGs under `folder/<split>/`, the record (training format plus task, form, seed, all_shapes) returned."""
+    PNGs under `folder/<split>/`, the record (training format plus task, form, seed, all_shapes; with `turns`, the
+    v3 tag of each assistant turn and the scene's `shapes` as [kind, colour, size, cx, cy]) returned."""
     folder = Path(folder)
     (folder / split / "images").mkdir(parents=True, exist_ok=True)
     (folder / split / "masks").mkdir(parents=True, exist_ok=True)
@@ -514,8 +537,11 @@ def held_out_record(folder, split: str, seed: int, image, messages, masks, objec
         Image.fromarray(mask.astype(np.uint8) * 255).save(folder / specs[-1]["png"])
     all_shapes = f"{split}/masks/{name}_all.png"
     Image.fromarray(np.any(object_masks, axis=0).astype(np.uint8) * 255).save(folder / all_shapes)
-    return {"image": image_path, "messages": messages, "masks": specs, "task": task, "form": form, "seed": seed,
-            "all_shapes": all_shapes}
+    record = {"image": image_path, "messages": messages, "masks": specs, "task": task, "form": form, "seed": seed,
+              "all_shapes": all_shapes}
+    if turns is not None:
+        record.update(turns=turns, shapes=[[s.kind, s.colour, s.size, s.cx, s.cy] for s in shapes])
+    return record
 
 
 def write_refer_export(folder, count: int, start: int = 0, sentences: int = 3, split: str = "train") -> Path:
@@ -559,9 +585,15 @@ def write_refer_export(folder, count: int, start: int = 0, sentences: int = 3, s
     return folder
 
 
-def write_dialogue_export(path, count: int, start: int = 0, turns: int = 3, split: str = "train") -> Path:
+def write_dialogue_export(path, count: int, start: int = 0, turns: int = 3, split: str = "train",
+                          version: str = "v2") -> Path:
     """Scenes of `split` as LLaVA instruction data (a JSON list of {"id", "image", "conversations"}, images in
-    `<stem>_images/`): per scene `turns` questions and answers (`question`), the first with the `<image>` tag."""
+    `<stem>_images/`): per scene `turns` questions and answers (`question`; `version` "v3": stamp_hf.synthetic.chats's
+    questions of every kind, in people's wordings), the first with the `<image>` tag."""
+    from .chats import VERSIONS, ask
+
+    if version not in VERSIONS:
+        raise ValueError(f"unknown data version {version!r}; expected one of {VERSIONS}")
     path = Path(path)
     _check_new(path)
     image_folder = path.parent / f"{path.stem}_images"
@@ -574,7 +606,11 @@ def write_dialogue_export(path, count: int, start: int = 0, turns: int = 3, spli
         image.save(image_folder / name)
         turns_of_scene = []
         for k in range(turns):
-            _, text, reply, _ = question(rng, shapes, image.size)
+            if version == "v2":
+                _, text, reply, _ = question(rng, shapes, image.size)
+            else:
+                _, text, reply, _ = ask(rng, shapes, image.size)
+                text = vary(rng, text)
             turns_of_scene += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + text},
                                {"from": "gpt", "value": reply}]
         conversations.append({"id": str(seed), "image": name, "conversations": turns_of_scene})
