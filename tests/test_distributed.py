@@ -23,13 +23,15 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(tmp_path, args, processes):
-    """`torchrun --nproc_per_node=N -m stamp_hf.cli ARGS`: the documented multi-process command."""
+def launch(tmp_path, args, processes, succeeds=True, script=None):
+    """`torchrun --nproc_per_node=N -m stamp_hf.cli ARGS`: the documented multi-process command (or `script ARGS`).
+    `succeeds`: whether it must exit with 0 (else: must not)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    program = ["-m", "stamp_hf.cli"] if script is None else [str(script)]
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               f"--master_port={free_port()}", "-m", "stamp_hf.cli", *args]
+               f"--master_port={free_port()}", *program, *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert (result.returncode == 0) == succeeds, result.stderr[-4000:]
     return result
 
 

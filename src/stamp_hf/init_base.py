@@ -125,21 +125,34 @@ def resize_vocabulary(model, rows: int) -> None:
     tokenizer))`): a base with more rows than tokens (Qwen2-VL: 151936 rows for 151657 + 4 tokens) is cut down, so
     the STAMP tokens take rows the base never used. A base with fewer rows grows; the new rows start at the mean of
     the existing ones (deterministic; the official code never meets this case)."""
-    old_rows = model.get_input_embeddings().weight.shape[0]
+    old_rows = model.get_input_embeddings().num_embeddings  # the weight's own shape is a shard's under ZeRO-3
     model.resize_token_embeddings(rows, mean_resizing=False)
     if rows > old_rows:
-        with torch.no_grad():
-            for layer in {model.get_input_embeddings(), model.get_output_embeddings()}:
+        layers = {model.get_input_embeddings(), model.get_output_embeddings()}
+        with torch.no_grad(), whole_parameters([layer.weight for layer in layers]):
+            for layer in layers:
                 layer.weight[old_rows:] = layer.weight[:old_rows].mean(0)
 
 
 def init_classifier(classifier: torch.nn.Linear, std: float, seed: int) -> None:
     """transformers' default initialisation of a Linear (weight N(0, std), bias 0), from a seeded generator."""
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
+    with torch.no_grad(), whole_parameters([classifier.weight, classifier.bias]):
         weight = torch.randn(classifier.weight.shape, generator=generator) * std
         classifier.weight.copy_(weight.to(classifier.weight.dtype))
         classifier.bias.zero_()
+
+
+def whole_parameters(parameters: list):
+    """A block in which `parameters` are whole. Under DeepSpeed ZeRO-3 (a model loaded for training with it) each
+    process holds a shard of them: they are gathered, and what the first process writes is scattered back."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=0)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,8 @@ The config file (YAML or JSON) of `stamp-hf train CONFIG` / `train(config)`:
       per_device_train_batch_size: 4
 
 Multi-process: run the same command under `accelerate launch` or `torchrun`; add `deepspeed: configs/ds_zero2.json`
-under `training` for the paper's ZeRO-2 setup on GPUs.
+under `training` for the paper's ZeRO-2 setup, `deepspeed: configs/ds_zero3.json` for ZeRO-3, or `fsdp: true` with
+`fsdp_config: configs/fsdp_full_shard.json` for FSDP2 (GPUs only). The output is the same plain STAMP checkpoint.
 """
 
 import json
@@ -187,8 +188,9 @@ class TrainConfig:
 
         raw["model"] = beside_config(raw["model"])
         training = raw.get("training") or {}
-        if "deepspeed" in training:
-            training["deepspeed"] = beside_config(training["deepspeed"])
+        for key in ("deepspeed", "fsdp_config"):  # engine settings files, e.g. configs/ds_zero2.json
+            if key in training:
+                training[key] = beside_config(training[key])
         return cls(**raw)
 
     @classmethod
@@ -374,19 +376,25 @@ def apply_lora(model, settings: LoraSettings | None = None, freeze_vision_tower:
     return with_lora(model, config)
 
 
-def merge_and_save(model, processor, folder) -> Path:
-    """Save a plain STAMP checkpoint (safetensors + config + processor + remote code): LoRA weights merged in."""
+def merge_and_save(model, processor, folder, state_dict: dict | None = None) -> Path:
+    """Save a plain STAMP checkpoint (safetensors + config + processor + remote code): LoRA weights merged in.
+    `state_dict`: the full weights when `model` itself holds only a shard of them (ZeRO-3, FSDP)."""
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
     model.config.use_cache = True  # the Trainer turns it off while training; the checkpoint is for generation
+    if state_dict is not None:  # gathered from shards, tied weights come as copies: one tensor again, saved once
+        state_dict = dict(state_dict)
+        for target, source in getattr(model, "all_tied_weights_keys", {}).items():
+            if target in state_dict and source in state_dict:
+                state_dict[target] = state_dict[source]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".final.partial-*"):  # left by a run killed while saving
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=".final.partial-", dir=folder))
-    model.save_pretrained(staging)
+    model.save_pretrained(staging, state_dict=state_dict)
     processor.save_pretrained(staging)
     # moved in with config.json last: a run killed here leaves no config.json, so its folder is not taken for a
     # finished model, and `resume: true` finishes it from the last checkpoint
@@ -394,6 +402,42 @@ def merge_and_save(model, processor, folder) -> Path:
         os.replace(file, folder / file.name)
     staging.rmdir()
     return folder
+
+
+def keep_used_renamings(model) -> None:
+    """Keep on `model` only the checkpoint key renamings its loading applied, which save_pretrained reverses. A normal
+    load keeps only those; transformers' ZeRO-3 loader (5.25) keeps all, legacy ones too, and the saved keys would
+    come out renamed twice ("model.model.layers...") instead of those one process saves."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is not None:
+        model._weight_conversions = [conversion for conversion in conversions if conversion.was_used()]
+
+
+def shards_weights(args: TrainingArguments) -> bool:
+    """Whether each process holds only a shard of the weights while training: FSDP, or DeepSpeed ZeRO-3."""
+    zero3 = args.deepspeed and args.hf_deepspeed_config.is_zero3()
+    return bool(args.fsdp or zero3)
+
+
+def join_deepspeed_comm(args: TrainingArguments) -> None:
+    """Attach deepspeed.comm to the running process group before the model loads. ZeRO-3 partitions the weights
+    while from_pretrained builds them (deepspeed.zero.Init), in a world it reads from deepspeed.comm; on GPUs
+    accelerate starts deepspeed.comm, but with `use_cpu` it starts only torch.distributed (gloo), and ZeRO-3 would
+    then see one process."""
+    if not args.deepspeed or args.world_size == 1:
+        return
+    from deepspeed import comm
+
+    if not comm.is_initialized():
+        comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+
+
+def full_state_dict(trainer: Trainer) -> dict | None:
+    """The whole model's weights, gathered from the processes' shards (FSDP, ZeRO-3) on the main process; None when
+    every process holds them all. Every process must call it: the gathering is collective."""
+    if not shards_weights(trainer.args):
+        return None
+    return trainer.accelerator.get_state_dict(trainer.deepspeed if trainer.is_deepspeed_enabled else trainer.model)
 
 
 def load_starting_point(config: TrainConfig):
@@ -471,8 +515,16 @@ def resume_checkpoint(resume: bool | str, output_dir: Path) -> str | None:
 
 def _train(config: TrainConfig, output_dir: Path) -> STAMPTrainer:
     args = config.training_arguments()
+    if config.finetuning == "lora" and shards_weights(args):
+        raise ValueError("finetuning: lora merges the adapter into whole weights at the end; train it with DDP or "
+                         "DeepSpeed ZeRO-2 (configs/ds_zero2.json), not with FSDP or ZeRO-3, which shard them")
+    if args.fsdp and args.device.type == "cpu":  # accelerate would run plain DDP instead, and say nothing
+        raise ValueError("training.fsdp needs GPUs (or another accelerator): accelerate applies FSDP to accelerator "
+                         "processes only, and this run is on the CPU")
     resume = resume_checkpoint(config.resume, output_dir)
+    join_deepspeed_comm(args)
     model, processor = load_starting_point(config)
+    keep_used_renamings(model)  # so that checkpoints and the final model are saved under the names one process uses
     if config.text_loss_weight is not None:
         model.config.text_loss_weight = float(config.text_loss_weight)
     if config.mask_loss_weights is not None:
@@ -498,11 +550,12 @@ def _train(config: TrainConfig, output_dir: Path) -> STAMPTrainer:
     trainer.train(resume_from_checkpoint=resume)
     if config.eval_data and args.eval_strategy == "no":
         trainer.evaluate()
+    state_dict = full_state_dict(trainer)
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
         if config.finetuning == "lora":  # keep the adapter too: small, and loadable on the base checkpoint
             model.save_pretrained(output_dir / "adapter")
-        merge_and_save(model, processor, output_dir)
+        merge_and_save(model, processor, output_dir, state_dict)
         trainer.state.save_to_json(output_dir / "trainer_state.json")  # log_history: loss, text_loss, mask_loss
         (output_dir / "stamp_train_config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
     trainer.accelerator.wait_for_everyone()
