@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoProcessor, PreTrainedModel, Trainer, TrainingArguments
+from transformers import AutoModel, AutoProcessor, PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
 from .checkpoints import REPO_ID, with_lora
@@ -523,6 +523,9 @@ def _train(config: TrainConfig, output_dir: Path) -> STAMPTrainer:
                          "processes only, and this run is on the CPU")
     resume = resume_checkpoint(config.resume, output_dir)
     join_deepspeed_comm(args)
+    # what Trainer does before its model_init: the random parts made here (LoRA's A matrices, a fresh classifier) come
+    # from the run's seed, not from whatever the process drew before, so every process and rerun starts alike
+    set_seed(args.seed)
     model, processor = load_starting_point(config)
     keep_used_renamings(model)  # so that checkpoints and the final model are saved under the names one process uses
     if config.text_loss_weight is not None:
