@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ROOT / "examples" / "shapes.png"
 EXAMPLE_SEED = json.loads((ROOT / "tests" / "fixtures" / "demo_floors.json").read_text())["example_seed"]
 REQUEST = "Please segment the red circle."
+LABEL = "The red circle is"  # the demo model's answer to REQUEST names its target before the <|seg|> (its label)
+ANSWER = f"{LABEL} <|seg|>."
 
 
 def free_port() -> int:

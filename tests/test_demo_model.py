@@ -14,8 +14,9 @@ from conftest import run_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo_model"
-# Floors a few points under what the shipped model measured on these very samples (80 records of each set, seeds
-# no training or benchmark run uses), so that a regression shows and a rerun on another machine does not trip them.
+# Floors a few points under what the shipped model measured on these very samples (120 mixed records of each v3 set,
+# plus 120 questions, 40 chats and 40 several-target requests; seeds no training or benchmark run uses), so that a
+# regression shows and a rerun on another machine does not trip them.
 FLOORS = json.loads((ROOT / "tests" / "fixtures" / "demo_floors.json").read_text())
 
 
@@ -52,12 +53,24 @@ def test_demo_model_loads_without_stamp_hf(tmp_path):
     assert out.split() == ["STAMPModel", "STAMPProcessor", "bidirectional"]
 
 
-def held_out(tmp_path, name):
+def held_out(tmp_path, name, count=None, task=None):
+    """`count` unseen records (FLOORS["start"] on, seeds no training or benchmark run uses) of the v3 test split or
+    drawn set; `task`: every record of that task (a key of stamp_hf.synthetic.chats.TASKS_V3)."""
     from stamp_hf.synthetic.drawn import write_drawn_set
     from stamp_hf.synthetic.scenes import write_split
 
-    count, start = FLOORS["samples"], FLOORS["start"]
-    return write_split(tmp_path, "test", count, start=start) if name == "test" else write_drawn_set(tmp_path, count, start)
+    count, start, folder = count or FLOORS["samples"], FLOORS["start"], tmp_path / (task or "mixed")
+    if name == "test":
+        return write_split(folder, "test", count, start=start, version="v3", task=task)
+    return write_drawn_set(folder, count, start, version="v3", task=task)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from transformers import AutoModel, AutoProcessor
+
+    return (AutoModel.from_pretrained(DEMO, trust_remote_code=True).eval(),
+            AutoProcessor.from_pretrained(DEMO, trust_remote_code=True))
 
 
 @pytest.mark.parametrize("name", ["test", "drawn"])
@@ -67,12 +80,68 @@ def test_demo_model_segments_and_answers_on_unseen_samples(tmp_path, name):
     data = held_out(tmp_path, name)
     metrics = evaluate_demo(DEMO, data, tmp_path / "eval")
     floors = FLOORS[name]
-    assert metrics["segmentation_samples"] >= 30 and metrics["vqa_samples"] >= 15, metrics
+    assert metrics["segmentation_samples"] >= 25 and metrics["vqa_samples"] >= 20, metrics
     for key in ("cIoU", "N-acc", "T-acc", "vqa_exact"):
         assert metrics[key] >= floors[key], (key, metrics)
     assert metrics["cIoU"] > language_blind_baseline(data)["cIoU"] + floors["over_blind"], metrics  # follows the words
     assert metrics["seg_rate"] == 100.0, metrics  # every segmentation request answered with a <|seg|>
     assert metrics["no_seg_rate"] == 100.0, metrics  # no VQA answer with one
+
+
+@pytest.mark.parametrize("name", ["test", "drawn"])
+def test_demo_model_answers_every_kind_of_question_on_unseen_samples(tmp_path, demo, name):
+    """Questions only (FLOORS["dialogue"]["vqa_records"] of them, about as many of each kind): exact answers per
+    kind, and descriptions that name every shape with its colour."""
+    from stamp_hf.synthetic.chats import QUESTION_KINDS_V3
+    from stamp_hf.synthetic.scoring import evaluate_conversations
+
+    floors = FLOORS["dialogue"]
+    scores = evaluate_conversations(*demo, held_out(tmp_path, name, floors["vqa_records"], task="vqa"))
+    assert set(scores["vqa_by_kind"]) == set(QUESTION_KINDS_V3), scores  # every kind asked
+    for kind, floor in floors[name]["vqa_by_kind"].items():  # a kind measured at 0 has no floor (README)
+        assert scores["vqa_by_kind"][kind] >= floor, (kind, scores)
+    if "describe_names_every_shape" in floors[name]:
+        assert scores["describe_names_every_shape"] >= floors[name]["describe_names_every_shape"], scores
+
+
+@pytest.mark.parametrize("name", ["test", "drawn"])
+def test_demo_model_switches_targets_in_chats_and_segments_several_targets_on_unseen_samples(tmp_path, demo, name):
+    """Chats of 2-4 turns: every later segmentation turn (after a question, after another target, "segment it",
+    "and the other one", "the one left of it") right at IoU >= 0.8; requests naming two or three targets: every
+    mask right, and the text before each `<|seg|>` naming its target."""
+    from stamp_hf.synthetic.scoring import evaluate_conversations
+
+    floors = FLOORS["dialogue"]
+    chats = evaluate_conversations(*demo, held_out(tmp_path, name, floors["chat_records"], task="chat"))
+    several = evaluate_conversations(*demo, held_out(tmp_path, name, floors["multi_records"], task="multi"))
+    assert chats["chat_switch_samples"] >= 30 and several["multi_samples"] >= 20, (chats, several)
+    assert chats["chat_switch"] >= floors[name]["chat_switch"], chats
+    assert several["multi_labels"] >= floors[name]["multi_labels"], several
+    # every mask right on a several-target request: measured 0 / 2.9 %, no floor (README: each mask covers every
+    # shape the request names)
+
+
+def test_demo_model_answers_a_two_target_request_with_two_labelled_masks():
+    """On the README's example image, through the pipeline a user calls: one `<|seg|>` per named target, each mask
+    labelled by the text that names it, covering its shape and none of the shapes not named. (Each mask also covers
+    the other named shape: IoU 0.64 and 0.22 measured, under the 0.8 goal; README.)"""
+    import random
+
+    from transformers import pipeline
+
+    from stamp_hf.synthetic.drawn import drawn_scene
+    shapes, _, object_masks = drawn_scene(random.Random(FLOORS["example_seed"]))
+    index = {(s.colour, s.kind): k for k, s in enumerate(shapes)}
+    segmenter = pipeline("stamp-segmentation", model=str(DEMO), trust_remote_code=True)
+    result = segmenter(str(ROOT / "examples" / "shapes.png"), "Please segment the red circle and the yellow star.")
+    assert result["text"].count("<|seg|>") == 2 and len(result["masks"]) == 2, result["text"]
+    for entry, target in zip(result["masks"], (("red", "circle"), ("yellow", "star"))):
+        assert " ".join(target) in entry["label"].lower(), (entry["label"], target)
+        mask = np.asarray(entry["mask"]) > 0
+        covered = [(mask & shape).sum() / shape.sum() for shape in object_masks]
+        assert covered[index[target]] >= 0.5, (target, covered)  # measured 0.77 and 0.63
+        unnamed = set(range(len(shapes))) - {index[("red", "circle")], index[("yellow", "star")]}
+        assert all(covered[k] <= 0.1 for k in unnamed), (target, covered)  # measured 0.0
 
 
 def test_example_image_is_a_drawn_scene_with_one_red_circle():
@@ -238,22 +307,54 @@ def test_demo_card_states_the_run_it_was_given_and_never_overwrites(tmp_path):
     model.save_pretrained(run)
     processor.save_pretrained(run)
     (run / "checkpoint-10").mkdir()
-    metrics = dict(cIoU=71.2, gIoU=70.4)
+    dialogue = dict(vqa_exact=93.0, chat_switch=91.0, multi_all_right=80.0)
+    metrics = dict(cIoU=71.2, gIoU=70.4, conversations=dialogue)
     summary = dict(
         vision=dict(steps=5000, threads=2, history=[dict(kind=0.9, colour=1.0, size=0.99)]),
-        dialogue=dict(steps=1000, history=[dict(answer_token_accuracy=0.95)]), stamp=dict(steps=3000),
-        results={"test": metrics, "drawn": dict(metrics, cIoU=66.0)},
+        dialogue=dict(steps=1000, history=[dict(answer_token_accuracy=0.95)]), stamp_v2=dict(steps=8000),
+        stamp=dict(steps=3000, learning_rate=5e-4),
+        results={"test": metrics, "drawn": dict(metrics, cIoU=66.0, conversations=dict(dialogue, chat_switch=88.0))},
         references={"test": {"blind": {"cIoU": 30.0}}, "drawn": {"blind": {"cIoU": 35.0}}},
-        timing_seconds=dict(vision=1200, dialogue=480, stamp=3600),
+        timing_seconds=dict(vision=1200, dialogue=480, stamp_v2=1800, stamp=3600),
     )
     card = write_demo_card(run, tmp_path / "shipped", summary, "| the results table |", None)
     text = (card / "README.md").read_text()
     for expected in ("| the results table |", "5000 steps of 16 scenes, 20.0 min", "kind 90.0 %",
-                     "1000 steps of batch 8, 8.0 min", "accuracy at the end 95.0 %", "3000 steps of batch 8, 60.0 min",
-                     "Whole training: 88.0 min", "below the goal of cIoU and gIoU >= 85"):
+                     "1000 steps of batch 8, 8.0 min", "accuracy at the end 95.0 %", "8000 steps of batch 8, 30.0 min",
+                     "3000 steps of batch 8, peak learning rate 0.0005,\n   60.0 min", "Whole training: 118.0 min",
+                     "below the goal of cIoU and gIoU >= 85",
+                     "Below its dialogue goals: a later segmentation request in a chat gets every mask right on 88 % of "
+                     "turns (goal 90 %); a request naming several targets gets every mask right on 80 % of turns (goal "
+                     "85 %)."):
         assert expected in text, expected
+    assert "questions are answered exactly" not in text  # VQA 93 % on both sets: at its goal
     assert (card / "model.safetensors").exists() and not (card / "checkpoint-10").exists()
-    good = dict(summary, results={"test": dict(cIoU=90.0, gIoU=88.0), "drawn": dict(cIoU=86.0, gIoU=85.5)})
-    assert "it reaches cIoU and gIoU >= 85" in (write_demo_card(run, tmp_path / "good", good, "", None) / "README.md").read_text()
+    reached = dict(vqa_exact=95.0, chat_switch=92.0, multi_all_right=90.0)
+    good = dict(summary, results={"test": dict(cIoU=90.0, gIoU=88.0, conversations=reached),
+                                  "drawn": dict(cIoU=86.0, gIoU=85.5, conversations=reached)})
+    good_card = (write_demo_card(run, tmp_path / "good", good, "", None) / "README.md").read_text()
+    assert "it reaches cIoU and gIoU >= 85" in good_card and "Below its dialogue goals" not in good_card
     with pytest.raises(FileExistsError, match="already exists"):
         write_demo_card(run, tmp_path / "shipped", summary, "", None)
+
+
+def test_dialogue_table_shows_both_sets_every_kind_move_and_target_count():
+    """The build's dialogue table (card and README): a row per question kind, chat move and number of targets seen in
+    either set, "-" where a set has none."""
+    from stamp_hf.synthetic.build import dialogue_table
+
+    def scores(vqa, moves, targets):
+        return dict(vqa_samples=10, vqa_exact=80.0, vqa_by_kind=vqa, describe_names_every_shape=None,
+                    chat_switch_samples=7, chat_switch=71.4, chat_switch_by_move=moves, multi_samples=4,
+                    multi_all_right=50.0, multi_labels=100.0, multi_by_targets=targets)
+
+    results = {"test": {"conversations": scores({"colour": 90.0, "count": 70.0}, {"refer_back": 60.0}, {"2": 50.0})},
+               "drawn": {"conversations": scores({"colour": 85.0}, {"new_target": 75.0}, {"3": 25.0})}}
+    lines = dialogue_table(results).splitlines()
+    for row in ("| VQA exact, colour % | 90.0 | 85.0 |", "| VQA exact, count % | 70.0 | - |",
+                "| chat switch, new_target % | - | 75.0 |", "| chat switch, refer_back % | 60.0 | - |",
+                "| several targets, 2 of them: every mask right % | 50.0 | - |",
+                "| several targets, 3 of them: every mask right % | - | 25.0 |",
+                "| descriptions naming every shape with its colour % | - | - |",
+                "| turns: VQA / chat switches / several targets | 10 / 7 / 4 | 10 / 7 / 4 |"):
+        assert row in lines, row

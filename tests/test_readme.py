@@ -40,7 +40,7 @@ def test_quickstart_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert not warning_lines(result.stderr), result.stderr
-    assert "response: Sure, it is <|seg|>." in result.stdout  # the demo model's real answer
+    assert "response: The red circle is <|seg|>." in result.stdout  # the demo model's real answer, labelled
     iou = float(re.search(r"IoU with the red circle: ([\d.]+)", result.stdout).group(1))
     assert iou >= 0.8, result.stdout  # a real mask of the red circle, not noise
     assert "patch grid: (13, 18) -> mask: (240, 320)" in result.stdout

@@ -25,7 +25,7 @@ from pycocotools import mask as coco_mask  # noqa: E402
 
 from stamp_hf.serve_limits import MAX_BODY_BYTES, MAX_TEXT_BYTES  # noqa: E402
 
-from example_scene import REQUEST, SHAPES, free_port, iou, true_mask, without_module  # noqa: E402
+from example_scene import ANSWER, LABEL, REQUEST, SHAPES, free_port, iou, true_mask, without_module  # noqa: E402
 
 IOU_FLOOR = 0.8
 PROMPTS = ("Please segment the red circle.", "Please segment the blue triangle.", "Please segment the green square.",
@@ -101,9 +101,9 @@ def shapes_base64(size=None) -> str:
 def test_a_request_segments_the_red_circle_and_the_service_describes_itself(server):
     status, result, headers = post(server, "/v1/segment", {"image": shapes_base64(), "prompt": REQUEST})
     assert status == 200, result
-    assert result["text"] == "Sure, it is <|seg|>."
+    assert result["text"] == ANSWER
     (mask,) = result["masks"]
-    assert mask["label"] == "Sure, it is" and mask["image"] == 0 and mask["size"] == [240, 320]
+    assert mask["label"] == LABEL and mask["image"] == 0 and mask["size"] == [240, 320]
     assert iou(decode(mask), true_mask()) >= IOU_FLOOR
     assert set(result["timings"]) == {"prepare_ms", "queue_ms", "model_ms", "postprocess_ms", "total_ms"}
     assert headers["x-stamp-replica"] and headers["x-stamp-batch-size"] == "1"
@@ -126,9 +126,9 @@ def test_chat_answers_the_last_user_message_and_an_empty_mask_is_a_mask(server):
     messages = [{"role": "user", "content": "Is the star big or small?"},
                 {"role": "assistant", "content": "It is small."}, {"role": "user", "content": REQUEST}]
     status, follow_up, _ = post(server, "/v1/chat", {"image": image, "messages": messages})
-    assert status == 200 and follow_up["text"] == "Sure, it is <|seg|>.", follow_up
-    (mask,) = follow_up["masks"]  # the demo model gives a follow-up after another question an empty mask (README)
-    assert mask["size"] == [240, 320] and decode(mask).shape == (240, 320)
+    assert status == 200 and follow_up["text"] == ANSWER, follow_up
+    (mask,) = follow_up["masks"]  # a new request after a question about another shape: the red circle's mask
+    assert mask["size"] == [240, 320] and iou(decode(mask), true_mask()) >= IOU_FLOOR
 
 
 def test_threshold_is_per_request_within_one_batch(server):
@@ -138,7 +138,7 @@ def test_threshold_is_per_request_within_one_batch(server):
         answers = list(pool.map(lambda p: post(server, "/v1/segment", p), payloads))
     areas = [int(decode(result["masks"][0]).sum()) for _, result, _ in answers]
     assert areas[0] == 240 * 320 and 0 < areas[1] < 240 * 320 and areas[2] == 0, areas
-    assert {result["text"] for _, result, _ in answers} == {"Sure, it is <|seg|>."}
+    assert {result["text"] for _, result, _ in answers} == {ANSWER}
 
 
 def test_concurrent_requests_get_the_answers_they_get_alone_from_both_replicas(server):
@@ -167,7 +167,9 @@ def test_concurrent_requests_get_the_answers_they_get_alone_from_both_replicas(s
         assert got["text"] == want["text"]
         assert [(m["label"], m["image"], m["size"], m["rle"]) for m in got["masks"]] == \
             [(m["label"], m["image"], m["size"], m["rle"]) for m in want["masks"]]
-        assert [m["score"] for m in got["masks"]] == [m["score"] for m in want["masks"]]
+        # scores (rounded to 6 decimals by the service) to 1e-5, as in the thread-safety tests: a left-padded batch
+        # sums in another order, and a score on a rounding boundary may then differ in its last printed digit
+        assert [m["score"] for m in got["masks"]] == pytest.approx([m["score"] for m in want["masks"]], abs=1e-5)
     batch_sizes = [int(headers["x-stamp-batch-size"]) for _, _, headers in together]
     assert max(batch_sizes) > 1, batch_sizes  # they were batched
     replicas = {headers["x-stamp-replica"] for _, _, headers in alone + together}
@@ -220,7 +222,7 @@ def test_bad_requests_get_their_status_and_one_line_then_the_service_keeps_servi
         assert (got, list(result)) == (status, ["error"]), (message, got, result)
         assert message in result["error"] and "\n" not in result["error"], (message, result)
     status, result, _ = post(server, "/v1/segment", {"image": shapes_base64(), "prompt": REQUEST})
-    assert status == 200 and result["text"] == "Sure, it is <|seg|>." and len(result["masks"]) == 1
+    assert status == 200 and result["text"] == ANSWER and len(result["masks"]) == 1
 
 
 def test_a_body_over_the_size_limit_gets_413_before_it_is_read(server):
@@ -237,7 +239,7 @@ def test_a_body_over_the_size_limit_gets_413_before_it_is_read(server):
                                                     f"{MAX_BODY_BYTES} bytes"}
     connection.close()
     status, result, _ = post(server, "/v1/segment", {"image": shapes_base64(), "prompt": REQUEST})
-    assert status == 200 and result["text"] == "Sure, it is <|seg|>."
+    assert status == 200 and result["text"] == ANSWER
 
 
 def test_serve_command_without_ray_says_how_to_install_it():

@@ -7,22 +7,27 @@ From a clean checkout (CPU is enough; every stage is cached under --out and resu
     .venv/bin/python -m stamp_hf.synthetic.build --ship demo_model   # also writes the trained model and its card there
     .venv/bin/python -m stamp_hf.synthetic.build --ablation          # also the Table 6 variants x 3 seeds
 
-Stages:
+Stages (each built only when a later one needs it and it is not cached):
   data      the generator's training scenes as a gRefCOCO export (referring expressions, present and absent targets)
-            and a LLaVA export (questions and answers), its own conversations (everyday requests, two-turn chats),
-            its test split and the separately drawn set (stamp_hf.synthetic.drawn); the two exports go through
-            `stamp-hf prepare-data`, as a user's gRefCOCO and LLaVA data would.
+            and a LLaVA export (questions and answers), its own conversations, its test split and the separately
+            drawn set (stamp_hf.synthetic.drawn); the two exports go through `stamp-hf prepare-data`, as a user's
+            gRefCOCO and LLaVA data would. Written twice: v2 (out/data: everyday requests, two-turn chats) and v3
+            (out/data-v3: questions of eight kinds, chats of 2-4 turns that switch targets and refer back, requests
+            naming two or three targets; stamp_hf.synthetic.chats).
   vision    the base's vision tower learns every patch's shape kind, colour and size (no language), then its
             features' main directions are evened out (balance_features): the stand-in for Qwen2-VL's pretrained
             vision tower.
-  dialogue  the base learns to answer questions about scenes (the prepared LLaVA export): the stand-in for
+  dialogue  the base learns to answer questions about scenes (the prepared v2 LLaVA export): the stand-in for
             Qwen2-VL-Instruct. The result is a plain `qwen2_vl` checkpoint that transformers' own
             Qwen2VLForConditionalGeneration loads.
   init      `stamp-hf init BASE STAMP_INIT --min-placeholders 144 --max-placeholders 256`.
-  train     `stamp-hf train` on the prepared referring data mixed with the dialogue and chat data (the paper's
-            "Dialogue & Seg." column), the vision tower frozen, the mask loss on the upsampled masks.
-  eval      both held-out sets: cIoU, gIoU, per request form, N-acc, T-acc, VQA exact match per question kind, the
-            language-blind baseline and the best score the mask grid allows.
+  train     `stamp-hf train` on the prepared v2 referring data mixed with the dialogue and chat data (the paper's
+            "Dialogue & Seg." column), the vision tower frozen, the mask loss on the upsampled masks (--v2-steps);
+            then `stamp-hf train` from that model on the v3 data with a fresh schedule (--steps).
+  eval      both v3 held-out sets: cIoU, gIoU, per request form, N-acc, T-acc, VQA exact match per question kind,
+            the language-blind baseline and the best score the mask grid allows; and every turn of every record
+            (stamp_hf.synthetic.scoring): VQA per kind, descriptions, chat switches, several-target answers.
+  ablation  the Table 6 variants from the same base on the v3 data, --seeds x --ablation-steps.
 """
 
 import argparse
@@ -38,6 +43,7 @@ from pathlib import Path
 import torch
 
 from .drawn import write_drawn_set
+from .scoring import evaluate_conversations
 from .scenes import write_dialogue_export, write_refer_export, write_split
 from .stages import (
     balance_features,
@@ -112,25 +118,30 @@ def vision_stage(out: Path, steps: int) -> dict:
     return cached(out / "base-vision", build)
 
 
-def data_stage(out: Path, args) -> dict:
-    """Every data file, written once (seeds: refer export from 0, dialogue from 10^6, chat from 2 * 10^6 of the
-    train split; the test split and the drawn set are held out)."""
+def data_stage(out: Path, args, version: str) -> dict:
+    """Every data file of one data version, written once into out/data (v2) or out/data-v3 (seeds: refer export
+    from 0, dialogue from 10^6, chat from 2 * 10^6 of the train split; the test split and the drawn set are held
+    out). The refer export is the same in both versions."""
 
     def build(folder):
         write_refer_export(folder / "refer", args.refer_scenes)
-        write_dialogue_export(folder / "dialogue.json", args.dialogue_scenes, start=10**6)
-        write_split(folder, "train", args.chat_samples, start=2 * 10**6)
-        write_split(folder, "test", args.test_samples)
-        write_drawn_set(folder, args.drawn_samples)
+        write_dialogue_export(folder / "dialogue.json", args.dialogue_scenes, start=10**6, version=version)
+        write_split(folder, "train", args.chat_samples, start=2 * 10**6, version=version)
+        write_split(folder, "test", args.test_samples, version=version)
+        write_drawn_set(folder, args.drawn_samples, version=version)
         cli("prepare-data", "--data", folder / "refer", "--split", "train", "--images", folder / "refer" / "images",
             "--output", folder / "refer_train.jsonl")
         cli("prepare-data", "--data", folder / "dialogue.json", "--images", folder / "dialogue_images",
             "--output", folder / "dialogue_train.jsonl")
         counts = {name: sum(1 for _ in (folder / name).open()) for name in
                   ("refer_train.jsonl", "dialogue_train.jsonl", "train.jsonl", "test.jsonl", "drawn.jsonl")}
-        return dict(records=counts)
+        return dict(version=version, records=counts)
 
-    return cached(out / "data", build)
+    return cached(data_folder(out, version), build)
+
+
+def data_folder(out: Path, version: str) -> Path:
+    return out / ("data" if version == "v2" else f"data-{version}")
 
 
 def dialogue_stage(out: Path, data: Path, vision: Path, steps: int) -> dict:
@@ -149,29 +160,34 @@ def dialogue_stage(out: Path, data: Path, vision: Path, steps: int) -> dict:
     return cached(out / "base", build)
 
 
-def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: int = 0, overrides=None) -> dict:
+def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: int = 0, overrides=None,
+                start_from: Path | None = None, learning_rate: float | None = None) -> dict:
     """`stamp-hf init` on the base, then `stamp-hf train` on the referring, dialogue and chat data; cached as
-    out/<name>. `overrides`: config.json settings of an ablation variant, written into the initialised model."""
+    out/<name>. `overrides`: config.json settings of an ablation variant, written into the initialised model.
+    `start_from`: a trained STAMP model to go on training instead (no init), with a fresh schedule peaking at
+    `learning_rate` (default TRAINING's)."""
     folder = out / name
     result_file = folder / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
-    init = folder / "init"
+    init = start_from or folder / "init"
     if not (init / "config.json").exists():
         cli("init", base, init, "--min-placeholders", 144, "--max-placeholders", 256, "--seed", seed, "--force")
         if overrides:
             config = json.loads((init / "config.json").read_text())
             (init / "config.json").write_text(json.dumps({**config, **overrides}, indent=2))
-    config = dict(
-        model=str(init),
-        data=[str(data / f) for f in ("refer_train.jsonl", "dialogue_train.jsonl", "train.jsonl")],
-        output_dir=str(folder / "model"),
+    config = dict(  # absolute paths: a train config's relative paths are read from its own folder
+        model=str(init.resolve()),
+        data=[str((data / f).resolve()) for f in ("refer_train.jsonl", "dialogue_train.jsonl", "train.jsonl")],
+        output_dir=str((folder / "model").resolve()),
         trust_remote_code=True,
         freeze_vision_tower=True,
         mask_loss_resolution="image",
         resume=any((folder / "model").glob("checkpoint-*")),
-        training=dict(TRAINING, max_steps=steps, seed=seed, activation_checkpointing=False),
+        training=dict(TRAINING, max_steps=steps, seed=seed, activation_checkpointing=False,
+                      learning_rate=learning_rate or TRAINING["learning_rate"]),
     )
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.json").write_text(json.dumps(config, indent=2))
     start = time.perf_counter()
     cli("train", folder / "train.json")
@@ -179,19 +195,26 @@ def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: 
     state_file = folder / "model" / "trainer_state.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     result = dict(steps=steps, seed=seed, overrides=overrides or {}, seconds_this_run=seconds,
+                  start_from=str(start_from) if start_from else None, learning_rate=config["training"]["learning_rate"],
                   threads=torch.get_num_threads(), log=[e for e in state.get("log_history", []) if "mask_loss" in e])
     result_file.write_text(json.dumps(result, indent=2))
     return result
 
 
 def evaluate_both(model: Path, data: Path, folder: Path, limit=None) -> dict:
-    """evaluate_demo on the test split and the drawn set, cached in folder/<set>.json."""
+    """evaluate_demo on the test split and the drawn set, and scoring.evaluate_conversations (every turn of every
+    record: VQA per kind, chat switches, multi-target answers) under "conversations"; cached in folder/<set>.json."""
+    from transformers import AutoModel, AutoProcessor
+
     results = {}
     for name, jsonl in (("test", data / "test.jsonl"), ("drawn", data / "drawn.jsonl")):
         result_file = folder / f"{name}.json"
         if not result_file.exists():
             start = time.perf_counter()
             metrics = evaluate_demo(model, jsonl, folder / name, limit=limit)
+            loaded = AutoModel.from_pretrained(model, trust_remote_code=True).eval()
+            processor = AutoProcessor.from_pretrained(model, trust_remote_code=True)
+            metrics["conversations"] = evaluate_conversations(loaded, processor, jsonl, limit=limit)
             metrics["seconds"] = time.perf_counter() - start
             folder.mkdir(parents=True, exist_ok=True)
             result_file.write_text(json.dumps(metrics, indent=2))
@@ -239,6 +262,34 @@ def results_table(results: dict, refs: dict) -> str:
     return "\n".join(lines)
 
 
+def dialogue_table(results: dict) -> str:
+    """Every assistant turn of both held-out sets (scoring.score_turns): VQA per kind, descriptions, chat switches
+    per move, multi-target answers."""
+    test, drawn = results["test"]["conversations"], results["drawn"]["conversations"]
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    row = lambda title, a, b: f"| {title} | {fmt(a)} | {fmt(b)} |"  # noqa: E731
+    lines = ["| every turn of every record | test split | drawn set |", "|---|---|---|",
+             row("VQA exact %", test["vqa_exact"], drawn["vqa_exact"])]
+    for kind in sorted(set(test["vqa_by_kind"]) | set(drawn["vqa_by_kind"])):
+        lines.append(row(f"VQA exact, {kind} %", test["vqa_by_kind"].get(kind), drawn["vqa_by_kind"].get(kind)))
+    lines.append(row("descriptions naming every shape with its colour %", test["describe_names_every_shape"],
+                     drawn["describe_names_every_shape"]))
+    lines.append(row("chat: a later segmentation turn, every mask right (IoU >= 0.8) %", test["chat_switch"],
+                     drawn["chat_switch"]))
+    for move in sorted(set(test["chat_switch_by_move"]) | set(drawn["chat_switch_by_move"])):
+        lines.append(row(f"chat switch, {move} %", test["chat_switch_by_move"].get(move),
+                         drawn["chat_switch_by_move"].get(move)))
+    lines.append(row("several targets: every mask right %", test["multi_all_right"], drawn["multi_all_right"]))
+    for n in sorted(set(test["multi_by_targets"]) | set(drawn["multi_by_targets"])):
+        lines.append(row(f"several targets, {n} of them: every mask right %", test["multi_by_targets"].get(n),
+                         drawn["multi_by_targets"].get(n)))
+    lines.append(row("several targets: labels name the targets %", test["multi_labels"], drawn["multi_labels"]))
+    lines.append(f"| turns: VQA / chat switches / several targets | {test['vqa_samples']} / "
+                 f"{test['chat_switch_samples']} / {test['multi_samples']} | {drawn['vqa_samples']} / "
+                 f"{drawn['chat_switch_samples']} / {drawn['multi_samples']} |")
+    return "\n".join(lines)
+
+
 def ablation_table(runs: dict) -> str:
     lines = ["| variant | seeds | test cIoU | per seed | drawn cIoU | test N-acc | test VQA exact |",
              "|---|---|---|---|---|---|---|"]
@@ -253,19 +304,39 @@ def ablation_table(runs: dict) -> str:
     return "\n".join(lines)
 
 
+def earlier_stages(args) -> dict:
+    """The data, vision and dialogue stages and the first `stamp-hf train` (v2 data) the demo model grows from; each
+    is built only when a later stage needs it and it is not cached."""
+    first = args.out / f"stamp-{args.v2_steps}"
+    stages = json.loads((first / "result.json").read_text()).get("stages") if (first / "result.json").exists() else None
+    if stages is None or args.ablation:
+        stages = dict(data=data_stage(args.out, args, "v2"), vision=vision_stage(args.out, args.vision_steps))
+        stages["dialogue"] = dialogue_stage(args.out, data_folder(args.out, "v2"), args.out / "base-vision",
+                                            args.dialogue_steps)
+    result = stamp_stage(args.out, first.name, data_folder(args.out, "v2"), args.out / "base" / "model", args.v2_steps)
+    if "stages" not in result:
+        result["stages"] = {k: v for k, v in stages.items() if k != "data"}
+        (first / "result.json").write_text(json.dumps(result, indent=2))
+    return dict(result["stages"], stamp_v2=result)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m stamp_hf.synthetic.build", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="data, runs and results go here")
     parser.add_argument("--vision-steps", type=int, default=5000, help="steps of the vision stage (batch 16)")
     parser.add_argument("--dialogue-steps", type=int, default=800, help="steps of the dialogue stage (batch 8)")
-    parser.add_argument("--steps", type=int, default=8000, help="stamp-hf train steps of the demo model (batch 8)")
+    parser.add_argument("--v2-steps", type=int, default=8000,
+                        help="steps of the first stamp-hf train, on the v2 data (batch 8)")
+    parser.add_argument("--steps", type=int, default=8000,
+                        help="steps of the second stamp-hf train, on the v3 data, from the first (batch 8)")
+    parser.add_argument("--learning-rate", type=float, default=5e-4, help="peak learning rate of the second train")
     parser.add_argument("--refer-scenes", type=int, default=8000, help="scenes of the gRefCOCO export (3 sentences each)")
     parser.add_argument("--dialogue-scenes", type=int, default=6000, help="scenes of the LLaVA export (3 turns each)")
     parser.add_argument("--chat-samples", type=int, default=8000, help="the generator's own conversations")
     parser.add_argument("--test-samples", type=int, default=400)
     parser.add_argument("--drawn-samples", type=int, default=400)
-    parser.add_argument("--ablation", action="store_true", help="also train the Table 6 variants x --seeds")
-    parser.add_argument("--ablation-steps", type=int, default=600)
+    parser.add_argument("--ablation", action="store_true", help="also train the Table 6 variants x --seeds (v3 data)")
+    parser.add_argument("--ablation-steps", type=int, default=2500)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N records of each set")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -276,38 +347,45 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    data_result = data_stage(args.out, args)
-    data = args.out / "data"
+    stages = earlier_stages(args)
+    print("== vision", json.dumps(stages["vision"]["history"][-1]), f"{stages['vision']['seconds'] / 60:.1f} min")
+    print("== dialogue", json.dumps(stages["dialogue"]["history"][-1]), f"{stages['dialogue']['seconds'] / 60:.1f} min")
+    data_result = data_stage(args.out, args, "v3")
+    data = data_folder(args.out, "v3")
     print("== data", json.dumps(data_result), flush=True)
-    vision = vision_stage(args.out, args.vision_steps)
-    print("== vision", json.dumps(vision["history"][-1]), f"{vision['seconds'] / 60:.1f} min", flush=True)
-    base = dialogue_stage(args.out, data, args.out / "base-vision", args.dialogue_steps)
-    print("== dialogue", json.dumps(base["history"][-1]), f"{base['seconds'] / 60:.1f} min", flush=True)
-    stamp = stamp_stage(args.out, f"stamp-{args.steps}", data, args.out / "base" / "model", args.steps)
-    model = args.out / f"stamp-{args.steps}" / "model"
-    results = evaluate_both(model, data, args.out / f"stamp-{args.steps}" / "eval", args.eval_limit)
+    name = f"stamp-{args.v2_steps}-v3-{args.steps}"
+    stamp = stamp_stage(args.out, name, data, args.out / "base" / "model", args.steps,
+                        start_from=args.out / f"stamp-{args.v2_steps}" / "model", learning_rate=args.learning_rate)
+    model = args.out / name / "model"
+    results = evaluate_both(model, data, args.out / name / "eval", args.eval_limit)
     refs = references(data, model)
-    timing = dict(vision=vision["seconds"], dialogue=base["seconds"], stamp=stamp["seconds_this_run"])
-    print(f"\nDemo model: {args.steps} steps of stamp-hf train; training time (min): "
+    timing = dict(vision=stages["vision"]["seconds"], dialogue=stages["dialogue"]["seconds"],
+                  stamp_v2=stages["stamp_v2"]["seconds_this_run"], stamp=stamp["seconds_this_run"])
+    print(f"\nDemo model: {args.v2_steps} + {args.steps} steps of stamp-hf train; training time (min): "
           + ", ".join(f"{k} {v / 60:.1f}" for k, v in timing.items()) + f", total {sum(timing.values()) / 60:.1f}")
     print(f"CPU: {os.cpu_count()} cores visible, {args.threads} torch threads; Python {sys.version.split()[0]}\n")
     print(results_table(results, refs))
+    print()
+    print(dialogue_table(results))
     runs = {}
     if args.ablation:
         for variant, (_, overrides) in VARIANTS.items():
             for seed in args.seeds:
-                name = f"ablation-{variant}-{seed}-{args.ablation_steps}"
-                stamp_stage(args.out, name, data, args.out / "base" / "model", args.ablation_steps, seed, overrides)
+                run = f"ablation-v3-{variant}-{seed}-{args.ablation_steps}"
+                stamp_stage(args.out, run, data, args.out / "base" / "model", args.ablation_steps, seed, overrides)
                 runs.setdefault(variant, []).append(
-                    evaluate_both(args.out / name / "model", data, args.out / name / "eval", args.eval_limit))
+                    evaluate_both(args.out / run / "model", data, args.out / run / "eval", args.eval_limit))
         print(f"\nTable 6 at this scale: each run {args.ablation_steps} steps from the same base\n")
         print(ablation_table(runs))
-    summary = dict(data=data_result, vision=vision, dialogue=base, stamp=stamp, results=results, references=refs,
-                   timing_seconds=timing, ablation=runs, args={k: str(v) for k, v in vars(args).items()})
+    summary = dict(data=data_result, vision=stages["vision"], dialogue=stages["dialogue"], stamp_v2=stages["stamp_v2"],
+                   stamp=stamp, results=results, references=refs, timing_seconds=timing, ablation=runs,
+                   args={k: str(v) for k, v in vars(args).items()})
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     if args.ship:
-        write_demo_card(model, args.ship, summary, results_table(results, refs), ablation_table(runs) if runs else None)
+        write_demo_card(model, args.ship, summary, results_table(results, refs) + "\n\n" + dialogue_table(results),
+                        ablation_table(runs) if runs else None)
         print(f"\ndemo model written to {args.ship}")
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The generator's v3 conversations: questions about every attribute a scene has, chats that switch between questions
 and segmentation requests and refer back, and requests for two or three targets, each `<|seg|>` labelled with what it
 segments. `make_sample(seed, version="v3")` and the writers of scenes / drawn with `version="v3"` use them; "v2" (the
-default there) keeps the data the shipped demo model was built and measured on.
+default there) keeps the data of the demo model's first `stamp-hf train` stage, byte for byte.
 
 Rules (those of scenes.py, kept):
 - No wording shortcut: a target that is not there is asked and answered in the same words as one that is; only its

@@ -85,11 +85,14 @@ def drawn_scene(rng: random.Random):
     return shapes, image, masks
 
 
-def write_drawn_set(folder, count: int, start: int = 0, version: str = "v2") -> Path:
+def write_drawn_set(folder, count: int, start: int = 0, version: str = "v2", task: str | None = None) -> Path:
     """`count` drawn scenes, one request or question each, as folder/drawn.jsonl in the held-out format of
     stamp_hf.synthetic.scenes.write_split (task, form, all_shapes). `version` "v3": each scene gets a v3
     conversation (questions of every kind, chats, multi-target requests: stamp_hf.synthetic.chats) with its turn
-    tags, as the v3 test split does. Refuses to overwrite an existing file."""
+    tags, as the v3 test split does; `task`: every conversation of this task of TASKS_V3, v3 only. Refuses to
+    overwrite an existing file."""
+    if task is not None and version == "v2":
+        raise ValueError("write_drawn_set: a task can be chosen for version v3 only")
     folder = Path(folder)
     jsonl = folder / "drawn.jsonl"
     if jsonl.exists():
@@ -99,7 +102,7 @@ def write_drawn_set(folder, count: int, start: int = 0, version: str = "v2") -> 
         rng = random.Random(seed)
         shapes, image, object_masks = drawn_scene(rng)
         if version != "v2":
-            sample = v3_sample(rng, seed, shapes, image, object_masks, None, version)
+            sample = v3_sample(rng, seed, shapes, image, object_masks, task, version)
             records.append(held_out_record(folder, "drawn", seed, image, sample.messages, sample.masks, object_masks,
                                            sample.task, sample.form, sample.turns, shapes))
             continue

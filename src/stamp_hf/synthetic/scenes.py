@@ -437,8 +437,8 @@ def segmentation_request(rng: random.Random, shapes, frame, present: bool, form:
 def make_sample(seed: int, size: tuple[int, int] | None = None, task: str | None = None, version: str = "v2") -> Sample:
     """The sample of `seed`: a scene at `size` (default: drawn from IMAGE_SIZES), its exact masks and one
     conversation (task drawn from TASK_WEIGHTS unless given). `version` "v3": the conversations of
-    stamp_hf.synthetic.chats (tasks TASKS_V3 there) on the same scene; "v2": the data the shipped demo model was
-    built on."""
+    stamp_hf.synthetic.chats (tasks TASKS_V3 there) on the same scene; "v2": the data of the demo model's first
+    `stamp-hf train` stage."""
     rng = random.Random(seed)
     shapes, image, object_masks = draw_scene(rng, size)
     frame = image.size
@@ -498,9 +498,11 @@ def _check_new(path: Path) -> None:
         raise FileExistsError(f"{path} already exists; choose another folder or remove it first")
 
 
-def write_split(folder, split: str, count: int, start: int = 0, tasks=None, version: str = "v2") -> Path:
+def write_split(folder, split: str, count: int, start: int = 0, tasks=None, version: str = "v2",
+                task: str | None = None) -> Path:
     """Write `count` samples of `split` as `folder/<split>.jsonl` plus PNG images and masks under `folder/<split>/`.
-    `tasks`: the tasks to keep (others are skipped, so fewer records may come). Records carry the task, the request
+    `tasks`: the tasks to keep (others are skipped, so fewer records may come); `task`: every sample of this task
+    (as make_sample's; a scene that allows none gets a question). Records carry the task, the request
     form, the seed and a mask of all the shapes (`all_shapes`, for the language-blind baseline); `version` "v3"
     records also a tag per assistant turn (`turns`) and the scene's shapes. Refuses to overwrite an existing JSONL
     file, so nothing generated earlier is lost."""
@@ -509,7 +511,7 @@ def write_split(folder, split: str, count: int, start: int = 0, tasks=None, vers
     _check_new(jsonl)
     records = []
     for seed in split_seeds(split, count, start):
-        sample = make_sample(seed, version=version)
+        sample = make_sample(seed, task=task, version=version)
         if tasks is None or sample.task in tasks:
             records.append(held_out_record(folder, split, seed, sample.image, sample.messages, sample.masks,
                                            sample.object_masks, sample.task, sample.form, sample.turns, sample.shapes))
