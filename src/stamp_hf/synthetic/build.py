@@ -206,15 +206,15 @@ def evaluate_both(model: Path, data: Path, folder: Path, limit=None) -> dict:
     record: VQA per kind, chat switches, multi-target answers) under "conversations"; cached in folder/<set>.json."""
     from transformers import AutoModel, AutoProcessor
 
-    results = {}
+    results, loaded = {}, None
     for name, jsonl in (("test", data / "test.jsonl"), ("drawn", data / "drawn.jsonl")):
         result_file = folder / f"{name}.json"
         if not result_file.exists():
             start = time.perf_counter()
             metrics = evaluate_demo(model, jsonl, folder / name, limit=limit)
-            loaded = AutoModel.from_pretrained(model, trust_remote_code=True).eval()
-            processor = AutoProcessor.from_pretrained(model, trust_remote_code=True)
-            metrics["conversations"] = evaluate_conversations(loaded, processor, jsonl, limit=limit)
+            loaded = loaded or (AutoModel.from_pretrained(model, trust_remote_code=True).eval(),
+                                AutoProcessor.from_pretrained(model, trust_remote_code=True))
+            metrics["conversations"] = evaluate_conversations(*loaded, jsonl, limit=limit)
             metrics["seconds"] = time.perf_counter() - start
             folder.mkdir(parents=True, exist_ok=True)
             result_file.write_text(json.dumps(metrics, indent=2))
