@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModel, AutoProcessor
 
 from stamp_hf.demo_model import DEMO_MODEL
 from stamp_hf.synthetic.scenes import write_split
@@ -27,10 +28,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = write_split(args.out / "data", "test", args.samples)
+    model = AutoModel.from_pretrained(DEMO_MODEL, trust_remote_code=True).eval()
     rows = {}
     for resample in ("nearest", "bilinear"):
+        processor = AutoProcessor.from_pretrained(DEMO_MODEL, trust_remote_code=True)
+        processor.mask_resample = resample  # this run's own processor
         start = time.perf_counter()
-        metrics = evaluate_demo(DEMO_MODEL, data, args.out / resample, resample=resample)
+        metrics = evaluate_demo(model, processor, data, args.out / resample)
         rows[resample] = {key: metrics[key] for key in ("cIoU", "gIoU", "N-acc", "cIoU_by_form")}
         rows[resample]["seconds"] = round(time.perf_counter() - start, 1)
     print(f"demo model, {args.samples}-sample synthetic test split; CPU: {os.cpu_count()} cores, {args.threads} "

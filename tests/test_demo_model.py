@@ -74,11 +74,11 @@ def demo():
 
 
 @pytest.mark.parametrize("name", ["test", "drawn"])
-def test_demo_model_segments_and_answers_on_unseen_samples(tmp_path, name):
+def test_demo_model_segments_and_answers_on_unseen_samples(tmp_path, demo, name):
     from stamp_hf.synthetic.stages import evaluate_demo, language_blind_baseline
 
     data = held_out(tmp_path, name)
-    metrics = evaluate_demo(DEMO, data, tmp_path / "eval")
+    metrics = evaluate_demo(*demo, data, tmp_path / "eval")
     floors = FLOORS[name]
     assert metrics["segmentation_samples"] >= 25 and metrics["vqa_samples"] >= 20, metrics
     for key in ("cIoU", "N-acc", "T-acc", "vqa_exact"):
@@ -358,3 +358,34 @@ def test_dialogue_table_shows_both_sets_every_kind_move_and_target_count():
                 "| descriptions naming every shape with its colour % | - | - |",
                 "| turns: VQA / chat switches / several targets | 10 / 7 / 4 | 10 / 7 / 4 |"):
         assert row in lines, row
+
+
+def test_ablation_trains_every_variant_side_by_side_from_one_base_and_evaluates_each(tmp_path):
+    """build --ablation --ablation-jobs 3 (Table 6): every variant starts from the same base with its config override
+    written into its initialised model, the runs train side by side (one torch thread each, output in their own
+    logs), and each is evaluated on both held-out sets with the limit it was given."""
+    import argparse
+
+    from stamp_hf.synthetic import build
+    from stamp_hf.synthetic.stages import build_base, save_base
+
+    save_base(*build_base(seed=0), tmp_path / "base" / "model")
+    args = argparse.Namespace(out=tmp_path, refer_scenes=2, dialogue_scenes=2, chat_samples=4, test_samples=8,
+                              drawn_samples=8, seeds=[0], ablation_steps=2, threads=2, ablation_jobs=3, eval_limit=2)
+    build.data_stage(tmp_path, args, "v3")
+    runs = build.ablation(args, build.data_folder(tmp_path, "v3"))
+    assert list(runs) == list(build.VARIANTS)
+    table = build.ablation_table(runs)
+    for variant, (title, overrides) in build.VARIANTS.items():
+        folder = tmp_path / f"ablation-v3-{variant}-0-2"
+        config = json.loads((folder / "model" / "config.json").read_text())
+        assert {key: config[key] for key in overrides} == overrides
+        result = json.loads((folder / "result.json").read_text())
+        assert (result["steps"], result["threads"], result["concurrent_runs"]) == (2, 1, 3)
+        assert json.loads((folder / "model" / "trainer_state.json").read_text())["global_step"] == 2
+        assert "train_runtime" in (folder / "train.log").read_text()
+        [evaluated] = runs[variant]
+        assert evaluated["test"]["limit"] == evaluated["drawn"]["limit"] == 2
+        assert f"| {title} | 1 | {evaluated['test']['cIoU']:.1f} ± 0.0 |" in table
+    assert runs["stamp"][0]["test"]["vqa_exact"] is None  # the first two test records ask no question
+    assert table.count("| n/a |") == len(build.VARIANTS)  # shown as such, not averaged

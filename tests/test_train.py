@@ -183,6 +183,9 @@ def test_config_errors_are_one_line(tmp_path, capsys):
         "model: m\ndata: d\noutput_dir: o\nepochs: 3\n": "unknown setting(s) ['epochs']",
         "model: m\ndata: d\noutput_dir: o\ntraining: {lr: 1}\n": "unknown training setting(s) ['lr']",
         "model: m\ndata: d\noutput_dir: o\nfinetuning: qlora\n": "finetuning must be 'full' or 'lora'",
+        "model: m\ndata: [d, {path: e, repeat: 0}]\noutput_dir: o\n": "give a .jsonl file or {path: FILE, repeat: N}",
+        "model: m\ndata: [{file: e}]\noutput_dir: o\n": "data entry {'file': 'e'}: give a .jsonl file",
+        "model: m\ndata: d\noutput_dir: o\neval_data: {path: e, repeat: 2}\n": "eval_data: repeat is for the training",
     }
     for text, message in cases.items():
         config.write_text(text)
@@ -191,6 +194,31 @@ def test_config_errors_are_one_line(tmp_path, capsys):
         assert message in err and err.count("\n") == 1, err
     assert cli(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "no such config file" in capsys.readouterr().err
+
+
+def test_a_repeated_data_file_counts_its_records_that_many_times_in_training(base, tmp_path):
+    """`data: [a.jsonl, {path: b.jsonl, repeat: 3}]` mixes sources as the released training does (referring data x 3):
+    the data set holds b's records three times, each the same item, and training goes through all of them."""
+    checkpoint, data = base
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    once = STAMPDataset(data, processor)
+    mixed = STAMPDataset([data, data], processor, repeats=[1, 3])
+    assert len(mixed) == 4 * len(once)
+    last = len(once) - 1
+    for index in (last, 2 * len(once) + last, 3 * len(once) + last):
+        assert torch.equal(mixed[index]["input_ids"], once[last]["input_ids"])
+        assert torch.equal(mixed[index]["mask_labels"], once[last]["mask_labels"])
+    with pytest.raises(ValueError, match="repeats must be one whole number >= 1 per data file"):
+        STAMPDataset([data], processor, repeats=[2, 1])
+    (tmp_path / "sub").mkdir()
+    config = tmp_path / "sub" / "train.yaml"  # the repeated entry's path is read from the config's folder too
+    config.write_text(f"model: {checkpoint}\ndata: [{data}, {{path: ../data/{data.name}, repeat: 3}}]\n"
+                      f"output_dir: out\ntraining: {json.dumps(dict(FAST, max_steps=1, per_device_train_batch_size=1))}\n")
+    assert cli(["train", str(config)]) == 0
+    state = json.loads((tmp_path / "sub" / "out" / "trainer_state.json").read_text())
+    assert state["log_history"][0]["epoch"] == pytest.approx(1 / len(mixed))
 
 
 def test_paper_defaults_and_official_loss_weights():

@@ -177,21 +177,28 @@ class STAMPDataset(torch.utils.data.Dataset):
     `mask_loss_resolution` "patch" puts them on the image's patch grid, "image" on the pixels of the image the model
     sees (the processor's resize of it), so items stay small whatever the size of the original image.
 
+    `repeats`: how many times each file's records are in the data set (one per file; default once each), the way the
+    released training mixes its sources (referring data x 3 with LLaVA x 1).
+
     The files are read lazily: construction makes one pass that checks every line (valid JSON, a record, one mask per
     `<|seg|>`; errors name file:line) and keeps only each record's byte offset and line number (16 bytes a record);
     an item's line is read, parsed and its masks decoded in `__getitem__`. Checked only on access:
     that the image and PNG masks can be read and have matching sizes, and that RLE sizes match the image.
     """
 
-    def __init__(self, path, processor, mask_loss_resolution: str = "patch"):
+    def __init__(self, path, processor, mask_loss_resolution: str = "patch", repeats=None):
         if mask_loss_resolution not in MASK_LOSS_RESOLUTIONS:
             raise ValueError(f"mask_loss_resolution must be one of {MASK_LOSS_RESOLUTIONS}, got {mask_loss_resolution!r}")
         several = isinstance(path, (list, tuple))
         self.files = [_data_file(p) for p in (path if several else [path])]
         if not self.files:
             raise ValueError("no data files given")
+        repeats = [1] * len(self.files) if repeats is None else list(repeats)
+        if len(repeats) != len(self.files) or not all(type(r) is int and r >= 1 for r in repeats):
+            raise ValueError(f"repeats must be one whole number >= 1 per data file ({len(self.files)}), got {repeats}")
         self.path = self.files if several else self.files[0]
-        indexes = [_index_file(file) for file in self.files]
+        indexes = [tuple(np.tile(column, times) for column in _index_file(file))
+                   for file, times in zip(self.files, repeats)]
         self._offsets = np.concatenate([offsets for offsets, _ in indexes])
         self._line_numbers = np.concatenate([numbers for _, numbers in indexes])
         self._file_starts = np.cumsum([0] + [len(offsets) for offsets, _ in indexes])

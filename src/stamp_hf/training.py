@@ -7,7 +7,8 @@ The config file (YAML or JSON) of `stamp-hf train CONFIG` / `train(config)`:
                                     # from init_from_base(model) (stamp_hf.init_base), an untrained STAMP head
     min_placeholders: null          # with a base only: bounds on N per image (null: the paper's 1024 / 1280)
     max_placeholders: null
-    data: data/train.jsonl          # the JSON Lines training format (stamp_hf.data); a list of files reads as one
+    data: data/train.jsonl          # the JSON Lines training format (stamp_hf.data); a list of files reads as one;
+                                    # an entry {path: refer.jsonl, repeat: 3} counts that file's records 3 times
     eval_data: data/val.jsonl       # optional, same format: eval_loss at every checkpoint (or once at the end)
     output_dir: runs/stamp-2b-ft    # checkpoints, then the final model (a plain STAMP checkpoint, also after LoRA)
     finetuning: full                # full | lora
@@ -97,7 +98,7 @@ class TrainConfig:
     """What `stamp-hf train` reads from its config file; see the module docstring for the file format."""
 
     model: str
-    data: str | list[str]
+    data: str | list
     output_dir: str
     eval_data: str | list[str] | None = None
     finetuning: str = "full"
@@ -141,6 +142,9 @@ class TrainConfig:
             )
         if self.soft_mask_labels not in (None, True, False):
             raise ValueError(f"soft_mask_labels must be true, false or null, got {self.soft_mask_labels!r}")
+        data_sources(self.data, "data")
+        if self.eval_data is not None and any(times != 1 for _, times in data_sources(self.eval_data, "eval_data")):
+            raise ValueError("eval_data: repeat is for the training data only (an evaluation counts each record once)")
         known = {f.name for f in fields(TrainingArguments)}
         unknown = sorted(set(self.training) - known)
         if unknown:
@@ -178,11 +182,15 @@ class TrainConfig:
         def resolve(value):
             return value if Path(value).is_absolute() else str((path.parent / value).resolve())
 
+        def resolve_entry(entry):  # a data file, or {path: FILE, repeat: N}
+            return dict(entry, path=resolve(entry["path"])) if isinstance(entry, dict) and "path" in entry else (
+                resolve(entry) if isinstance(entry, (str, Path)) else entry)
+
         for key in ("data", "output_dir", "eval_data"):
             if isinstance(raw.get(key), list):  # several data files, read as one data set
-                raw[key] = [resolve(value) for value in raw[key]]
+                raw[key] = [resolve_entry(value) for value in raw[key]]
             elif raw.get(key) is not None:
-                raw[key] = resolve(raw[key])
+                raw[key] = resolve_entry(raw[key])
         def beside_config(value):  # a model folder or DeepSpeed file next to the config; else a Hub id / as given
             return str((path.parent / value).resolve()) if isinstance(value, str) and (path.parent / value).exists() else value
 
@@ -224,7 +232,7 @@ class TrainConfig:
             raise FileNotFoundError(f"model {model}: no such folder (nor a Hub repo id)")
         for key in ("data", "eval_data"):
             value = getattr(self, key)
-            for file in value if isinstance(value, list) else [value] if value is not None else []:
+            for file, _ in data_sources(value, key) if value is not None else []:
                 if Path(file).is_dir():
                     raise ValueError(f"{key} {file} is a folder; give the .jsonl file")
                 if not Path(file).is_file():
@@ -244,6 +252,24 @@ class TrainConfig:
             settings.setdefault("eval_strategy", settings["save_strategy"])
             settings.setdefault("eval_steps", settings.get("save_steps", TrainingArguments.save_steps))
         return TrainingArguments(output_dir=self.output_dir, **settings)
+
+
+def data_sources(value, key: str) -> list[tuple[str, int]]:
+    """(file, repeat) per entry of a `data` / `eval_data` setting: a file, or {path: FILE, repeat: N} (the file's
+    records counted N times, N a whole number >= 1), alone or in a list."""
+    sources = []
+    for entry in value if isinstance(value, list) else [value]:
+        if isinstance(entry, (str, Path)):
+            sources.append((str(entry), 1))
+        elif (isinstance(entry, dict) and set(entry) <= {"path", "repeat"} and isinstance(entry.get("path"), (str, Path))
+              and type(entry.get("repeat", 1)) is int and entry.get("repeat", 1) >= 1):
+            sources.append((str(entry["path"]), entry.get("repeat", 1)))
+        else:
+            raise ValueError(f"{key} entry {entry!r}: give a .jsonl file or {{path: FILE, repeat: N}} "
+                             "(N a whole number >= 1)")
+    if not sources:
+        raise ValueError(f"{key}: no data files given")
+    return sources
 
 
 def training_value(key: str, value):
@@ -543,11 +569,13 @@ def _train(config: TrainConfig, output_dir: Path) -> STAMPTrainer:
     elif config.freeze_vision_tower:
         model.model.visual.requires_grad_(False)
 
+    files, repeats = (list(column) for column in zip(*data_sources(config.data, "data")))
     trainer = STAMPTrainer(
         model=model,
         args=args,
-        train_dataset=STAMPDataset(config.data, processor, resolution),
-        eval_dataset=STAMPDataset(config.eval_data, processor, resolution) if config.eval_data else None,
+        train_dataset=STAMPDataset(files, processor, resolution, repeats=repeats),
+        eval_dataset=STAMPDataset([f for f, _ in data_sources(config.eval_data, "eval_data")], processor, resolution)
+        if config.eval_data else None,
         data_collator=STAMPCollator(processor),
     )
     trainer.train(resume_from_checkpoint=resume)

@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -85,11 +86,17 @@ def log_json(entry) -> None:
     print(json.dumps(entry), flush=True)
 
 
-def cli(*arguments) -> None:
-    """Run a `stamp-hf` command as a user would, in this Python environment."""
+def cli(*arguments, threads: int | None = None, log: Path | None = None) -> None:
+    """Run a `stamp-hf` command as a user would, in this Python environment; `threads`: its torch threads
+    (OMP_NUM_THREADS), `log`: a file for its output (runs side by side would interleave theirs)."""
     command = [sys.executable, "-m", "stamp_hf.cli", *map(str, arguments)]
-    print("$ stamp-hf " + " ".join(map(str, arguments)), flush=True)
-    subprocess.run(command, check=True)
+    print("$ stamp-hf " + " ".join(map(str, arguments)) + (f"  > {log}" if log else ""), flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    if log is None:
+        subprocess.run(command, check=True, env=env)
+        return
+    with open(log, "a") as output:
+        subprocess.run(command, check=True, env=env, stdout=output, stderr=subprocess.STDOUT)
 
 
 def cached(folder: Path, build) -> dict:
@@ -161,18 +168,23 @@ def dialogue_stage(out: Path, data: Path, vision: Path, steps: int) -> dict:
 
 
 def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: int = 0, overrides=None,
-                start_from: Path | None = None, learning_rate: float | None = None) -> dict:
+                start_from: Path | None = None, learning_rate: float | None = None, threads: int | None = None,
+                concurrent_runs: int = 1) -> dict:
     """`stamp-hf init` on the base, then `stamp-hf train` on the referring, dialogue and chat data; cached as
     out/<name>. `overrides`: config.json settings of an ablation variant, written into the initialised model.
     `start_from`: a trained STAMP model to go on training instead (no init), with a fresh schedule peaking at
-    `learning_rate` (default TRAINING's)."""
+    `learning_rate` (default TRAINING's). `threads`: the commands' torch threads; with `concurrent_runs` > 1 (runs
+    side by side) their output goes to out/<name>/train.log."""
     folder = out / name
     result_file = folder / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "train.log" if concurrent_runs > 1 else None
     init = start_from or folder / "init"
     if not (init / "config.json").exists():
-        cli("init", base, init, "--min-placeholders", 144, "--max-placeholders", 256, "--seed", seed, "--force")
+        cli("init", base, init, "--min-placeholders", 144, "--max-placeholders", 256, "--seed", seed, "--force",
+            threads=threads, log=log)
         if overrides:
             config = json.loads((init / "config.json").read_text())
             (init / "config.json").write_text(json.dumps({**config, **overrides}, indent=2))
@@ -187,35 +199,36 @@ def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: 
         training=dict(TRAINING, max_steps=steps, seed=seed, activation_checkpointing=False,
                       learning_rate=learning_rate or TRAINING["learning_rate"]),
     )
-    folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.json").write_text(json.dumps(config, indent=2))
     start = time.perf_counter()
-    cli("train", folder / "train.json")
+    cli("train", folder / "train.json", threads=threads, log=log)
     seconds = time.perf_counter() - start
     state_file = folder / "model" / "trainer_state.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     result = dict(steps=steps, seed=seed, overrides=overrides or {}, seconds_this_run=seconds,
                   start_from=str(start_from) if start_from else None, learning_rate=config["training"]["learning_rate"],
-                  threads=torch.get_num_threads(), log=[e for e in state.get("log_history", []) if "mask_loss" in e])
+                  threads=threads or torch.get_num_threads(), concurrent_runs=concurrent_runs, log=[e for e in state.get("log_history", []) if "mask_loss" in e])
     result_file.write_text(json.dumps(result, indent=2))
     return result
 
 
 def evaluate_both(model: Path, data: Path, folder: Path, limit=None) -> dict:
     """evaluate_demo on the test split and the drawn set, and scoring.evaluate_conversations (every turn of every
-    record: VQA per kind, chat switches, multi-target answers) under "conversations"; cached in folder/<set>.json."""
+    record: VQA per kind, chat switches, multi-target answers) under "conversations"; cached in folder/<set>.json,
+    which records `limit` (a cache made with another limit is evaluated again)."""
     from transformers import AutoModel, AutoProcessor
 
     results, loaded = {}, None
     for name, jsonl in (("test", data / "test.jsonl"), ("drawn", data / "drawn.jsonl")):
         result_file = folder / f"{name}.json"
-        if not result_file.exists():
-            start = time.perf_counter()
-            metrics = evaluate_demo(model, jsonl, folder / name, limit=limit)
+        cached_result = json.loads(result_file.read_text()) if result_file.exists() else {}
+        if cached_result.get("limit", "missing") != limit:
             loaded = loaded or (AutoModel.from_pretrained(model, trust_remote_code=True).eval(),
                                 AutoProcessor.from_pretrained(model, trust_remote_code=True))
+            start = time.perf_counter()
+            metrics = evaluate_demo(*loaded, jsonl, folder / name, limit=limit)
             metrics["conversations"] = evaluate_conversations(*loaded, jsonl, limit=limit)
-            metrics["seconds"] = time.perf_counter() - start
+            metrics.update(limit=limit, seconds=time.perf_counter() - start)
             folder.mkdir(parents=True, exist_ok=True)
             result_file.write_text(json.dumps(metrics, indent=2))
         results[name] = json.loads(result_file.read_text())
@@ -236,6 +249,10 @@ def references(data: Path, processor_folder: Path) -> dict:
 
 
 def spread(values) -> str:
+    """Mean ± standard deviation of the figures that were measured (None: a set without such records)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
     mean = statistics.mean(values)
     return f"{mean:.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
 
@@ -291,17 +308,39 @@ def dialogue_table(results: dict) -> str:
 
 
 def ablation_table(runs: dict) -> str:
-    lines = ["| variant | seeds | test cIoU | per seed | drawn cIoU | test N-acc | test VQA exact |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | seeds | test cIoU | per seed | test gIoU | drawn cIoU | drawn gIoU | test N-acc | "
+             "test VQA exact |", "|---|---|---|---|---|---|---|---|---|"]
     for variant, (title, _) in VARIANTS.items():
         rows = runs.get(variant, [])
         if not rows:
             continue
         pick = lambda s, k: [r[s][k] for r in rows]  # noqa: E731
         lines.append(f"| {title} | {len(rows)} | {spread(pick('test', 'cIoU'))} | "
-                     f"{' / '.join(f'{v:.1f}' for v in pick('test', 'cIoU'))} | {spread(pick('drawn', 'cIoU'))} | "
+                     f"{' / '.join(f'{v:.1f}' for v in pick('test', 'cIoU'))} | {spread(pick('test', 'gIoU'))} | "
+                     f"{spread(pick('drawn', 'cIoU'))} | {spread(pick('drawn', 'gIoU'))} | "
                      f"{spread(pick('test', 'N-acc'))} | {spread(pick('test', 'vqa_exact'))} |")
     return "\n".join(lines)
+
+
+def ablation(args, data: Path) -> dict:
+    """The Table 6 variants x --seeds from the same base, --ablation-jobs runs at a time (each with its share of
+    --threads), then each run evaluated; {variant: [evaluate_both results, one per seed]}."""
+    plan = [(variant, seed, f"ablation-v3-{variant}-{seed}-{args.ablation_steps}", overrides)
+            for variant, (_, overrides) in VARIANTS.items() for seed in args.seeds]
+    threads = max(1, args.threads // args.ablation_jobs)
+
+    def train(run):
+        _, seed, name, overrides = run
+        return stamp_stage(args.out, name, data, args.out / "base" / "model", args.ablation_steps, seed, overrides,
+                           threads=threads, concurrent_runs=args.ablation_jobs)
+
+    with ThreadPoolExecutor(args.ablation_jobs) as pool:
+        list(pool.map(train, plan))
+    runs = {}
+    for variant, _, name, _ in plan:
+        runs.setdefault(variant, []).append(
+            evaluate_both(args.out / name / "model", data, args.out / name / "eval", args.eval_limit))
+    return runs
 
 
 def earlier_stages(args) -> dict:
@@ -338,6 +377,9 @@ def main(argv=None):
     parser.add_argument("--ablation", action="store_true", help="also train the Table 6 variants x --seeds (v3 data)")
     parser.add_argument("--ablation-steps", type=int, default=2500)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--ablation-jobs", type=int, default=1,
+                        help="ablation runs trained side by side, each with --threads / jobs torch threads (a small "
+                             "model uses more cores better as several runs than as more threads of one)")
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N records of each set")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--ship", type=Path, help="write the trained demo model and its card here (a new folder)")
@@ -369,12 +411,7 @@ def main(argv=None):
     print(dialogue_table(results))
     runs = {}
     if args.ablation:
-        for variant, (_, overrides) in VARIANTS.items():
-            for seed in args.seeds:
-                run = f"ablation-v3-{variant}-{seed}-{args.ablation_steps}"
-                stamp_stage(args.out, run, data, args.out / "base" / "model", args.ablation_steps, seed, overrides)
-                runs.setdefault(variant, []).append(
-                    evaluate_both(args.out / run / "model", data, args.out / run / "eval", args.eval_limit))
+        runs = ablation(args, data)
         print(f"\nTable 6 at this scale: each run {args.ablation_steps} steps from the same base\n")
         print(ablation_table(runs))
     summary = dict(data=data_result, vision=stages["vision"], dialogue=stages["dialogue"], stamp_v2=stages["stamp_v2"],

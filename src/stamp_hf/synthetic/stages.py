@@ -323,21 +323,14 @@ def grid_ceiling(jsonl, processor, fit_steps: int = 200) -> dict:
     return _scores(jsonl, predict)
 
 
-def evaluate_demo(model_folder, jsonl, output_dir, limit: int | None = None, batch_size: int = 8,
-                  resample: str | None = None) -> dict:
+def evaluate_demo(model, processor, jsonl, output_dir, limit: int | None = None, batch_size: int = 8) -> dict:
     """On a held-out file (the generator's test split or the drawn set): cIoU / gIoU / N-acc / T-acc (in %) of the
     segmentation requests and cIoU per request form (stamp_hf.evaluation), the share of them answered with a
     `<|seg|>`; exact-answer accuracy of the questions, per question kind, and the share answered without a `<|seg|>`.
-    `limit`: only the first `limit` records. `resample`: the mask post-processing ("nearest" / "bilinear"; default
-    the processor's own)."""
-    from transformers import AutoModel, AutoProcessor
-
+    `model`, `processor`: a loaded STAMP and its processor (whose mask_resample post-processes the masks).
+    `limit`: only the first `limit` records."""
     from ..evaluation import evaluate, load_jsonl_samples, summarize
 
-    model = AutoModel.from_pretrained(model_folder, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(model_folder, trust_remote_code=True)
-    if resample is not None:
-        processor.mask_resample = resample
     tasks = read_tasks(jsonl)[:limit]
     samples = [s for s in load_jsonl_samples(jsonl) if s.id.endswith(":1")][: len(tasks)]  # each record's first turn
     segment = [(s, t) for s, t in zip(samples, tasks) if t["task"] in SEGMENTATION_TASKS]
