@@ -119,6 +119,35 @@ def test_turns_are_scored_against_their_own_masks_and_vqa_apart(workdir, monkeyp
     assert normalize_answer(" It  IS.\n") == normalize_answer("it is") == "it is"
 
 
+def test_a_turn_with_several_targets_is_scored_target_by_target_besides_the_union(workdir, tmp_path, capsys):
+    """A turn naming two targets (the top half, and one that is not there) answered with two all-foreground masks:
+    its union scores IoU 0.5 as before; target by target, the first mask is half right and the second, a mask where
+    nothing is, scores 0, so not every target is right. A model with one mask fewer misses the second target."""
+    save_model(tmp_path / "two", segs=2)
+    record = {"image": str(workdir / "image.png"),
+              "messages": [{"role": "user", "content": "Please segment the top half and the cat."},
+                           {"role": "assistant", "content": "The top half is <|seg|> and the cat is <|seg|>."}],
+              "masks": [{"png": str(workdir / "top.png")}, {"empty": True}]}
+    two_turns = json.loads((workdir / "data.jsonl").read_text().splitlines()[1])
+    two_turns.update(image=record["image"], masks=[{"png": str(workdir / m["png"])} for m in two_turns["masks"]])
+    data = tmp_path / "two.jsonl"
+    data.write_text(json.dumps(record) + "\n" + json.dumps(two_turns) + "\n")
+    assert run_cli(tmp_path, "eval", "--model", "two", "--data", str(data), "--output", "out") == 0
+    table = capsys.readouterr().out
+    several, *single = results(tmp_path / "out")
+    assert several["masks"] == 2 and several["iou"] == pytest.approx(0.5)  # the union, the benchmarks' protocol
+    assert several["target_ious"] == [pytest.approx(0.5), 0.0]
+    assert all("target_ious" not in row for row in single)  # one <|seg|>: the union is the target
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["STAMP"]
+    assert summary["several_target_samples"] == 1
+    assert summary["target_mIoU"] == pytest.approx(25.0) and summary["every_target_at_0.5"] == 0.0
+    assert "target by target on the 1 turns with several <|seg|>" in table and "mean IoU 25.00%" in table
+
+    assert run_cli(tmp_path, "eval", "--model", str(workdir / "seg"), "--data", str(data), "--output", "out-one") == 0
+    one_mask = results(tmp_path / "out-one")[0]
+    assert one_mask["masks"] == 1 and one_mask["target_ious"] == [pytest.approx(0.5), 1.0]  # none where nothing is
+
+
 # ------------------------------------------------------------------------------------------- records checked first
 
 

@@ -49,7 +49,8 @@ class EvalSample:
     `messages`: the conversation up to and including the question, in the training format (text contents; the image
     goes in the first user turn), when there is more than the one user turn `prompt`. `answer`: the reference answer
     of a VQA sample (`task` "vqa"), scored by exact match instead of masks. `where`: where the sample comes from, for
-    error messages (default "sample ID")."""
+    error messages (default "sample ID"). `per_target`: for a turn with several `<|seg|>`, each one's mask (None for
+    an absent target), scored one by one besides the union (the k-th predicted mask against the k-th target)."""
 
     id: str
     image: Path
@@ -61,6 +62,7 @@ class EvalSample:
     task: str = "seg"
     answer: str | None = None
     where: str | None = None
+    per_target: list[dict | None] | None = None
 
     def chat(self, image: Image.Image) -> list[dict]:
         """The pipeline's chat for this sample: its conversation with `image` in the first user turn."""
@@ -95,8 +97,21 @@ def sample_scores(intersection: int, union: int, target_empty: bool, prediction_
             "target_empty": target_empty, "prediction_empty": prediction_empty}
 
 
+def target_iou(prediction: np.ndarray | None, target: np.ndarray | None) -> float:
+    """IoU of one `<|seg|>`'s mask with its target; an absent target (None or empty) scores 1 for an empty (or
+    missing) prediction, else 0, as sample_scores scores a no-target sample."""
+    prediction_empty = prediction is None or not prediction.any()
+    if target is None or not target.any():
+        return 1.0 if prediction_empty else 0.0
+    if prediction_empty:
+        return 0.0
+    return sample_scores(*intersection_union(prediction, target), False, False)["iou"]
+
+
 def summarize(scores: list[dict]) -> dict:
-    """cIoU, gIoU (in %), N-acc and T-acc (in %, None without such samples) and sample counts."""
+    """cIoU, gIoU (in %), N-acc and T-acc (in %, None without such samples) and sample counts; with turns of several
+    `<|seg|>` (their "target_ious"): how many, the mean IoU of their targets and the share (in %) of them with every
+    target at IoU >= 0.5."""
     if not scores:
         raise ValueError("no results to summarize")
     union = sum(s["union"] for s in scores)
@@ -109,7 +124,16 @@ def summarize(scores: list[dict]) -> dict:
         "gIoU": 100 * sum(s["iou"] for s in scores) / len(scores),
         "N-acc": 100 * sum(s["prediction_empty"] for s in no_target) / len(no_target) if no_target else None,
         "T-acc": 100 * sum(not s["prediction_empty"] for s in target) / len(target) if target else None,
+        **_several_target_summary([s["target_ious"] for s in scores if "target_ious" in s]),
     }
+
+
+def _several_target_summary(turns: list[list[float]]) -> dict:
+    if not turns:
+        return {}
+    ious = [iou for turn in turns for iou in turn]
+    return {"several_target_samples": len(turns), "target_mIoU": 100 * sum(ious) / len(ious),
+            "every_target_at_0.5": 100 * sum(min(turn) >= 0.5 for turn in turns) / len(turns)}
 
 
 def normalize_answer(text: str) -> str:
@@ -143,8 +167,8 @@ def load_jsonl_samples(path) -> list[EvalSample]:
     line in the file, the turn's number among the record's assistant turns from 1), asked with the messages before it
     (earlier answers as the record gives them). A turn with `<|seg|>` is a segmentation sample whose target is the
     union of its own masks (the masks of its `<|seg|>`s, in order among the record's masks); a turn without is a VQA
-    sample whose reference is the turn's text. Assistant turns before the first user turn (no image yet) are context
-    only."""
+    sample whose reference is the turn's text; a turn with several `<|seg|>` is also scored target by target
+    (`per_target`). Assistant turns before the first user turn (no image yet) are context only."""
     samples = []
     for record in read_records(path):
         record.check()
@@ -163,11 +187,13 @@ def load_jsonl_samples(path) -> list[EvalSample]:
             turn += 1
             own = record.masks[masks_before : masks_before + segs]
             masks_before += segs
+            per_target = [None if "empty" in spec else spec for spec in own] if segs > 1 else None
             prompt = next(m["content"] for m in reversed(record.messages[:k]) if m["role"] == "user")
             samples.append(EvalSample(
                 f"{line}:{turn}", record.image, prompt, [spec for spec in own if "empty" not in spec],
                 root=record.root, messages=record.messages[:k], task="seg" if segs else "vqa",
                 answer=None if segs else message["content"], where=f"{record.where} turn {turn}",
+                per_target=per_target,
             ))
     return samples
 
@@ -345,6 +371,12 @@ def _summary_text(summaries: dict, run_info: dict) -> str:
     if rows:
         parts.append(summary_table(rows) + f"\n\nMasks: logit > {run_info['mask_threshold']:g}, "
                      f"{run_info['mask_resample']} upsampling.")
+        for name, summary in rows.items():
+            if "several_target_samples" in summary:
+                parts.append(f"{name}, target by target on the {summary['several_target_samples']} turns with several "
+                             f"<|seg|> (the k-th mask against the k-th target): mean IoU "
+                             f"{summary['target_mIoU']:.2f}%, every target at IoU >= 0.5 on "
+                             f"{summary['every_target_at_0.5']:.2f}%.")
     if "VQA" in summaries:
         vqa = summaries["VQA"]
         parts.append(f"VQA (answers without <|seg|>, not in the table): exact match {vqa['exact_match']:.2f}% of "
@@ -378,12 +410,27 @@ def _score(sample: EvalSample, image, result: dict, refined: bool) -> dict:
     coarse = "coarse_mask" if refined else "mask"  # STAMP's own masks (SAM's are "mask" when refined)
     prediction = _union([entry[coarse] for entry in result["masks"]], image.size)
     record.update(sample_scores(*intersection_union(prediction, target, ignore), not target.any(), not prediction.any()))
+    if sample.per_target:
+        record["target_ious"] = _target_ious(sample, result["masks"], coarse, image.size)
     if refined:
         refined_prediction = _union([entry["mask"] for entry in result["masks"]], image.size)
         record["refined"] = sample_scores(
             *intersection_union(refined_prediction, target, ignore), not target.any(), not refined_prediction.any()
         )
+        if sample.per_target:
+            record["refined"]["target_ious"] = _target_ious(sample, result["masks"], "mask", image.size)
     return record
+
+
+def _target_ious(sample: EvalSample, masks: list[dict], key: str, size) -> list[float]:
+    """target_iou of the k-th predicted mask (`key` of the pipeline's k-th entry; none when it gave fewer) with the
+    k-th target of a several-target turn."""
+    ious = []
+    for k, spec in enumerate(sample.per_target):
+        target = None if spec is None else load_mask(spec, size, sample.root, f"{sample.where or sample.id} mask {k}")
+        prediction = _union([masks[k][key]], size) if k < len(masks) else None
+        ious.append(target_iou(prediction, target))
+    return ious
 
 
 def _has_accelerator() -> bool:
@@ -519,6 +566,8 @@ def samples_fingerprint(samples: list[EvalSample]) -> str:
     def absolute(sample):
         fields = dict(asdict(sample), image=str(Path(sample.image).resolve()), root=str(Path(sample.root).resolve()))
         fields.pop("where")  # the data file as named on the command line
+        if fields["per_target"] is None:  # so single-target data keeps the fingerprint it had before per_target
+            fields.pop("per_target")
         return fields
 
     text = json.dumps([absolute(sample) for sample in samples], default=str, sort_keys=True)
@@ -532,6 +581,7 @@ __all__ = [
     "clear_results",
     "evaluate",
     "intersection_union",
+    "target_iou",
     "load_grefcoco",
     "load_jsonl_samples",
     "load_reasonseg",

@@ -18,23 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from ..data import SEG_TOKEN, load_mask
-from ..evaluation import normalize_answer
+from ..evaluation import normalize_answer, target_iou
 from .scenes import COLOURS, SHAPES
 
 SWITCH_IOU = 0.8  # a chat's or a multi-target answer's mask counts as right from this IoU on
 NAMED_SHAPE = re.compile(rf"\b({'|'.join(COLOURS)})\s+({'|'.join(SHAPES)})\b")
-
-
-def target_iou(prediction: np.ndarray | None, target: np.ndarray | None) -> float:
-    """IoU of one `<|seg|>`'s mask; an absent target (None or empty) scores 1 for an empty prediction, else 0."""
-    predicted = prediction is not None and bool(np.any(prediction))
-    if target is None or not target.any():
-        return 0.0 if predicted else 1.0
-    if not predicted:
-        return 0.0
-    if prediction.shape != target.shape:
-        raise ValueError(f"prediction {prediction.shape} and target {target.shape} differ in size")
-    return float((prediction & target).sum() / (prediction | target).sum())
 
 
 def names_every_shape(response: str, shapes) -> bool:
