@@ -254,7 +254,7 @@ def spread(values) -> str:
     if not values:
         return "n/a"
     mean = statistics.mean(values)
-    return f"{mean:.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+    return f"{mean:.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
 def results_table(results: dict, refs: dict) -> str:
@@ -308,6 +308,7 @@ def dialogue_table(results: dict) -> str:
 
 
 def ablation_table(runs: dict) -> str:
+    """The Table 6 rows (mean ± std over seeds; one seed: its figure) and a line on how the runs were trained."""
     lines = ["| variant | seeds | test cIoU | per seed | test gIoU | drawn cIoU | drawn gIoU | test N-acc | "
              "test VQA exact |", "|---|---|---|---|---|---|---|---|---|"]
     for variant, (title, _) in VARIANTS.items():
@@ -319,12 +320,21 @@ def ablation_table(runs: dict) -> str:
                      f"{' / '.join(f'{v:.1f}' for v in pick('test', 'cIoU'))} | {spread(pick('test', 'gIoU'))} | "
                      f"{spread(pick('drawn', 'cIoU'))} | {spread(pick('drawn', 'gIoU'))} | "
                      f"{spread(pick('test', 'N-acc'))} | {spread(pick('test', 'vqa_exact'))} |")
+    training = [r["training"] for rows in runs.values() for r in rows if "training" in r]
+    if training:
+        minutes = [t["seconds_this_run"] / 60 for t in training]
+        lines += ["", f"Each run: `stamp-hf init` on the same base with the variant's config setting, then "
+                      f"{training[0]['steps']} steps of batch 8 on the v3 data (seeds "
+                      f"{', '.join(str(s) for s in sorted({t['seed'] for t in training}))}); "
+                      f"{training[0]['concurrent_runs']} run(s) side by side, {training[0]['threads']} torch thread(s) "
+                      f"each, {min(minutes):.1f}-{max(minutes):.1f} min a run."]
     return "\n".join(lines)
 
 
 def ablation(args, data: Path) -> dict:
     """The Table 6 variants x --seeds from the same base, --ablation-jobs runs at a time (each with its share of
-    --threads), then each run evaluated; {variant: [evaluate_both results, one per seed]}."""
+    --threads), then each run evaluated; {variant: [evaluate_both results with the run's "training" record, one per
+    seed]}."""
     plan = [(variant, seed, f"ablation-v3-{variant}-{seed}-{args.ablation_steps}", overrides)
             for variant, (_, overrides) in VARIANTS.items() for seed in args.seeds]
     threads = max(1, args.threads // args.ablation_jobs)
@@ -338,8 +348,11 @@ def ablation(args, data: Path) -> dict:
         list(pool.map(train, plan))
     runs = {}
     for variant, _, name, _ in plan:
-        runs.setdefault(variant, []).append(
-            evaluate_both(args.out / name / "model", data, args.out / name / "eval", args.eval_limit))
+        training = json.loads((args.out / name / "result.json").read_text())
+        training.pop("log")
+        runs.setdefault(variant, []).append(dict(
+            evaluate_both(args.out / name / "model", data, args.out / name / "eval", args.eval_limit),
+            training=training))
     return runs
 
 

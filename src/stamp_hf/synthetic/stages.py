@@ -411,6 +411,8 @@ or for open dialogue: it knows only these shapes, colours, sizes and positions. 
 
 ## Results (no SAM; seeds never used in training)
 
+{measured}
+
 Two held-out sets: the generator's test split, and a separately drawn set (plain PIL primitives in PIL's named
 colours on flat backgrounds at 320x240, 500x300, 200x400 and 640x480, requests in a person's words).
 
@@ -439,6 +441,18 @@ def demo_limits(results: dict) -> str:
     short = [f"{what} on {min(r['conversations'][key] for r in results.values()):.0f} % of turns (goal {goal:.0f} %)"
              for what, key, goal in goals if min(r["conversations"][key] for r in results.values()) < goal]
     return ("Below its dialogue goals: " + "; ".join(short) + ".") if short else ""
+
+
+def demo_measured(summary: dict) -> str:
+    """The card's sentence on what the figures were measured on, and where stage 4's model came from when its cache
+    was seeded rather than built."""
+    limit = summary["results"]["test"].get("limit")
+    records = summary["data"]["records"]
+    sentence = (f"Measured on every record of both held-out sets ({records['test.jsonl']} and "
+                f"{records['drawn.jsonl']})." if limit is None else
+                f"Measured on the first {limit} records of each held-out set (`--eval-limit {limit}`, for time).")
+    seeded = summary["stamp_v2"].get("seeded_from")
+    return sentence + (f" Stage 4's model is {seeded}; stages 1-4 were not rerun for it." if seeded else "")
 
 
 def write_demo_card(model_folder, target, summary: dict, results_table: str, ablation_table: str | None) -> Path:
@@ -475,9 +489,10 @@ def write_demo_card(model_folder, target, summary: dict, results_table: str, abl
         dialogue_minutes=timing["dialogue"] / 60,
         dialogue_accuracy=100 * dialogue["history"][-1]["answer_token_accuracy"], steps=summary["stamp"]["steps"],
         v2_steps=summary["stamp_v2"]["steps"], stamp_v2_minutes=timing["stamp_v2"] / 60,
-        learning_rate=summary["stamp"]["learning_rate"], limits=demo_limits(results),
+        learning_rate=summary["stamp"]["learning_rate"], limits=demo_limits(results), measured=demo_measured(summary),
         stamp_minutes=timing["stamp"] / 60, total_minutes=sum(timing.values()) / 60, results=results_table,
-        ablation=("The paper's Table 6 ablation at this scale (mean ± std over seeds):\n\n" + ablation_table)
+        ablation=("The paper's Table 6 ablation at this scale (mean ± std where there are several seeds):\n\n"
+                  + ablation_table)
         if ablation_table else "",
     ))
     return target
