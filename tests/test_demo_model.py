@@ -3,6 +3,7 @@ measured when it was built, on unseen samples of both held-out sets (the generat
 drawn set); and the kit that builds it (stamp_hf.synthetic: stages, drawn)."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -336,8 +337,17 @@ def test_demo_card_states_the_run_it_was_given_and_never_overwrites(tmp_path):
     reached = dict(vqa_exact=95.0, chat_switch=92.0, multi_all_right=90.0)
     good = dict(summary, results={"test": dict(cIoU=90.0, gIoU=88.0, conversations=reached, limit=None),
                                   "drawn": dict(cIoU=86.0, gIoU=85.5, conversations=reached, limit=None)},
-                stamp_v2=dict(steps=8000))
+                stamp_v2=dict(steps=8000),
+                data=dict(records={"test.jsonl": 400, "drawn.jsonl": 380, "refer_train.jsonl": 20000,
+                                   "dialogue_train.jsonl": 5000, "train.jsonl": 8000}),
+                conversations=dict(data=dict(records=17000),
+                                   train=dict(steps=4000, learning_rate=5e-4, seconds_this_run=4200)),
+                timing_seconds=dict(summary["timing_seconds"], stamp_conversations=4200))
     good_card = (write_demo_card(run, tmp_path / "good", good, "", "| the ablation |") / "README.md").read_text()
+    assert ("6. `stamp-hf train` again from step 5's model (4000 steps of batch 8, peak learning rate 0.0005, 70.0 min)"
+            in good_card and "17000 of the 50000 records it trains on" in good_card and "Whole training: 188.0 min"
+            in good_card)
+    assert "6. `stamp-hf train`" not in text  # the first run had no third train
     assert "it reaches cIoU and gIoU >= 85" in good_card and "Below its dialogue goals" not in good_card
     assert "Measured on every record of both held-out sets (400 and 380)." in good_card
     assert "not rerun" not in good_card and "Table 6 ablation at this scale" in good_card and "| the ablation |" in good_card
@@ -397,3 +407,35 @@ def test_ablation_trains_every_variant_side_by_side_from_one_base_and_evaluates_
     assert runs["stamp"][0]["test"]["vqa_exact"] is None  # the first two test records ask no question
     assert table.count("| n/a |") == len(build.VARIANTS)  # shown as such, not averaged
     assert "then 2 steps of batch 8 on the v3 data (seeds 0); 3 run(s) side by side, 1 torch thread(s) each" in table
+
+
+def test_conversation_stage_trains_on_fresh_questions_chats_and_several_target_requests(tmp_path):
+    """The build's third `stamp-hf train` (--conversation-steps): fresh v3 conversations of the kept tasks only, on
+    seeds no other stage uses, added to the v3 mix; it goes on from the given model, not from a new init."""
+    import argparse
+
+    from stamp_hf.synthetic import build
+    from stamp_hf.synthetic.scenes import SPLIT_SEEDS
+    from stamp_hf.testing import tiny_stamp
+
+    args = argparse.Namespace(refer_scenes=2, dialogue_scenes=2, chat_samples=4, test_samples=4, drawn_samples=2)
+    build.data_stage(tmp_path, args, "v3")
+    result = build.conversations_stage(tmp_path, 12)
+    records = [json.loads(line) for line in (tmp_path / "data-v3-conversations" / "train.jsonl").open()]
+    assert result["records"] == len(records) > 0 and {r["task"] for r in records} <= set(build.CONVERSATION_TASKS)
+    used = {r["seed"] for name in ("train", "test") for r in map(json.loads, (tmp_path / "data-v3" / f"{name}.jsonl").open())}
+    assert all(r["seed"] >= SPLIT_SEEDS["train"] + 3 * 10**6 for r in records) and not used & {r["seed"] for r in records}
+
+    start = tmp_path / "start"
+    model, processor = tiny_stamp(seed=0)
+    model.save_pretrained(start)
+    processor.save_pretrained(start)
+    extra = str((tmp_path / "data-v3-conversations" / "train.jsonl").resolve())
+    trained = build.stamp_stage(tmp_path, "third", build.data_folder(tmp_path, "v3"), tmp_path / "no-base", 1,
+                                start_from=start, learning_rate=1e-4, extra_data=[extra])
+    config = json.loads((tmp_path / "third" / "train.json").read_text())
+    assert config["model"] == str(start.resolve()) and config["data"][-1] == extra and len(config["data"]) == 4
+    assert not (tmp_path / "third" / "init").exists() and trained["learning_rate"] == 1e-4
+    mix = sum(1 for name in ("refer_train", "dialogue_train", "train") for _ in (tmp_path / "data-v3" / f"{name}.jsonl").open())
+    state = json.loads((tmp_path / "third" / "model" / "trainer_state.json").read_text())
+    assert state["global_step"] == 1 and state["log_history"][-1]["epoch"] == pytest.approx(1 / math.ceil((mix + len(records)) / 8))

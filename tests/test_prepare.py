@@ -4,6 +4,7 @@ errors that write nothing, byte-identical re-runs and --force; training on the r
 generated inputs: the streamed reading writes the bytes of the whole-file reading it replaced, and prepare-data on a
 200k-sample LLaVA file stays in a small, stated memory bound that the whole-file reading exceeds."""
 
+import dataclasses
 import filecmp
 import json
 import os
@@ -392,7 +393,7 @@ def test_every_recipe_parses_with_its_data_rewritten_to_tiny_files(tmp_path, ref
         assert config.training["deepspeed"] == str(CONFIGS / "ds_zero2.json") and config.training["bf16"], name
         # the TrainingArguments it makes, here on CPU without DeepSpeed
         training = {k: v for k, v in config.training.items() if k not in ("deepspeed", "bf16")}
-        args = TrainConfig(**dict(vars(config), training=dict(training, use_cpu=True))).training_arguments()
+        args = dataclasses.replace(config, training=dict(training, use_cpu=True)).training_arguments()
         assert args.learning_rate == learning_rate and args.warmup_steps == 0.03, name
         assert args.per_device_train_batch_size * args.gradient_accumulation_steps * 8 == 96, name  # 8 GPUs
         if finetuning == "lora":

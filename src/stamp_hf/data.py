@@ -197,25 +197,24 @@ class STAMPDataset(torch.utils.data.Dataset):
         if len(repeats) != len(self.files) or not all(type(r) is int and r >= 1 for r in repeats):
             raise ValueError(f"repeats must be one whole number >= 1 per data file ({len(self.files)}), got {repeats}")
         self.path = self.files if several else self.files[0]
-        indexes = [tuple(np.tile(column, times) for column in _index_file(file))
-                   for file, times in zip(self.files, repeats)]
-        self._offsets = np.concatenate([offsets for offsets, _ in indexes])
-        self._line_numbers = np.concatenate([numbers for _, numbers in indexes])
-        self._file_starts = np.cumsum([0] + [len(offsets) for offsets, _ in indexes])
+        self._indexes = [_index_file(file) for file in self.files]  # one copy per file: a repeat reads it again
+        self._file_starts = np.cumsum([0] + [len(offsets) * times for (offsets, _), times in zip(self._indexes, repeats)])
         self.processor = processor
         self.mask_loss_resolution = mask_loss_resolution
 
     def __len__(self):
-        return len(self._offsets)
+        return int(self._file_starts[-1])
 
     def record(self, index) -> Record:
         """The parsed record at `index` (read from its file now)."""
         if not 0 <= index < len(self):
             raise IndexError(f"record {index} out of range ({len(self)} records)")
-        file = self.files[int(np.searchsorted(self._file_starts, index, side="right")) - 1]
-        with file.open("rb") as lines:
-            lines.seek(int(self._offsets[index]))
-            return _parse_line(lines.readline(), file, int(self._line_numbers[index]))
+        number = int(np.searchsorted(self._file_starts, index, side="right")) - 1
+        offsets, line_numbers = self._indexes[number]
+        local = (index - int(self._file_starts[number])) % len(offsets)
+        with self.files[number].open("rb") as lines:
+            lines.seek(int(offsets[local]))
+            return _parse_line(lines.readline(), self.files[number], int(line_numbers[local]))
 
     def __getitem__(self, index) -> dict:
         record = self.record(index)

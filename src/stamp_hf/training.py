@@ -142,8 +142,10 @@ class TrainConfig:
             )
         if self.soft_mask_labels not in (None, True, False):
             raise ValueError(f"soft_mask_labels must be true, false or null, got {self.soft_mask_labels!r}")
-        data_sources(self.data, "data")
-        if self.eval_data is not None and any(times != 1 for _, times in data_sources(self.eval_data, "eval_data")):
+        # parsed once here (not dataclass fields: the saved config keeps the settings as given)
+        self.train_sources = data_sources(self.data, "data")
+        self.eval_sources = data_sources(self.eval_data, "eval_data") if self.eval_data is not None else []
+        if any(times != 1 for _, times in self.eval_sources):
             raise ValueError("eval_data: repeat is for the training data only (an evaluation counts each record once)")
         known = {f.name for f in fields(TrainingArguments)}
         unknown = sorted(set(self.training) - known)
@@ -230,9 +232,8 @@ class TrainConfig:
                              "Hub repo id")
         if not Path(model).expanduser().exists() and (not REPO_ID.fullmatch(model) or model.startswith(("~", "."))):
             raise FileNotFoundError(f"model {model}: no such folder (nor a Hub repo id)")
-        for key in ("data", "eval_data"):
-            value = getattr(self, key)
-            for file, _ in data_sources(value, key) if value is not None else []:
+        for key, sources in (("data", self.train_sources), ("eval_data", self.eval_sources)):
+            for file, _ in sources:
                 if Path(file).is_dir():
                     raise ValueError(f"{key} {file} is a folder; give the .jsonl file")
                 if not Path(file).is_file():
@@ -569,13 +570,13 @@ def _train(config: TrainConfig, output_dir: Path) -> STAMPTrainer:
     elif config.freeze_vision_tower:
         model.model.visual.requires_grad_(False)
 
-    files, repeats = (list(column) for column in zip(*data_sources(config.data, "data")))
+    files, repeats = (list(column) for column in zip(*config.train_sources))
     trainer = STAMPTrainer(
         model=model,
         args=args,
         train_dataset=STAMPDataset(files, processor, resolution, repeats=repeats),
-        eval_dataset=STAMPDataset([f for f, _ in data_sources(config.eval_data, "eval_data")], processor, resolution)
-        if config.eval_data else None,
+        eval_dataset=STAMPDataset([f for f, _ in config.eval_sources], processor, resolution)
+        if config.eval_sources else None,
         data_collator=STAMPCollator(processor),
     )
     trainer.train(resume_from_checkpoint=resume)

@@ -23,7 +23,9 @@ Stages (each built only when a later one needs it and it is not cached):
   init      `stamp-hf init BASE STAMP_INIT --min-placeholders 144 --max-placeholders 256`.
   train     `stamp-hf train` on the prepared v2 referring data mixed with the dialogue and chat data (the paper's
             "Dialogue & Seg." column), the vision tower frozen, the mask loss on the upsampled masks (--v2-steps);
-            then `stamp-hf train` from that model on the v3 data with a fresh schedule (--steps).
+            then `stamp-hf train` from that model on the v3 data with a fresh schedule (--steps); then again from
+            that one, on the v3 data plus fresh v3 questions, chats and several-target requests
+            (out/data-v3-conversations, --conversation-samples; --conversation-steps).
   eval      both v3 held-out sets: cIoU, gIoU, per request form, N-acc, T-acc, VQA exact match per question kind,
             the language-blind baseline and the best score the mask grid allows; and every turn of every record
             (stamp_hf.synthetic.scoring): VQA per kind, descriptions, chat switches, several-target answers.
@@ -75,6 +77,7 @@ TRAINING = dict(
     dataloader_num_workers=0,
     report_to="none",
 )
+CONVERSATION_TASKS = ("vqa", "chat", "multi")  # what the last stage trains more of: the dialogue targets
 VARIANTS = {
     "stamp": ("STAMP (bidirectional placeholders + patch-feature fusion)", {}),
     "causal": ("w/o A_hyb: causal placeholders", {"placeholder_attention": "causal"}),
@@ -147,6 +150,18 @@ def data_stage(out: Path, args, version: str) -> dict:
     return cached(data_folder(out, version), build)
 
 
+def conversations_stage(out: Path, samples: int) -> dict:
+    """More v3 conversations for the last `stamp-hf train`: questions, chats that switch targets and several-target
+    requests only (`samples` drawn, seeds from 3 * 10^6 of the train split: apart from every other stage's), cached as
+    out/data-v3-conversations/train.jsonl."""
+
+    def build(folder):
+        jsonl = write_split(folder, "train", samples, start=3 * 10**6, tasks=CONVERSATION_TASKS, version="v3")
+        return dict(samples=samples, tasks=list(CONVERSATION_TASKS), records=sum(1 for _ in jsonl.open()))
+
+    return cached(out / "data-v3-conversations", build)
+
+
 def data_folder(out: Path, version: str) -> Path:
     return out / ("data" if version == "v2" else f"data-{version}")
 
@@ -169,12 +184,13 @@ def dialogue_stage(out: Path, data: Path, vision: Path, steps: int) -> dict:
 
 def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: int = 0, overrides=None,
                 start_from: Path | None = None, learning_rate: float | None = None, threads: int | None = None,
-                concurrent_runs: int = 1) -> dict:
-    """`stamp-hf init` on the base, then `stamp-hf train` on the referring, dialogue and chat data; cached as
-    out/<name>. `overrides`: config.json settings of an ablation variant, written into the initialised model.
+                concurrent_runs: int = 1, extra_data=()) -> dict:
+    """`stamp-hf init` on the base, then `stamp-hf train` on the referring, dialogue and chat data of `data`; cached
+    as out/<name>. `overrides`: config.json settings of an ablation variant, written into the initialised model.
     `start_from`: a trained STAMP model to go on training instead (no init), with a fresh schedule peaking at
     `learning_rate` (default TRAINING's). `threads`: the commands' torch threads; with `concurrent_runs` > 1 (runs
-    side by side) their output goes to out/<name>/train.log."""
+    side by side) their output goes to out/<name>/train.log. `extra_data`: more `data` entries of the train config
+    (a .jsonl path or {path, repeat}), added to the mix."""
     folder = out / name
     result_file = folder / "result.json"
     if result_file.exists():
@@ -190,7 +206,8 @@ def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: 
             (init / "config.json").write_text(json.dumps({**config, **overrides}, indent=2))
     config = dict(  # absolute paths: a train config's relative paths are read from its own folder
         model=str(init.resolve()),
-        data=[str((data / f).resolve()) for f in ("refer_train.jsonl", "dialogue_train.jsonl", "train.jsonl")],
+        data=[str((data / f).resolve()) for f in ("refer_train.jsonl", "dialogue_train.jsonl", "train.jsonl")]
+        + list(extra_data),
         output_dir=str((folder / "model").resolve()),
         trust_remote_code=True,
         freeze_vision_tower=True,
@@ -381,7 +398,14 @@ def main(argv=None):
                         help="steps of the first stamp-hf train, on the v2 data (batch 8)")
     parser.add_argument("--steps", type=int, default=8000,
                         help="steps of the second stamp-hf train, on the v3 data, from the first (batch 8)")
-    parser.add_argument("--learning-rate", type=float, default=5e-4, help="peak learning rate of the second train")
+    parser.add_argument("--learning-rate", type=float, default=5e-4,
+                        help="peak learning rate of the second and third train")
+    parser.add_argument("--conversation-steps", type=int, default=5000,
+                        help="steps of the third stamp-hf train, from the second, on the v3 data plus more questions, "
+                             "chats and several-target requests (batch 8; 0: ship the second's model)")
+    parser.add_argument("--conversation-samples", type=int, default=44000,
+                        help="scenes drawn for the third train's extra data (its questions, chats and several-target "
+                             "requests are kept: about 73 %%)")
     parser.add_argument("--refer-scenes", type=int, default=8000, help="scenes of the gRefCOCO export (3 sentences each)")
     parser.add_argument("--dialogue-scenes", type=int, default=6000, help="scenes of the LLaVA export (3 turns each)")
     parser.add_argument("--chat-samples", type=int, default=8000, help="the generator's own conversations")
@@ -411,12 +435,23 @@ def main(argv=None):
     name = f"stamp-{args.v2_steps}-v3-{args.steps}"
     stamp = stamp_stage(args.out, name, data, args.out / "base" / "model", args.steps,
                         start_from=args.out / f"stamp-{args.v2_steps}" / "model", learning_rate=args.learning_rate)
+    timing = dict(vision=stages["vision"]["seconds"], dialogue=stages["dialogue"]["seconds"],
+                  stamp_v2=stages["stamp_v2"]["seconds_this_run"], stamp=stamp["seconds_this_run"])
+    conversations = None
+    if args.conversation_steps:
+        conversations = dict(data=conversations_stage(args.out, args.conversation_samples))
+        print("== conversations", json.dumps(conversations["data"]), flush=True)
+        start_from, name = args.out / name / "model", f"{name}-conversations-{args.conversation_steps}"
+        conversations["train"] = stamp_stage(
+            args.out, name, data, args.out / "base" / "model", args.conversation_steps, start_from=start_from,
+            learning_rate=args.learning_rate,
+            extra_data=[str((args.out / "data-v3-conversations" / "train.jsonl").resolve())])
+        timing["stamp_conversations"] = conversations["train"]["seconds_this_run"]
     model = args.out / name / "model"
     results = evaluate_both(model, data, args.out / name / "eval", args.eval_limit)
     refs = references(data, model)
-    timing = dict(vision=stages["vision"]["seconds"], dialogue=stages["dialogue"]["seconds"],
-                  stamp_v2=stages["stamp_v2"]["seconds_this_run"], stamp=stamp["seconds_this_run"])
-    print(f"\nDemo model: {args.v2_steps} + {args.steps} steps of stamp-hf train; training time (min): "
+    steps = f"{args.v2_steps} + {args.steps}" + (f" + {args.conversation_steps}" if conversations else "")
+    print(f"\nDemo model: {steps} steps of stamp-hf train; training time (min): "
           + ", ".join(f"{k} {v / 60:.1f}" for k, v in timing.items()) + f", total {sum(timing.values()) / 60:.1f}")
     print(f"CPU: {os.cpu_count()} cores visible, {args.threads} torch threads; Python {sys.version.split()[0]}\n")
     print(results_table(results, refs))
@@ -428,7 +463,7 @@ def main(argv=None):
         print(f"\nTable 6 at this scale: each run {args.ablation_steps} steps from the same base\n")
         print(ablation_table(runs))
     summary = dict(data=data_result, vision=stages["vision"], dialogue=stages["dialogue"], stamp_v2=stages["stamp_v2"],
-                   stamp=stamp, results=results, references=refs, timing_seconds=timing, ablation=runs,
+                   stamp=stamp, conversations=conversations, results=results, references=refs, timing_seconds=timing, ablation=runs,
                    args={k: str(v) for k, v in vars(args).items()})
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     if args.ship:

@@ -401,7 +401,7 @@ downloaded; times on a 2-core CPU, {threads} torch threads, measured by the scri
    kind, size, position, existence, relations, a description listing the shapes), chats of 2-4 turns that switch
    between questions and new requests and refer back ("segment it", "and the other one", "the one left of it"), and
    requests naming two or three targets, answered with one labelled `<|seg|>` per target.
-
+{conversation_step}
 Whole training: {total_minutes:.1f} min.
 
 **What it is not.** Not the paper's STAMP-2B or STAMP-7B, not initialised from Qwen2-VL, not useful on natural images
@@ -455,6 +455,21 @@ def demo_measured(summary: dict) -> str:
     return sentence + (f" Stage 4's model is {seeded}; stages 1-4 were not rerun for it." if seeded else "")
 
 
+def conversation_step(summary: dict) -> str:
+    """The card's step 6, when the build ran its third `stamp-hf train` (more questions, chats and several-target
+    requests); empty otherwise."""
+    conversations = summary.get("conversations")
+    if not conversations:
+        return ""
+    data, train = conversations["data"], conversations["train"]
+    records = summary["data"]["records"]
+    total = data["records"] + sum(records[f] for f in ("refer_train.jsonl", "dialogue_train.jsonl", "train.jsonl"))
+    return (f"6. `stamp-hf train` again from step 5's model ({train['steps']} steps of batch 8, peak learning rate "
+            f"{train['learning_rate']:g}, {train['seconds_this_run'] / 60:.1f} min) on step 5's data plus "
+            f"{data['records']} fresh conversations of the same generator (questions, chats and several-target "
+            f"requests on scenes never used before): {data['records']} of the {total} records it trains on.\n")
+
+
 def write_demo_card(model_folder, target, summary: dict, results_table: str, ablation_table: str | None) -> Path:
     """Copy a trained demo model to `target` (refused if it exists) and write its model card (README.md) from the
     `summary` stamp_hf.synthetic.build keeps (every stage's record, the results and their references)."""
@@ -490,6 +505,7 @@ def write_demo_card(model_folder, target, summary: dict, results_table: str, abl
         dialogue_accuracy=100 * dialogue["history"][-1]["answer_token_accuracy"], steps=summary["stamp"]["steps"],
         v2_steps=summary["stamp_v2"]["steps"], stamp_v2_minutes=timing["stamp_v2"] / 60,
         learning_rate=summary["stamp"]["learning_rate"], limits=demo_limits(results), measured=demo_measured(summary),
+        conversation_step=conversation_step(summary),
         stamp_minutes=timing["stamp"] / 60, total_minutes=sum(timing.values()) / 60, results=results_table,
         ablation=("The paper's Table 6 ablation at this scale (mean ± std where there are several seeds):\n\n"
                   + ablation_table)
