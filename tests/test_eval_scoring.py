@@ -119,6 +119,28 @@ def test_turns_are_scored_against_their_own_masks_and_vqa_apart(workdir, monkeyp
     assert normalize_answer(" It  IS.\n") == normalize_answer("it is") == "it is"
 
 
+def test_vqa_is_also_scored_per_kind_when_turns_carry_one(workdir, capsys):
+    """An assistant message's `kind` tag (training ignores it) breaks VQA exact match down by kind; turns without one
+    count under "-"; a tag that is not a string is a one-line error naming file:line."""
+    records = [{"image": "image.png", "messages": [
+        {"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "It is.", "kind": "what"},
+        {"role": "user", "content": "How many?"}, {"role": "assistant", "content": "Two.", "kind": "count"},
+        {"role": "user", "content": "And now?"}, {"role": "assistant", "content": "it is"}]}]
+    (workdir / "kinds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert run_cli(workdir, "eval", "--model", "vqa", "--data", "kinds.jsonl", "--output", "out-kinds") == 0
+    assert "By kind: - 100.00% of 1, count 0.00% of 1, what 100.00% of 1." in capsys.readouterr().out
+    vqa = json.loads((workdir / "out-kinds" / "summary.json").read_text())["VQA"]
+    assert vqa["samples"] == 3 and vqa["exact_match"] == pytest.approx(200 / 3)
+    assert vqa["by_kind"] == {"-": {"samples": 1, "exact_match": 100.0}, "count": {"samples": 1, "exact_match": 0.0},
+                              "what": {"samples": 1, "exact_match": 100.0}}
+    assert [r.get("kind") for r in results(workdir / "out-kinds")] == ["what", "count", None]
+    records[0]["messages"][1]["kind"] = 3
+    (workdir / "bad_kind.jsonl").write_text(json.dumps(records[0]) + "\n")
+    status = run_cli(workdir, "eval", "--model", "vqa", "--data", "bad_kind.jsonl", "--output", "out-bad")
+    one_line_error(capsys, status, "bad_kind.jsonl:1: a message's 'kind' must be a string, got 3")
+    assert not (workdir / "out-bad").exists()
+
+
 def test_a_turn_with_several_targets_is_scored_target_by_target_besides_the_union(workdir, tmp_path, capsys):
     """A turn naming two targets (the top half, and one that is not there) answered with two all-foreground masks:
     its union scores IoU 0.5 as before; target by target, the first mask is half right and the second, a mask where

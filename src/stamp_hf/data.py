@@ -10,7 +10,8 @@ One record per image::
 Paths are relative to the .jsonl file (or absolute). `masks` holds one mask per `<|seg|>` of the assistant turns, in
 order, each `{"png": path}` (nonzero = foreground, image size), `{"polygons": [[x0, y0, x1, y1, ...], ...]}` (COCO
 polygons in pixels), `{"rle": {"size": [h, w], "counts": ...}}` (COCO RLE) or `{"empty": true}`; `[]` or absent for
-VQA records. The image goes at the start of the first user turn. `<|seg|>` in assistant turns is the control token;
+VQA records. An assistant message may carry a `"kind"` string of its own (e.g. the question's kind, "count"): training
+ignores it, `stamp-hf eval` breaks VQA exact match down by it. The image goes at the start of the first user turn. `<|seg|>` in assistant turns is the control token;
 control tokens typed in user or system turns stay text.
 """
 
@@ -106,6 +107,8 @@ def _checked_line(line: bytes, where: str) -> dict:
             raise ValueError(f"{where}: each message needs a role of 'system', 'user' or 'assistant'")
         if not isinstance(message.get("content"), str):
             raise ValueError(f"{where}: message content must be a string")
+        if not isinstance(message.get("kind", ""), str):  # an optional tag of the turn (stamp-hf eval groups by it)
+            raise ValueError(f"{where}: a message's 'kind' must be a string, got {message['kind']!r}")
     if not any(m["role"] == "user" for m in messages):
         raise ValueError(f"{where}: the conversation has no user turn to put the image in")
     masks = raw.get("masks") or []

@@ -50,7 +50,9 @@ class EvalSample:
     goes in the first user turn), when there is more than the one user turn `prompt`. `answer`: the reference answer
     of a VQA sample (`task` "vqa"), scored by exact match instead of masks. `where`: where the sample comes from, for
     error messages (default "sample ID"). `per_target`: for a turn with several `<|seg|>`, each one's mask (None for
-    an absent target), scored one by one besides the union (the k-th predicted mask against the k-th target)."""
+    an absent target), scored one by one besides the union (the k-th predicted mask against the k-th target).
+    `kind`: the assistant turn's own `kind` tag in the training format (e.g. the question's kind), by which the VQA
+    summary is also broken down."""
 
     id: str
     image: Path
@@ -63,6 +65,7 @@ class EvalSample:
     answer: str | None = None
     where: str | None = None
     per_target: list[dict | None] | None = None
+    kind: str | None = None
 
     def chat(self, image: Image.Image) -> list[dict]:
         """The pipeline's chat for this sample: its conversation with `image` in the first user turn."""
@@ -143,8 +146,14 @@ def normalize_answer(text: str) -> str:
 
 
 def summarize_vqa(results: list[dict]) -> dict:
-    """VQA samples: how many, and the share (in %) whose answer matches the reference (`normalize_answer`)."""
-    return {"samples": len(results), "exact_match": 100 * sum(r["exact_match"] for r in results) / len(results)}
+    """VQA samples: how many, and the share (in %) whose answer matches the reference (`normalize_answer`); when
+    turns carry a `kind`, the same per kind under "by_kind" (turns without one under "-")."""
+    summary = {"samples": len(results), "exact_match": 100 * sum(r["exact_match"] for r in results) / len(results)}
+    if any("kind" in r for r in results):
+        kinds = sorted({r.get("kind", "-") for r in results})
+        summary["by_kind"] = {kind: summarize_vqa([{"exact_match": r["exact_match"]} for r in results
+                                                   if r.get("kind", "-") == kind]) for kind in kinds}
+    return summary
 
 
 def summary_table(summaries: dict[str, dict]) -> str:
@@ -168,7 +177,7 @@ def load_jsonl_samples(path) -> list[EvalSample]:
     (earlier answers as the record gives them). A turn with `<|seg|>` is a segmentation sample whose target is the
     union of its own masks (the masks of its `<|seg|>`s, in order among the record's masks); a turn without is a VQA
     sample whose reference is the turn's text; a turn with several `<|seg|>` is also scored target by target
-    (`per_target`). Assistant turns before the first user turn (no image yet) are context only."""
+    (`per_target`); an assistant message's optional `kind` string goes with its sample. Assistant turns before the first user turn (no image yet) are context only."""
     samples = []
     for record in read_records(path):
         record.check()
@@ -193,7 +202,7 @@ def load_jsonl_samples(path) -> list[EvalSample]:
                 f"{line}:{turn}", record.image, prompt, [spec for spec in own if "empty" not in spec],
                 root=record.root, messages=record.messages[:k], task="seg" if segs else "vqa",
                 answer=None if segs else message["content"], where=f"{record.where} turn {turn}",
-                per_target=per_target,
+                per_target=per_target, kind=message.get("kind"),
             ))
     return samples
 
@@ -380,7 +389,10 @@ def _summary_text(summaries: dict, run_info: dict) -> str:
     if "VQA" in summaries:
         vqa = summaries["VQA"]
         parts.append(f"VQA (answers without <|seg|>, not in the table): exact match {vqa['exact_match']:.2f}% of "
-                     f"{vqa['samples']} (ignoring case, runs of whitespace and a final . ! or ?).")
+                     f"{vqa['samples']} (ignoring case, runs of whitespace and a final . ! or ?)." + (
+                         " By kind: " + ", ".join(f"{kind} {one['exact_match']:.2f}% of {one['samples']}"
+                                                  for kind, one in vqa["by_kind"].items()) + "."
+                         if "by_kind" in vqa else ""))
     return "\n\n".join(parts)
 
 
@@ -404,7 +416,7 @@ def _score(sample: EvalSample, image, result: dict, refined: bool) -> dict:
               "labels": [entry["label"] for entry in result["masks"]],
               "scores": [round(entry["score"], 6) for entry in result["masks"]]}
     if sample.task == "vqa":
-        return dict(record, task="vqa", answer=sample.answer,
+        return dict(record, task="vqa", answer=sample.answer, **({"kind": sample.kind} if sample.kind else {}),
                     exact_match=normalize_answer(result["text"]) == normalize_answer(sample.answer))
     target, ignore = _sample_masks(sample, image.size)
     coarse = "coarse_mask" if refined else "mask"  # STAMP's own masks (SAM's are "mask" when refined)
@@ -566,8 +578,9 @@ def samples_fingerprint(samples: list[EvalSample]) -> str:
     def absolute(sample):
         fields = dict(asdict(sample), image=str(Path(sample.image).resolve()), root=str(Path(sample.root).resolve()))
         fields.pop("where")  # the data file as named on the command line
-        if fields["per_target"] is None:  # so single-target data keeps the fingerprint it had before per_target
-            fields.pop("per_target")
+        for added in ("per_target", "kind"):  # unset: data keeps the fingerprint it had before these fields
+            if fields[added] is None:
+                fields.pop(added)
         return fields
 
     text = json.dumps([absolute(sample) for sample in samples], default=str, sort_keys=True)
