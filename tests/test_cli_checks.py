@@ -298,3 +298,26 @@ def test_saved_weights_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "saved" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_one_rule_says_what_a_hub_repo_id_is_for_the_commands_and_the_library(tmp_path, monkeypatch):
+    """stamp_hf.repo_ids.REPO_ID decides for the commands' argument checks (before torch loads), the checkpoint loader
+    and the training config alike: `[org/]name`, never a path written as one ("./", "../", "~/", "/")."""
+    from stamp_hf.checkpoints import is_repo_id
+    from stamp_hf.commands._checks import check_source
+    from stamp_hf.cli import CommandError
+    from stamp_hf.training import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    ids, paths = ("gpt2", "Qwen/Qwen2-VL-2B-Instruct", "org/name.v1_2"), ("./model", "../model", "~/model", "/model",
+                                                                          "org/name/x", "a--b/c", "org/na..me", "-x")
+    for text in ids:
+        assert is_repo_id(text), text
+        TrainConfig(model=text, data="data.jsonl", output_dir="out").check_paths()  # looked up when it loads
+    for text in paths:
+        assert not is_repo_id(text), text
+        with pytest.raises(FileNotFoundError, match="no such folder"):
+            TrainConfig(model=text, data="data.jsonl", output_dir="out").check_paths()
+        with pytest.raises(CommandError, match="no such folder"):
+            check_source(text, "--model", "model")

@@ -5,7 +5,6 @@ load, and folders written all or nothing. Weights load only from safetensors unl
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,10 +15,10 @@ from transformers import AutoImageProcessor
 
 from .configuration_stamp import STAMP_CONFIGS
 from .modeling_stamp import PICKLED_WEIGHTS
+from .repo_ids import REPO_ID
 
 # a backbone's or a STAMP model type -> the STAMP configuration class
 CONFIG_CLASSES = {**STAMP_CONFIGS, **{config.model_type: config for config in STAMP_CONFIGS.values()}}
-REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 class CheckpointError(ValueError):
@@ -49,7 +48,7 @@ def write_folder(destination: Path, write) -> Path:
 
 
 def is_repo_id(source) -> bool:
-    return isinstance(source, str) and not Path(source).exists() and bool(REPO_ID.match(source))
+    return isinstance(source, str) and not Path(source).exists() and bool(REPO_ID.fullmatch(source))
 
 
 def resolve_checkpoint(source, allow_pickle, revision, token) -> Path:
@@ -58,7 +57,7 @@ def resolve_checkpoint(source, allow_pickle, revision, token) -> Path:
     if path.is_dir():
         return path
     if not is_repo_id(source):
-        raise CheckpointError(f"{source} is neither a folder nor a Hub repo id (org/name)")
+        raise CheckpointError(f"{source} is neither a folder nor a Hub repo id ([org/]name)")
     patterns = ["*.json", "*.txt", "*.jinja", "*.model", "*.safetensors"]
     patterns += [f"*{suffix}" for suffix in PICKLED_WEIGHTS] if allow_pickle else []
     try:

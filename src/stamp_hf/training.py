@@ -43,10 +43,11 @@ import torch
 from transformers import AutoModel, AutoProcessor, PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
-from .checkpoints import REPO_ID, with_lora
+from .checkpoints import with_lora
 from .configuration_stamp import MASK_LOSS_RESOLUTIONS, STAMP_MODEL_TYPES
 from .data import STAMPCollator, STAMPDataset
 from .processing_stamp import default_mask_resample
+from .repo_ids import REPO_ID
 from .init_base import BASE_TYPES, base_model_type, init_from_base
 
 logger = logging.get_logger(__name__)
@@ -230,7 +231,7 @@ class TrainConfig:
         if Path(model).expanduser().is_file():
             raise ValueError(f"model {model} is a file; give the checkpoint's folder (config.json, *.safetensors) or a "
                              "Hub repo id")
-        if not Path(model).expanduser().exists() and (not REPO_ID.fullmatch(model) or model.startswith(("~", "."))):
+        if not Path(model).expanduser().exists() and not REPO_ID.fullmatch(model):
             raise FileNotFoundError(f"model {model}: no such folder (nor a Hub repo id)")
         for key, sources in (("data", self.train_sources), ("eval_data", self.eval_sources)):
             for file, _ in sources:

@@ -14,11 +14,10 @@ import socket
 from pathlib import Path
 
 from ..cli import CommandError, one_line
+from ..repo_ids import REPO_ID
 
 # torch device types a user may name (availability is checked after torch loads); "cuda:1" style indices
 DEVICE = re.compile(r"(cpu|cuda|mps|xpu|hpu|npu|mtia|meta)(:\d+)?")
-# a Hub repo id: [namespace/]name, letters, digits, "-", "_", "."; not starting with "." or "-", no "--" or ".."
-REPO_ID = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 HUB_OFFLINE_HINT = "set HF_HUB_OFFLINE=1 to use only cached files"
 
 
@@ -117,7 +116,7 @@ def check_source(value, option: str, what: str, file_suffixes: tuple = (), marke
         if not any((path / marker).is_file() for marker in markers):
             raise CommandError(f"{option} {text}: the folder has no {' or '.join(markers)} (not a saved {what})")
         return
-    if not REPO_ID.fullmatch(text) or text.startswith(("~", "./", "../")):
+    if not REPO_ID.fullmatch(text):
         raise CommandError(f"{option} {text}: no such folder")
     check_hub_repo(text, option, what, markers)
 
