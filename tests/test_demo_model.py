@@ -57,13 +57,9 @@ def test_demo_model_loads_without_stamp_hf(tmp_path):
 def held_out(tmp_path, name, count=None, task=None):
     """`count` unseen records (FLOORS["start"] on, seeds no training or benchmark run uses) of the v3 test split or
     drawn set; `task`: every record of that task (a key of stamp_hf.synthetic.chats.TASKS_V3)."""
-    from stamp_hf.synthetic.drawn import write_drawn_set
-    from stamp_hf.synthetic.scenes import write_split
+    from stamp_hf.synthetic.drawn import write_held_out
 
-    count, start, folder = count or FLOORS["samples"], FLOORS["start"], tmp_path / (task or "mixed")
-    if name == "test":
-        return write_split(folder, "test", count, start=start, version="v3", task=task)
-    return write_drawn_set(folder, count, start, version="v3", task=task)
+    return write_held_out(tmp_path / (task or "mixed"), name, count or FLOORS["samples"], FLOORS["start"], task)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +95,7 @@ def test_demo_model_answers_every_kind_of_question_on_unseen_samples(tmp_path, d
     floors = FLOORS["dialogue"]
     scores = evaluate_conversations(*demo, held_out(tmp_path, name, floors["vqa_records"], task="vqa"))
     assert set(scores["vqa_by_kind"]) == set(QUESTION_KINDS_V3), scores  # every kind asked
-    for kind, floor in floors[name]["vqa_by_kind"].items():  # a kind measured at 0 has no floor (README)
+    for kind, floor in floors[name]["vqa_by_kind"].items():  # a kind one sample under 0 has none (README)
         assert scores["vqa_by_kind"][kind] >= floor, (kind, scores)
     if "describe_names_every_shape" in floors[name]:
         assert scores["describe_names_every_shape"] >= floors[name]["describe_names_every_shape"], scores
@@ -118,14 +114,16 @@ def test_demo_model_switches_targets_in_chats_and_segments_several_targets_on_un
     assert chats["chat_switch_samples"] >= 30 and several["multi_samples"] >= 20, (chats, several)
     assert chats["chat_switch"] >= floors[name]["chat_switch"], chats
     assert several["multi_labels"] >= floors[name]["multi_labels"], several
-    # every mask right on a several-target request: measured 0 / 2.9 %, no floor (README: each mask covers every
-    # shape the request names)
+    # every mask right on a several-target request: measured 0 / 11.4 %; a floor only on the drawn set (one sample's
+    # worth under 0 on the test split; README)
+    if "multi_all_right" in floors[name]:
+        assert several["multi_all_right"] >= floors[name]["multi_all_right"], several
 
 
 def test_demo_model_answers_a_two_target_request_with_two_labelled_masks():
     """On the README's example image, through the pipeline a user calls: one `<|seg|>` per named target, each mask
-    labelled by the text that names it, covering its shape and none of the shapes not named. (Each mask also covers
-    the other named shape: IoU 0.64 and 0.22 measured, under the 0.8 goal; README.)"""
+    labelled by the text that names it, covering its own shape, not the other named one, and not the blue triangle.
+    (The red circle's mask also takes the red diamond, which is not named: 0.74 of it measured; README.)"""
     import random
 
     from transformers import pipeline
@@ -136,13 +134,14 @@ def test_demo_model_answers_a_two_target_request_with_two_labelled_masks():
     segmenter = pipeline("stamp-segmentation", model=str(DEMO), trust_remote_code=True)
     result = segmenter(str(ROOT / "examples" / "shapes.png"), "Please segment the red circle and the yellow star.")
     assert result["text"].count("<|seg|>") == 2 and len(result["masks"]) == 2, result["text"]
-    for entry, target in zip(result["masks"], (("red", "circle"), ("yellow", "star"))):
+    targets = (("red", "circle"), ("yellow", "star"))
+    for entry, target, other in zip(result["masks"], targets, reversed(targets)):
         assert " ".join(target) in entry["label"].lower(), (entry["label"], target)
         mask = np.asarray(entry["mask"]) > 0
         covered = [(mask & shape).sum() / shape.sum() for shape in object_masks]
-        assert covered[index[target]] >= 0.5, (target, covered)  # measured 0.77 and 0.63
-        unnamed = set(range(len(shapes))) - {index[("red", "circle")], index[("yellow", "star")]}
-        assert all(covered[k] <= 0.1 for k in unnamed), (target, covered)  # measured 0.0
+        assert covered[index[target]] >= 0.6, (target, covered)  # measured 0.86 and 0.73
+        assert covered[index[other]] <= 0.25, (target, covered)  # measured 0.0 and 0.16
+        assert covered[index[("blue", "triangle")]] <= 0.1, (target, covered)  # measured 0.0
 
 
 def test_example_image_is_a_drawn_scene_with_one_red_circle():
@@ -439,3 +438,37 @@ def test_conversation_stage_trains_on_fresh_questions_chats_and_several_target_r
     mix = sum(1 for name in ("refer_train", "dialogue_train", "train") for _ in (tmp_path / "data-v3" / f"{name}.jsonl").open())
     state = json.loads((tmp_path / "third" / "model" / "trainer_state.json").read_text())
     assert state["global_step"] == 1 and state["log_history"][-1]["epoch"] == pytest.approx(1 / math.ceil((mix + len(records)) / 8))
+
+
+def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_path, capsys):
+    """`python -m stamp_hf.synthetic.build --ship DIR` from nothing, at toy sizes: data, vision, dialogue, the three
+    `stamp-hf train` runs (v2, v3, v3 plus fresh conversations), the evaluation and the card; the shipped model loads
+    and answers. Run again, every stage comes from its cache (nothing retrained)."""
+    from transformers import AutoModel, AutoProcessor
+
+    from stamp_hf.synthetic import build
+
+    out, ship = tmp_path / "runs", tmp_path / "shipped"
+    argv = ["--out", str(out), "--vision-steps", "2", "--dialogue-steps", "2", "--v2-steps", "2", "--steps", "2",
+            "--conversation-steps", "2", "--conversation-samples", "6", "--refer-scenes", "2", "--dialogue-scenes", "8",
+            "--chat-samples", "4", "--test-samples", "4", "--drawn-samples", "4", "--eval-limit", "2"]
+    summary = build.main([*argv, "--ship", str(ship)])
+    final = out / "stamp-2-v3-2-conversations-2"
+    assert json.loads((final / "train.json").read_text())["model"] == str((out / "stamp-2-v3-2" / "model").resolve())
+    assert summary["conversations"]["train"]["steps"] == 2 and summary["results"]["test"]["limit"] == 2
+    assert set(summary["timing_seconds"]) == {"vision", "dialogue", "stamp_v2", "stamp", "stamp_conversations"}
+    card = (ship / "README.md").read_text()
+    assert "6. `stamp-hf train` again from step 5's model (2 steps of batch 8" in card
+    assert (ship / "model.safetensors").is_file() and not list(ship.glob("checkpoint-*"))
+    model = AutoModel.from_pretrained(ship, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(ship, trust_remote_code=True)
+    assert model.config.model_type == "stamp"
+    assert model.config.seg_token_id == processor.tokenizer.convert_tokens_to_ids("<|seg|>") == len(processor.tokenizer) - 4
+    printed = capsys.readouterr().out
+    assert "| cIoU |" in printed and "| every turn of every record |" in printed
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
+    assert {p.parent.name for p in stamps} == {"data", "data-v3", "data-v3-conversations", "base-vision", "base",
+                                               "stamp-2", "stamp-2-v3-2", final.name}
+    again = build.main(argv)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == stamps
+    assert again["results"] == summary["results"]

@@ -182,6 +182,9 @@ def test_v3_held_out_sets_load_for_training_and_evaluation(tmp_path):
         samples = load_jsonl_samples(path)  # stamp-hf eval's loader: one sample per assistant turn
         assert len(samples) == sum(len(r["turns"]) for r in records)
         assert [s.task for s in samples] == [t["task"] for r in records for t in r["turns"]]
+        # each question's answer carries its kind, so stamp-hf eval breaks VQA down by it; other turns carry none
+        assert [s.kind for s in samples] == [t.get("kind") for r in records for t in r["turns"]]
+        assert any(s.kind for s in samples)
     assert {r["task"] for r in map(json.loads, (tmp_path / "test.jsonl").read_text().splitlines())} >= {"chat", "multi"}
     export = write_dialogue_export(tmp_path / "dialogue.json", 6, version="v3")
     assert prepare_data(export, tmp_path / "dialogue.jsonl", images=tmp_path / "dialogue_images")["records"] == 6

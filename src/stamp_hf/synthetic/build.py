@@ -463,7 +463,8 @@ def main(argv=None):
         print(f"\nTable 6 at this scale: each run {args.ablation_steps} steps from the same base\n")
         print(ablation_table(runs))
     summary = dict(data=data_result, vision=stages["vision"], dialogue=stages["dialogue"], stamp_v2=stages["stamp_v2"],
-                   stamp=stamp, conversations=conversations, results=results, references=refs, timing_seconds=timing, ablation=runs,
+                   stamp=stamp, conversations=conversations, results=results, references=refs, timing_seconds=timing,
+                   ablation=runs,
                    args={k: str(v) for k, v in vars(args).items()})
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     if args.ship:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .scenes import FORMS, Shape, find_reference, held_out_record, question, v3_sample
+from .scenes import FORMS, Shape, find_reference, held_out_record, question, v3_sample, write_split
 
 DRAWN_SIZES = ((320, 240), (500, 300), (200, 400), (640, 480))
 BACKGROUNDS = ("white", "whitesmoke", "lightgray", "beige", "ivory", "lavender", "honeydew", "aliceblue", "linen")
@@ -83,6 +83,17 @@ def drawn_scene(rng: random.Random):
         shapes.append(Shape(kind, colour, size, cx, cy, radius))
         masks.append(np.array(mask, dtype=bool))
     return shapes, image, masks
+
+
+def write_held_out(folder, name: str, count: int, start: int, task: str | None = None) -> Path:
+    """`count` v3 records of held-out set `name` ("test": the generator's test split, "drawn": the drawn set) from
+    sample `start` on, into `folder`; `task`: every record of that task (a key of stamp_hf.synthetic.chats.TASKS_V3).
+    What the demo model's regression tests and benchmarks/demo_floors.py score."""
+    if name == "test":
+        return write_split(folder, "test", count, start=start, version="v3", task=task)
+    if name == "drawn":
+        return write_drawn_set(folder, count, start, version="v3", task=task)
+    raise ValueError(f"unknown held-out set {name!r}; expected 'test' or 'drawn'")
 
 
 def write_drawn_set(folder, count: int, start: int = 0, version: str = "v2", task: str | None = None) -> Path:

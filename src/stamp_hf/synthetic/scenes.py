@@ -543,7 +543,16 @@ def held_out_record(folder, split: str, seed: int, image, messages, masks, objec
               "all_shapes": all_shapes}
     if turns is not None:
         record.update(turns=turns, shapes=[[s.kind, s.colour, s.size, s.cx, s.cy] for s in shapes])
+        record["messages"] = tag_questions(messages, turns)
     return record
+
+
+def tag_questions(messages: list[dict], turns: list[dict]) -> list[dict]:
+    """The messages with each question's answer tagged with its kind (`"kind"`, which training ignores), so that
+    `stamp-hf eval` on these records gives VQA exact match per kind; `turns` has one tag per assistant turn."""
+    answers = iter(turns)
+    return [dict(m, kind=tag["kind"]) if m["role"] == "assistant" and (tag := next(answers))["task"] == "vqa" else m
+            for m in messages]
 
 
 def write_refer_export(folder, count: int, start: int = 0, sentences: int = 3, split: str = "train") -> Path:

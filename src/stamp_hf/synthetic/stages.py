@@ -438,8 +438,10 @@ def demo_limits(results: dict) -> str:
     goals = [("questions are answered exactly", "vqa_exact", 90.0),
              ("a later segmentation request in a chat gets every mask right", "chat_switch", 90.0),
              ("a request naming several targets gets every mask right", "multi_all_right", 85.0)]
-    short = [f"{what} on {min(r['conversations'][key] for r in results.values()):.0f} % of turns (goal {goal:.0f} %)"
-             for what, key, goal in goals if min(r["conversations"][key] for r in results.values()) < goal]
+    worst = {key: min((r["conversations"][key] for r in results.values() if r["conversations"][key] is not None),
+                      default=None) for _, key, _ in goals}  # None: no such turns in either set
+    short = [f"{what} on {worst[key]:.0f} % of turns (goal {goal:.0f} %)"
+             for what, key, goal in goals if worst[key] is not None and worst[key] < goal]
     return ("Below its dialogue goals: " + "; ".join(short) + ".") if short else ""
 
 
