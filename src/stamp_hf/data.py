@@ -11,8 +11,8 @@ Paths are relative to the .jsonl file (or absolute). `masks` holds one mask per 
 order, each `{"png": path}` (nonzero = foreground, image size), `{"polygons": [[x0, y0, x1, y1, ...], ...]}` (COCO
 polygons in pixels), `{"rle": {"size": [h, w], "counts": ...}}` (COCO RLE) or `{"empty": true}`; `[]` or absent for
 VQA records. An assistant message may carry a `"kind"` string of its own (e.g. the question's kind, "count"): training
-ignores it, `stamp-hf eval` breaks VQA exact match down by it. The image goes at the start of the first user turn. `<|seg|>` in assistant turns is the control token;
-control tokens typed in user or system turns stay text.
+ignores it, `stamp-hf eval` breaks VQA exact match down by it. The image goes at the start of the first user turn.
+`<|seg|>` in assistant turns is the control token; control tokens typed in user or system turns stay text.
 """
 
 import json

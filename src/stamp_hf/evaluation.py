@@ -177,7 +177,8 @@ def load_jsonl_samples(path) -> list[EvalSample]:
     (earlier answers as the record gives them). A turn with `<|seg|>` is a segmentation sample whose target is the
     union of its own masks (the masks of its `<|seg|>`s, in order among the record's masks); a turn without is a VQA
     sample whose reference is the turn's text; a turn with several `<|seg|>` is also scored target by target
-    (`per_target`); an assistant message's optional `kind` string goes with its sample. Assistant turns before the first user turn (no image yet) are context only."""
+    (`per_target`); an assistant message's optional `kind` string goes with its sample. Assistant turns before the
+    first user turn (no image yet) are context only."""
     samples = []
     for record in read_records(path):
         record.check()
