@@ -41,7 +41,9 @@ EXAMPLES = (
     ("shapes.png", "Please segment the green square."),  # not in the image: the answer comes with an empty mask
     ("shapes.png", "Is the star big or small?"),
 )
-CHAT_EXAMPLES = ("Is the star big or small?", "Is there a red circle?", "Please segment the red circle.")
+# questions the bundled demo model answers correctly on shapes.png, then a request (tests/test_webdemo.py asks the
+# first, then the request); it answers "No, there is not." to every "Is there ...?" about that image (README)
+CHAT_EXAMPLES = ("Is the star big or small?", "How many shapes are there?", "Please segment the red circle.")
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger uploads are refused: decoding them costs memory the model never uses
 MAX_UPLOAD = "50mb"  # gradio refuses bigger files at upload, before anything reads them
 CHAT_TTL_S = 3600  # a chat nobody touched for an hour is dropped with its cache
