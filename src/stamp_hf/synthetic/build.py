@@ -57,6 +57,7 @@ from .stages import (
     grid_ceiling,
     language_blind_baseline,
     pretrain_vision_tower,
+    TRAIN_FILES,
     save_base,
     train_dialogue,
     write_demo_card,
@@ -144,7 +145,7 @@ def data_stage(out: Path, args, version: str) -> dict:
         cli("prepare-data", "--data", folder / "dialogue.json", "--images", folder / "dialogue_images",
             "--output", folder / "dialogue_train.jsonl")
         counts = {name: sum(1 for _ in (folder / name).open()) for name in
-                  ("refer_train.jsonl", "dialogue_train.jsonl", "train.jsonl", "test.jsonl", "drawn.jsonl")}
+                  (*TRAIN_FILES, "test.jsonl", "drawn.jsonl")}
         return dict(version=version, records=counts)
 
     return cached(data_folder(out, version), build)
@@ -159,7 +160,11 @@ def conversations_stage(out: Path, samples: int) -> dict:
         jsonl = write_split(folder, "train", samples, start=3 * 10**6, tasks=CONVERSATION_TASKS, version="v3")
         return dict(samples=samples, tasks=list(CONVERSATION_TASKS), records=sum(1 for _ in jsonl.open()))
 
-    return cached(out / "data-v3-conversations", build)
+    return cached(conversations_file(out).parent, build)
+
+
+def conversations_file(out: Path) -> Path:
+    return out / "data-v3-conversations" / "train.jsonl"
 
 
 def data_folder(out: Path, version: str) -> Path:
@@ -206,8 +211,7 @@ def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: 
             (init / "config.json").write_text(json.dumps({**config, **overrides}, indent=2))
     config = dict(  # absolute paths: a train config's relative paths are read from its own folder
         model=str(init.resolve()),
-        data=[str((data / f).resolve()) for f in ("refer_train.jsonl", "dialogue_train.jsonl", "train.jsonl")]
-        + list(extra_data),
+        data=[str((data / f).resolve()) for f in TRAIN_FILES] + list(extra_data),
         output_dir=str((folder / "model").resolve()),
         trust_remote_code=True,
         freeze_vision_tower=True,
@@ -445,7 +449,7 @@ def main(argv=None):
         conversations["train"] = stamp_stage(
             args.out, name, data, args.out / "base" / "model", args.conversation_steps, start_from=start_from,
             learning_rate=args.learning_rate,
-            extra_data=[str((args.out / "data-v3-conversations" / "train.jsonl").resolve())])
+            extra_data=[str(conversations_file(args.out).resolve())])
         timing["stamp_conversations"] = conversations["train"]["seconds_this_run"]
     model = args.out / name / "model"
     results = evaluate_both(model, data, args.out / name / "eval", args.eval_limit)

@@ -429,6 +429,7 @@ processor = AutoProcessor.from_pretrained("demo_model", trust_remote_code=True)
 ```
 """
 
+TRAIN_FILES = ("refer_train.jsonl", "dialogue_train.jsonl", "train.jsonl")  # a data folder's training mix (build)
 TARGET_CIOU = 85.0  # the demo model's goal on both held-out sets (cIoU and gIoU, no SAM)
 
 
@@ -465,7 +466,7 @@ def conversation_step(summary: dict) -> str:
         return ""
     data, train = conversations["data"], conversations["train"]
     records = summary["data"]["records"]
-    total = data["records"] + sum(records[f] for f in ("refer_train.jsonl", "dialogue_train.jsonl", "train.jsonl"))
+    total = data["records"] + sum(records[f] for f in TRAIN_FILES)
     return (f"6. `stamp-hf train` again from step 5's model ({train['steps']} steps of batch 8, peak learning rate "
             f"{train['learning_rate']:g}, {train['seconds_this_run'] / 60:.1f} min) on step 5's data plus "
             f"{data['records']} fresh conversations of the same generator (questions, chats and several-target "
