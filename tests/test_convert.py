@@ -322,7 +322,10 @@ def test_lora_adapter_is_merged_and_equals_peft(tmp_path, layout):
     assert (got_text - want_text).abs().max().item() <= 1e-4
     for got, want in zip(got_masks, want_masks, strict=True):
         assert (got - want).abs().max().item() <= 1e-4
-        assert torch.equal(got > 0, want > 0)
+        # merged against unmerged weights: a logit within that tolerance of 0 may fall on either side of the threshold
+        # (peft 0.21.2: one of 15 at 1e-6), every other patch must be decided alike
+        decided = want.abs() > 1e-4
+        assert torch.equal((got > 0)[decided], (want > 0)[decided]) and decided.sum() >= want.numel() - 1
         assert 0 < int((want > 0).sum()) < want.numel(), want
 
 
