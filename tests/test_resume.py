@@ -151,3 +151,36 @@ def test_resume_from_checkpoint_6_ends_where_the_run_that_went_on_ended(tmp_path
     mark_as_logged_by_the_killed_run(tmp_path / "resumed" / "checkpoint-6")
     config = write_config(tmp_path, base, "resumed", finetuning=finetuning, resume=True)
     assert_same_run(reference, train(TrainConfig.from_file(config)), tmp_path, "resumed")
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_a_checkpoint_loads_in_place_with_legacy_names_and_a_misfit_is_named(tmp_path, tied):
+    """Resuming copies a checkpoint's weights into the running model tensor by tensor (no second model): saved under
+    save_pretrained's legacy Qwen2-VL names, sharded or not, every weight arrives, tied ones included; a checkpoint
+    whose weight has another shape, or that lacks one, is refused with the file and the weight named."""
+    from safetensors.torch import save_file
+
+    from stamp_hf.checkpoints import CheckpointError, load_weights_in_place
+
+    saved, _ = tiny_stamp(seed=0, tie_word_embeddings=tied)
+    saved.save_pretrained(tmp_path / "one")
+    saved.save_pretrained(tmp_path / "shards", max_shard_size="100KB")
+    assert len(list((tmp_path / "shards").glob("model-*.safetensors"))) > 1
+    weights = load_file(tmp_path / "one" / "model.safetensors")
+    assert any(key.startswith("model.layers.") for key in weights)  # the legacy layout
+    assert ("lm_head.weight" in weights) != tied  # a tied head is not saved: it arrives with the embeddings
+    for folder in ("one", "shards"):
+        model, _ = tiny_stamp(seed=1, tie_word_embeddings=tied)
+        assert not torch.equal(model.classifier.weight, saved.classifier.weight)
+        load_weights_in_place(model, tmp_path / folder)
+        state, expected = model.state_dict(), saved.state_dict()
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+        assert (model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()) == tied
+
+    (tmp_path / "bad").mkdir()
+    save_file({**weights, "classifier.weight": torch.zeros(1, 7)}, tmp_path / "bad" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"bad/model.safetensors: classifier.weight \[1, 7\] fits no weight"):
+        load_weights_in_place(tiny_stamp(seed=1, tie_word_embeddings=tied)[0], tmp_path / "bad")
+    save_file({k: v for k, v in weights.items() if k != "classifier.bias"}, tmp_path / "bad" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"bad lacks 1 weight\(s\) of the model \(classifier.bias\)"):
+        load_weights_in_place(tiny_stamp(seed=1, tie_word_embeddings=tied)[0], tmp_path / "bad")

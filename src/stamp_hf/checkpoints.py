@@ -9,9 +9,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from transformers import AutoImageProcessor
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
 from .configuration_stamp import STAMP_CONFIGS
 from .modeling_stamp import PICKLED_WEIGHTS
@@ -142,6 +144,40 @@ def check_loading(info: dict, folder: Path, allowed_missing: tuple = ()) -> None
                for kind, keys in problems.items() if keys]  # fmt: skip
     if details:
         raise CheckpointError(f"the weights in {folder} do not fit a Qwen-VL model with its config: {'; '.join(details)}")
+
+
+def current_weight_name(key: str, model_type: str) -> str:
+    """A saved weight's name as a model of `model_type` names it: legacy Qwen2-VL names (`model.layers.*`,
+    `visual.*`, what `save_pretrained` writes) renamed with the transforms `from_pretrained` applies."""
+    for transform in get_checkpoint_conversion_mapping(model_type) or ():
+        key, _ = transform.rename_source_key(key)
+    return key
+
+
+def load_weights_in_place(model, folder: Path) -> None:
+    """Copy the safetensors weights of a checkpoint `folder` (one file or shards) into `model`, one tensor at a time:
+    a resumed run needs no second model in memory. Every weight of the model must come from the checkpoint (tied
+    weights through the one they share storage with) and every saved weight must fit one, in name and shape."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(read_config(folder, index.name)["weight_map"].values())) if index.is_file() else [
+        "model.safetensors"]
+    weights = model.state_dict()
+    loaded = set()
+    with torch.no_grad():
+        for file in files:
+            with safe_open(folder / file, "pt") as saved:
+                for key in saved.keys():
+                    name = current_weight_name(key, model.config.model_type)
+                    target = weights.get(name)
+                    shape = tuple(saved.get_slice(key).get_shape())
+                    if target is None or tuple(target.shape) != shape:
+                        raise CheckpointError(f"{folder / file}: {key} {list(shape)} fits no weight of the model")
+                    target.copy_(saved.get_tensor(key))
+                    loaded.add(target.data_ptr())
+    missing = sorted(name for name, tensor in weights.items() if tensor.data_ptr() not in loaded)
+    if missing:
+        raise CheckpointError(f"{folder} lacks {len(missing)} weight(s) of the model ({', '.join(missing[:3])})")
 
 
 def with_lora(model, lora_config):

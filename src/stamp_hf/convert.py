@@ -8,11 +8,10 @@ checked before anything is written; the folder is built next to the destination 
 from pathlib import Path
 
 from transformers import AutoTokenizer
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
 from .checkpoints import (
     CheckpointError,
     check_loading,
+    current_weight_name,
     is_repo_id,
     load_image_processor,
     read_config,
@@ -222,7 +221,4 @@ def _load_lora(folder: Path, base, allow_pickle, revision, token, placeholders):
 def _current_key(key: str) -> str:
     """An adapter key without peft's `base_model.model.` prefix, legacy Qwen2-VL names renamed with the same
     transforms `STAMPModel.from_pretrained` applies to full checkpoints."""
-    key = key.removeprefix("base_model.model.")
-    for transform in get_checkpoint_conversion_mapping(STAMPConfig.model_type):
-        key, _ = transform.rename_source_key(key)
-    return key
+    return current_weight_name(key.removeprefix("base_model.model."), STAMPConfig.model_type)

@@ -43,7 +43,7 @@ import torch
 from transformers import AutoModel, AutoProcessor, PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
-from .checkpoints import with_lora
+from .checkpoints import load_weights_in_place, with_lora
 from .configuration_stamp import MASK_LOSS_RESOLUTIONS, STAMP_MODEL_TYPES
 from .data import STAMPCollator, STAMPDataset
 from .processing_stamp import default_mask_resample
@@ -368,17 +368,16 @@ class STAMPTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Trainer reloads a checkpoint's weights with `load_state_dict` under the keys as saved, but `save_pretrained`
         writes the released (legacy Qwen2-VL) key layout: resuming then kept the starting weights, with only a warning.
-        A plain model is reloaded through `from_pretrained` (safetensors only), which renames and converts the keys as
-        it does for any checkpoint, and must match every weight. LoRA adapters, DeepSpeed and FSDP states load as
-        Trainer loads them."""
+        A plain model gets the checkpoint's safetensors weights copied in place, one tensor at a time, the keys renamed
+        as `from_pretrained` renames them (load_weights_in_place: no second model in memory), and must match every
+        weight. LoRA adapters, DeepSpeed and FSDP states load as Trainer loads them."""
         target = self.model if model is None else model
         folder = Path(resume_from_checkpoint)
         weights = ("model.safetensors", "model.safetensors.index.json")
         sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
         if sharded or not isinstance(target, PreTrainedModel) or not any((folder / name).is_file() for name in weights):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        saved = type(target).from_pretrained(folder, config=target.config, dtype=target.dtype, use_safetensors=True)
-        target.load_state_dict(saved.state_dict())
+        load_weights_in_place(target, folder)
 
 
 def apply_lora(model, settings: LoraSettings | None = None, freeze_vision_tower: bool = False):
