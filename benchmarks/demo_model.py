@@ -5,7 +5,8 @@ every dialogue turn (VQA per kind, chat switches, several targets) and the paper
         [--ablation-steps 2500] [any other option of python -m stamp_hf.synthetic.build]
 
 Every stage is cached under --out, so a stopped run resumes where it stopped. The summary (every figure, every
-stage's time) is copied to benchmarks/results/demo_model_cpu.json.
+stage's time) is copied to benchmarks/results/demo_model_cpu.json. `python -m stamp_hf.synthetic.seed_caches` first
+seeds the caches from that summary and the shipped model, so that only stages after it train.
 """
 
 import json

@@ -343,13 +343,25 @@ def test_demo_card_states_the_run_it_was_given_and_never_overwrites(tmp_path):
                                    train=dict(steps=4000, learning_rate=5e-4, seconds_this_run=4200)),
                 timing_seconds=dict(summary["timing_seconds"], stamp_conversations=4200))
     good_card = (write_demo_card(run, tmp_path / "good", good, "", "| the ablation |") / "README.md").read_text()
+    flat = " ".join(good_card.split())  # the steps are wrapped to the card's width
     assert ("6. `stamp-hf train` again from step 5's model (4000 steps of batch 8, peak learning rate 0.0005, 70.0 min)"
-            in good_card and "17000 of the 50000 records it trains on" in good_card and "Whole training: 188.0 min"
-            in good_card)
+            in flat and "17000 of the 50000 records it trains on" in flat and "Whole training: 188.0 min" in flat)
+    assert "7. `stamp-hf train`" not in good_card  # no rebalance run
     assert "6. `stamp-hf train`" not in text  # the first run had no third train
     assert "it reaches cIoU and gIoU >= 85" in good_card and "Below its dialogue goals" not in good_card
     assert "Measured on every record of both held-out sets (400 and 380)." in good_card
     assert "not rerun" not in good_card and "Table 6 ablation at this scale" in good_card and "| the ablation |" in good_card
+    rebalanced = dict(good, stamp=dict(good["stamp"], seeded_from="summary.json at abc1234"),
+                      conversations=dict(good["conversations"], train=dict(good["conversations"]["train"],
+                                                                           seeded_from="summary.json at abc1234")),
+                      rebalance=dict(steps=5000, learning_rate=2.5e-4, seconds_this_run=3300,
+                                     repeats={"refer_train.jsonl": 2}),
+                      timing_seconds=dict(good["timing_seconds"], stamp_rebalance=3300))
+    flat = " ".join((write_demo_card(run, tmp_path / "rebalanced", rebalanced, "", None) / "README.md").read_text().split())
+    assert ("7. `stamp-hf train` again from step 6's model (5000 steps of batch 8, peak learning rate 0.00025, 55.0 min) "
+            "on step 6's mix with the referring export counted 2 times") in flat and "Whole training: 243.0 min" in flat
+    assert ("Steps 5-6 are the ones recorded in summary.json at abc1234 (figures and times as measured then); this "
+            "build ran only what follows them.") in flat
     with pytest.raises(FileExistsError, match="already exists"):
         write_demo_card(run, tmp_path / "shipped", summary, "", None)
 
@@ -441,24 +453,37 @@ def test_conversation_stage_trains_on_fresh_questions_chats_and_several_target_r
 
 
 def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_path, capsys):
-    """`python -m stamp_hf.synthetic.build --ship DIR` from nothing, at toy sizes: data, vision, dialogue, the three
-    `stamp-hf train` runs (v2, v3, v3 plus fresh conversations), the evaluation and the card; the shipped model loads
-    and answers. Run again, every stage comes from its cache (nothing retrained)."""
+    """`python -m stamp_hf.synthetic.build --ship DIR` from nothing, at toy sizes: data, vision, dialogue, the four
+    `stamp-hf train` runs (v2, v3, v3 plus fresh conversations, the rebalance), the evaluation and the card; the
+    shipped model loads and answers. Run again, every stage comes from its cache (nothing retrained); run with a
+    changed setting, the stale stage is refused by name. Seeded from the summary and the shipped model
+    (stamp_hf.synthetic.seed_caches), a fresh --out trains nothing and measures the same figures."""
     from transformers import AutoModel, AutoProcessor
 
-    from stamp_hf.synthetic import build
+    from stamp_hf.synthetic import build, seed_caches
 
     out, ship = tmp_path / "runs", tmp_path / "shipped"
     argv = ["--out", str(out), "--vision-steps", "2", "--dialogue-steps", "2", "--v2-steps", "2", "--steps", "2",
-            "--conversation-steps", "2", "--conversation-samples", "6", "--refer-scenes", "2", "--dialogue-scenes", "8",
-            "--chat-samples", "4", "--test-samples", "4", "--drawn-samples", "4", "--eval-limit", "2"]
+            "--conversation-steps", "2", "--conversation-samples", "6", "--rebalance-steps", "2", "--refer-scenes", "2",
+            "--dialogue-scenes", "8", "--chat-samples", "4", "--test-samples", "4", "--drawn-samples", "4",
+            "--eval-limit", "2"]
     summary = build.main([*argv, "--ship", str(ship)])
-    final = out / "stamp-2-v3-2-conversations-2"
-    assert json.loads((final / "train.json").read_text())["model"] == str((out / "stamp-2-v3-2" / "model").resolve())
-    assert summary["conversations"]["train"]["steps"] == 2 and summary["results"]["test"]["limit"] == 2
-    assert set(summary["timing_seconds"]) == {"vision", "dialogue", "stamp_v2", "stamp", "stamp_conversations"}
+    third, final = out / "stamp-2-v3-2-conversations-2", out / "stamp-2-v3-2-conversations-2-rebalance-2"
+    assert json.loads((third / "train.json").read_text())["model"] == str((out / "stamp-2-v3-2" / "model").resolve())
+    last = json.loads((final / "train.json").read_text())
+    assert last["model"] == str((third / "model").resolve()) and last["training"]["learning_rate"] == 2.5e-4
+    assert last["data"][0] == dict(path=str((out / "data-v3" / "refer_train.jsonl").resolve()), repeat=2)
+    assert last["data"][1:] == [str((out / "data-v3" / f).resolve()) for f in ("dialogue_train.jsonl", "train.jsonl")] + [
+        str((out / "data-v3-conversations" / "train.jsonl").resolve())]
+    assert summary["conversations"]["train"]["steps"] == summary["rebalance"]["steps"] == 2
+    assert summary["results"]["test"]["limit"] == 2
+    assert set(summary["timing_seconds"]) == {"vision", "dialogue", "stamp_v2", "stamp", "stamp_conversations",
+                                              "stamp_rebalance"}
     card = (ship / "README.md").read_text()
     assert "6. `stamp-hf train` again from step 5's model (2 steps of batch 8" in card
+    assert "7. `stamp-hf train` again from step 6's model (2 steps of batch 8, peak learning rate 0.00025" in card
+    steps = card[card.index("**How it was built**"):card.index("Whole training")]
+    assert "the referring export counted 2 times" in steps and max(map(len, steps.splitlines())) <= 120
     assert (ship / "model.safetensors").is_file() and not list(ship.glob("checkpoint-*"))
     model = AutoModel.from_pretrained(ship, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(ship, trust_remote_code=True)
@@ -468,7 +493,26 @@ def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_p
     assert "| cIoU |" in printed and "| every turn of every record |" in printed
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
     assert {p.parent.name for p in stamps} == {"data", "data-v3", "data-v3-conversations", "base-vision", "base",
-                                               "stamp-2", "stamp-2-v3-2", final.name}
+                                               "stamp-2", "stamp-2-v3-2", third.name, final.name}
     again = build.main(argv)
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == stamps
     assert again["results"] == summary["results"]
+    changed = [a if a != "6" else "7" for a in argv]  # --conversation-samples 7: its data stage is stale
+    with pytest.raises(SystemExit, match=r"data-v3-conversations was built with samples=6 but this run asks samples=7"):
+        build.main(changed)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == stamps
+
+    seeded_out = tmp_path / "seeded"
+    seed_caches.main(["--out", str(seeded_out), "--summary", str(out / "summary.json"), "--model", str(ship)])
+    seeded = {p: p.read_text() for p in seeded_out.glob("*/result.json")}
+    assert {p.parent.name for p in seeded} == {"base-vision", "base", "stamp-2", "stamp-2-v3-2", third.name, final.name}
+    assert all(json.loads(text)["seeded_from"].startswith("summary.json at ") for text in seeded.values())
+    rebuilt = build.main([*argv[:1], str(seeded_out), *argv[2:], "--ship", str(tmp_path / "reshipped")])
+    assert {p: p.read_text() for p in seeded_out.glob("*/result.json") if p in seeded} == seeded  # nothing retrained
+    def figures(results):  # the evaluation's measurements, not its time
+        return {name: {k: v for k, v in result.items() if k != "seconds"} for name, result in results.items()}
+
+    assert figures(rebuilt["results"]) == figures(summary["results"]) and rebuilt["references"] == summary["references"]
+    assert "Steps 5-7 are the ones recorded in summary.json at " in (tmp_path / "reshipped" / "README.md").read_text()
+    with pytest.raises(SystemExit, match="already there"):
+        seed_caches.main(["--out", str(seeded_out), "--summary", str(out / "summary.json"), "--model", str(ship)])

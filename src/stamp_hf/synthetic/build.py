@@ -25,7 +25,9 @@ Stages (each built only when a later one needs it and it is not cached):
             "Dialogue & Seg." column), the vision tower frozen, the mask loss on the upsampled masks (--v2-steps);
             then `stamp-hf train` from that model on the v3 data with a fresh schedule (--steps); then again from
             that one, on the v3 data plus fresh v3 questions, chats and several-target requests
-            (out/data-v3-conversations, --conversation-samples; --conversation-steps).
+            (out/data-v3-conversations, --conversation-samples; --conversation-steps); then once more from that
+            one at half the peak learning rate, with the referring export counted twice (--rebalance-steps): the
+            third train's conversations crowd out one-target requests, absent targets especially.
   eval      both v3 held-out sets: cIoU, gIoU, per request form, N-acc, T-acc, VQA exact match per question kind,
             the language-blind baseline and the best score the mask grid allows; and every turn of every record
             (stamp_hf.synthetic.scoring): VQA per kind, descriptions, chat switches, several-target answers.
@@ -79,6 +81,7 @@ TRAINING = dict(
     report_to="none",
 )
 CONVERSATION_TASKS = ("vqa", "chat", "multi")  # what the last stage trains more of: the dialogue targets
+REBALANCE_REPEATS = {"refer_train.jsonl": 2}  # the fourth train's mix: referring records counted twice
 VARIANTS = {
     "stamp": ("STAMP (bidirectional placeholders + patch-feature fusion)", {}),
     "causal": ("w/o A_hyb: causal placeholders", {"placeholder_attention": "causal"}),
@@ -103,16 +106,30 @@ def cli(*arguments, threads: int | None = None, log: Path | None = None) -> None
         subprocess.run(command, check=True, env=env, stdout=output, stderr=subprocess.STDOUT)
 
 
-def cached(folder: Path, build) -> dict:
-    """The result.json of a stage in `folder`, built by `build(folder)` (into a fresh folder) when missing."""
+def same_settings(folder: Path, result: dict, asked: dict) -> dict:
+    """A cached stage's `result`, refused when it records a setting other than the one this run asks: stages are cached
+    by folder, so a changed setting (a sample count, a learning rate) would otherwise reuse the old stage silently.
+    Settings the result does not record (caches written before they were) are not compared."""
+    asked = json.loads(json.dumps(asked, default=str))  # as the result.json stores them: lists, strings
+    differ = [key for key, value in asked.items() if key in result and result[key] != value]
+    if differ:
+        raise SystemExit(f"{folder} was built with " + ", ".join(f"{k}={result[k]!r}" for k in differ)
+                         + " but this run asks " + ", ".join(f"{k}={asked[k]!r}" for k in differ)
+                         + ": remove that folder (or use another --out) to build it again")
+    return result
+
+
+def cached(folder: Path, build, settings: dict | None = None) -> dict:
+    """The result.json of a stage in `folder`, built by `build(folder)` (into a fresh folder) when missing. `settings`
+    are recorded in it and checked against a cached one (same_settings)."""
     result_file = folder / "result.json"
     if result_file.exists():
-        return json.loads(result_file.read_text())
+        return same_settings(folder, json.loads(result_file.read_text()), settings or {})
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     start = time.perf_counter()
     result = build(folder)
-    result.update(seconds=time.perf_counter() - start, threads=torch.get_num_threads())
+    result.update(settings or {}, seconds=time.perf_counter() - start, threads=torch.get_num_threads())
     result_file.write_text(json.dumps(result, indent=2))
     return result
 
@@ -126,7 +143,7 @@ def vision_stage(out: Path, steps: int) -> dict:
         save_base(model, processor, folder / "model")
         return dict(steps=steps, history=history)
 
-    return cached(out / "base-vision", build)
+    return cached(out / "base-vision", build, dict(steps=steps))
 
 
 def data_stage(out: Path, args, version: str) -> dict:
@@ -148,7 +165,9 @@ def data_stage(out: Path, args, version: str) -> dict:
                   (*TRAIN_FILES, "test.jsonl", "drawn.jsonl")}
         return dict(version=version, records=counts)
 
-    return cached(data_folder(out, version), build)
+    return cached(data_folder(out, version), build, dict(
+        version=version, **{k: getattr(args, k) for k in ("refer_scenes", "dialogue_scenes", "chat_samples",
+                                                          "test_samples", "drawn_samples")}))
 
 
 def conversations_stage(out: Path, samples: int) -> dict:
@@ -160,7 +179,7 @@ def conversations_stage(out: Path, samples: int) -> dict:
         jsonl = write_split(folder, "train", samples, start=3 * 10**6, tasks=CONVERSATION_TASKS, version="v3")
         return dict(samples=samples, tasks=list(CONVERSATION_TASKS), records=sum(1 for _ in jsonl.open()))
 
-    return cached(conversations_file(out).parent, build)
+    return cached(conversations_file(out).parent, build, dict(samples=samples))
 
 
 def conversations_file(out: Path) -> Path:
@@ -184,22 +203,27 @@ def dialogue_stage(out: Path, data: Path, vision: Path, steps: int) -> dict:
         save_base(model.eval(), processor, folder / "model")
         return dict(steps=steps, history=history)
 
-    return cached(out / "base", build)
+    return cached(out / "base", build, dict(steps=steps))
 
 
 def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: int = 0, overrides=None,
                 start_from: Path | None = None, learning_rate: float | None = None, threads: int | None = None,
-                concurrent_runs: int = 1, extra_data=()) -> dict:
+                concurrent_runs: int = 1, extra_data=(), repeats=None) -> dict:
     """`stamp-hf init` on the base, then `stamp-hf train` on the referring, dialogue and chat data of `data`; cached
     as out/<name>. `overrides`: config.json settings of an ablation variant, written into the initialised model.
     `start_from`: a trained STAMP model to go on training instead (no init), with a fresh schedule peaking at
     `learning_rate` (default TRAINING's). `threads`: the commands' torch threads; with `concurrent_runs` > 1 (runs
     side by side) their output goes to out/<name>/train.log. `extra_data`: more `data` entries of the train config
-    (a .jsonl path or {path, repeat}), added to the mix."""
+    (a .jsonl path or {path, repeat}), added to the mix. `repeats`: {file of TRAIN_FILES: how many times its records
+    count}, the others once."""
     folder = out / name
     result_file = folder / "result.json"
+    learning_rate = learning_rate or TRAINING["learning_rate"]
+    # the paths (start_from, extra_data) are recorded but not compared: within one --out the stage's name fixes them,
+    # and a seeded cache (stamp_hf.synthetic.seed_caches) records the paths of the build it came from
+    settings = dict(steps=steps, seed=seed, overrides=overrides or {}, repeats=repeats or {}, learning_rate=learning_rate)
     if result_file.exists():
-        return json.loads(result_file.read_text())
+        return same_settings(folder, json.loads(result_file.read_text()), settings)
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "train.log" if concurrent_runs > 1 else None
     init = start_from or folder / "init"
@@ -211,14 +235,14 @@ def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: 
             (init / "config.json").write_text(json.dumps({**config, **overrides}, indent=2))
     config = dict(  # absolute paths: a train config's relative paths are read from its own folder
         model=str(init.resolve()),
-        data=[str((data / f).resolve()) for f in TRAIN_FILES] + list(extra_data),
+        data=[train_entry(data / f, (repeats or {}).get(f, 1)) for f in TRAIN_FILES] + list(extra_data),
         output_dir=str((folder / "model").resolve()),
         trust_remote_code=True,
         freeze_vision_tower=True,
         mask_loss_resolution="image",
         resume=any((folder / "model").glob("checkpoint-*")),
         training=dict(TRAINING, max_steps=steps, seed=seed, activation_checkpointing=False,
-                      learning_rate=learning_rate or TRAINING["learning_rate"]),
+                      learning_rate=learning_rate),
     )
     (folder / "train.json").write_text(json.dumps(config, indent=2))
     start = time.perf_counter()
@@ -226,11 +250,16 @@ def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: 
     seconds = time.perf_counter() - start
     state_file = folder / "model" / "trainer_state.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    result = dict(steps=steps, seed=seed, overrides=overrides or {}, seconds_this_run=seconds,
-                  start_from=str(start_from) if start_from else None, learning_rate=config["training"]["learning_rate"],
-                  threads=threads or torch.get_num_threads(), concurrent_runs=concurrent_runs, log=[e for e in state.get("log_history", []) if "mask_loss" in e])
+    result = dict(settings, start_from=str(start_from) if start_from else None, extra_data=list(extra_data),
+                  seconds_this_run=seconds, threads=threads or torch.get_num_threads(),
+                  concurrent_runs=concurrent_runs, log=[e for e in state.get("log_history", []) if "mask_loss" in e])
     result_file.write_text(json.dumps(result, indent=2))
     return result
+
+
+def train_entry(path: Path, repeat: int = 1):
+    """A train config's `data` entry: the absolute path, or {path, repeat} when its records count more than once."""
+    return str(path.resolve()) if repeat == 1 else dict(path=str(path.resolve()), repeat=repeat)
 
 
 def evaluate_both(model: Path, data: Path, folder: Path, limit=None) -> dict:
@@ -410,6 +439,10 @@ def main(argv=None):
     parser.add_argument("--conversation-samples", type=int, default=44000,
                         help="scenes drawn for the third train's extra data (its questions, chats and several-target "
                              "requests are kept: about 73 %%)")
+    parser.add_argument("--rebalance-steps", type=int, default=5000,
+                        help="steps of the fourth stamp-hf train, from the third, on the third's mix with the referring "
+                             "export counted twice and a peak learning rate half of --learning-rate (batch 8; 0: ship "
+                             "the third's model)")
     parser.add_argument("--refer-scenes", type=int, default=8000, help="scenes of the gRefCOCO export (3 sentences each)")
     parser.add_argument("--dialogue-scenes", type=int, default=6000, help="scenes of the LLaVA export (3 turns each)")
     parser.add_argument("--chat-samples", type=int, default=8000, help="the generator's own conversations")
@@ -451,10 +484,18 @@ def main(argv=None):
             learning_rate=args.learning_rate,
             extra_data=[str(conversations_file(args.out).resolve())])
         timing["stamp_conversations"] = conversations["train"]["seconds_this_run"]
+    rebalance = None
+    if args.rebalance_steps:
+        start_from, name = args.out / name / "model", f"{name}-rebalance-{args.rebalance_steps}"
+        rebalance = stamp_stage(
+            args.out, name, data, args.out / "base" / "model", args.rebalance_steps, start_from=start_from,
+            learning_rate=args.learning_rate / 2, repeats=REBALANCE_REPEATS,
+            extra_data=[str(conversations_file(args.out).resolve())] if conversations else [])
+        timing["stamp_rebalance"] = rebalance["seconds_this_run"]
     model = args.out / name / "model"
     results = evaluate_both(model, data, args.out / name / "eval", args.eval_limit)
     refs = references(data, model)
-    steps = f"{args.v2_steps} + {args.steps}" + (f" + {args.conversation_steps}" if conversations else "")
+    steps = " + ".join(str(n) for n in (args.v2_steps, args.steps, args.conversation_steps, args.rebalance_steps) if n)
     print(f"\nDemo model: {steps} steps of stamp-hf train; training time (min): "
           + ", ".join(f"{k} {v / 60:.1f}" for k, v in timing.items()) + f", total {sum(timing.values()) / 60:.1f}")
     print(f"CPU: {os.cpu_count()} cores visible, {args.threads} torch threads; Python {sys.version.split()[0]}\n")
@@ -467,7 +508,7 @@ def main(argv=None):
         print(f"\nTable 6 at this scale: each run {args.ablation_steps} steps from the same base\n")
         print(ablation_table(runs))
     summary = dict(data=data_result, vision=stages["vision"], dialogue=stages["dialogue"], stamp_v2=stages["stamp_v2"],
-                   stamp=stamp, conversations=conversations, results=results, references=refs, timing_seconds=timing,
+                   stamp=stamp, conversations=conversations, rebalance=rebalance, results=results, references=refs, timing_seconds=timing,
                    ablation=runs,
                    args={k: str(v) for k, v in vars(args).items()})
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -11,6 +11,7 @@ scale) and small enough to train on a CPU. The model is a few MB, so it ships in
 import json
 import random
 import shutil
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -401,7 +402,7 @@ downloaded; times on a 2-core CPU, {threads} torch threads, measured by the scri
    kind, size, position, existence, relations, a description listing the shapes), chats of 2-4 turns that switch
    between questions and new requests and refer back ("segment it", "and the other one", "the one left of it"), and
    requests naming two or three targets, answered with one labelled `<|seg|>` per target.
-{conversation_step}
+{conversation_step}{rebalance_step}
 Whole training: {total_minutes:.1f} min.
 
 **What it is not.** Not the paper's STAMP-2B or STAMP-7B, not initialised from Qwen2-VL, not useful on natural images
@@ -447,15 +448,30 @@ def demo_limits(results: dict) -> str:
 
 
 def demo_measured(summary: dict) -> str:
-    """The card's sentence on what the figures were measured on, and where stage 4's model came from when its cache
-    was seeded rather than built."""
+    """The card's sentence on what the figures were measured on, and on the steps this build took from elsewhere
+    rather than ran: stage 4's model when its cache was seeded from an earlier model, and the later steps whose caches
+    were seeded from a committed build summary (stamp_hf.synthetic.seed_caches)."""
     limit = summary["results"]["test"].get("limit")
     records = summary["data"]["records"]
     sentence = (f"Measured on every record of both held-out sets ({records['test.jsonl']} and "
                 f"{records['drawn.jsonl']})." if limit is None else
                 f"Measured on the first {limit} records of each held-out set (`--eval-limit {limit}`, for time).")
     seeded = summary["stamp_v2"].get("seeded_from")
-    return sentence + (f" Stage 4's model is {seeded}; stages 1-4 were not rerun for it." if seeded else "")
+    if seeded:
+        sentence += f" Stage 4's model is {seeded}; stages 1-4 were not rerun for it."
+    later = [record for record in (summary["stamp"], (summary.get("conversations") or {}).get("train"),
+                                   summary.get("rebalance")) if record]
+    seeded = [step for step, record in enumerate(later, start=5) if record.get("seeded_from")]
+    if seeded:
+        step = seeded[-1]
+        sentence += (f" Steps 5-{step} are the ones recorded in {later[step - 5]['seeded_from']} (figures and times as "
+                     f"measured then); this build ran only what follows them.")
+    return sentence
+
+
+def wrap_step(text: str) -> str:
+    """A numbered step of the card's list, wrapped to the template's width with its continuation lines indented."""
+    return textwrap.fill(text, width=120, subsequent_indent="   ", break_on_hyphens=False) + "\n"
 
 
 def conversation_step(summary: dict) -> str:
@@ -467,10 +483,25 @@ def conversation_step(summary: dict) -> str:
     data, train = conversations["data"], conversations["train"]
     records = summary["data"]["records"]
     total = data["records"] + sum(records[f] for f in TRAIN_FILES)
-    return (f"6. `stamp-hf train` again from step 5's model ({train['steps']} steps of batch 8, peak learning rate "
-            f"{train['learning_rate']:g}, {train['seconds_this_run'] / 60:.1f} min) on step 5's data plus "
-            f"{data['records']} fresh conversations of the same generator (questions, chats and several-target "
-            f"requests on scenes never used before): {data['records']} of the {total} records it trains on.\n")
+    return wrap_step(
+        f"6. `stamp-hf train` again from step 5's model ({train['steps']} steps of batch 8, peak learning rate "
+        f"{train['learning_rate']:g}, {train['seconds_this_run'] / 60:.1f} min) on step 5's data plus "
+        f"{data['records']} fresh conversations of the same generator (questions, chats and several-target "
+        f"requests on scenes never used before): {data['records']} of the {total} records it trains on.")
+
+
+def rebalance_step(summary: dict) -> str:
+    """The card's last step (7, or 6 without the conversation step), when the build ran its last `stamp-hf train` (the
+    referring records counted more, at a lower learning rate); empty otherwise."""
+    train = summary.get("rebalance")
+    if not train:
+        return ""
+    previous = 6 if summary.get("conversations") else 5
+    return wrap_step(
+        f"{previous + 1}. `stamp-hf train` again from step {previous}'s model ({train['steps']} steps of batch 8, peak learning "
+        f"rate {train['learning_rate']:g}, {train['seconds_this_run'] / 60:.1f} min) on step {previous}'s mix with "
+        f"the referring export counted {train['repeats']['refer_train.jsonl']} times: the conversations had crowded "
+        f"out one-target requests, absent targets especially.")
 
 
 def write_demo_card(model_folder, target, summary: dict, results_table: str, ablation_table: str | None) -> Path:
@@ -508,7 +539,7 @@ def write_demo_card(model_folder, target, summary: dict, results_table: str, abl
         dialogue_accuracy=100 * dialogue["history"][-1]["answer_token_accuracy"], steps=summary["stamp"]["steps"],
         v2_steps=summary["stamp_v2"]["steps"], stamp_v2_minutes=timing["stamp_v2"] / 60,
         learning_rate=summary["stamp"]["learning_rate"], limits=demo_limits(results), measured=demo_measured(summary),
-        conversation_step=conversation_step(summary),
+        conversation_step=conversation_step(summary), rebalance_step=rebalance_step(summary),
         stamp_minutes=timing["stamp"] / 60, total_minutes=sum(timing.values()) / 60, results=results_table,
         ablation=("The paper's Table 6 ablation at this scale (mean ± std where there are several seeds):\n\n"
                   + ablation_table)

@@ -1,0 +1,73 @@
+"""Seed the demo build's stage caches from the committed build summary and the shipped demo model, so that the build
+(`benchmarks/demo_model.py`, python -m stamp_hf.synthetic.build) trains only stages that come after the shipped model:
+hours of CPU less than a rebuild from nothing.
+
+    .venv/bin/python -m stamp_hf.synthetic.seed_caches [--out runs/demo] [--summary FILE] [--model demo_model]
+
+Seeded: the vision, dialogue and every `stamp-hf train` stage's result.json as the summary recorded them (each marked
+"seeded_from"), the last trained stage's model folder (a copy of the shipped model) and the ablation runs' records
+and evaluations. Not seeded: the data stages and the references, which the build draws and measures again (they are
+deterministic, so their figures must come out as the summary has them). Refused where a seeded folder exists.
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+
+def stage_records(summary: dict) -> dict[str, dict]:
+    """{stage folder name: its result.json} for every trained stage of the summary, in the build's naming."""
+    args = summary["args"]
+    name = f"stamp-{args['v2_steps']}-v3-{args['steps']}"
+    records = {"base-vision": summary["vision"], "base": summary["dialogue"],
+               f"stamp-{args['v2_steps']}": summary["stamp_v2"], name: summary["stamp"]}
+    if summary.get("conversations"):
+        name = f"{name}-conversations-{args['conversation_steps']}"
+        records[name] = summary["conversations"]["train"]
+    if summary.get("rebalance"):
+        records[f"{name}-rebalance-{args['rebalance_steps']}"] = summary["rebalance"]
+    return records
+
+
+def seed(out: Path, summary_file: Path, model: Path) -> list[Path]:
+    """Write the caches (see the module's docstring) under `out`; the folders written."""
+    summary = json.loads(summary_file.read_text())
+    commit = subprocess.run(["git", "-C", str(summary_file.resolve().parent), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or "an unknown commit"
+    origin = f"{summary_file.name} at {commit}"
+    records = stage_records(summary)
+    ablation_steps = summary["args"]["ablation_steps"]
+    runs = {f"ablation-v3-{variant}-{run['training']['seed']}-{ablation_steps}": run
+            for variant, variant_runs in summary.get("ablation", {}).items() for run in variant_runs}
+    folders = [out / name for name in [*records, *runs]]
+    taken = [str(f) for f in folders if f.exists()]
+    if taken:
+        raise SystemExit(f"already there (remove them to seed again): {', '.join(taken)}")
+    for name, record in records.items():
+        (out / name).mkdir(parents=True)
+        (out / name / "result.json").write_text(json.dumps({"seeded_from": origin, **record}, indent=2))
+    shutil.copytree(model, out / list(records)[-1] / "model")  # the shipped model is the last stage's
+    for name, run in runs.items():
+        (out / name / "eval").mkdir(parents=True)
+        (out / name / "result.json").write_text(json.dumps({"seeded_from": origin, **run["training"], "log": []},
+                                                           indent=2))
+        for split in ("test", "drawn"):
+            (out / name / "eval" / f"{split}.json").write_text(json.dumps(run[split], indent=2))
+    return folders
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m stamp_hf.synthetic.seed_caches", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="the build's --out")
+    parser.add_argument("--summary", type=Path, default=Path("benchmarks/results/demo_model_cpu.json"),
+                        help="a build's summary (the build writes it to OUT/summary.json)")
+    parser.add_argument("--model", type=Path, default=Path("demo_model"), help="the model the summary describes")
+    args = parser.parse_args(argv)
+    for folder in seed(args.out, args.summary, args.model):
+        print("seeded", folder)
+
+
+if __name__ == "__main__":
+    main()
