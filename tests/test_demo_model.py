@@ -473,8 +473,9 @@ def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_p
     last = json.loads((final / "train.json").read_text())
     assert last["model"] == str((third / "model").resolve()) and last["training"]["learning_rate"] == 2.5e-4
     assert last["data"][0] == dict(path=str((out / "data-v3" / "refer_train.jsonl").resolve()), repeat=2)
-    assert last["data"][1:] == [str((out / "data-v3" / f).resolve()) for f in ("dialogue_train.jsonl", "train.jsonl")] + [
-        str((out / "data-v3-conversations" / "train.jsonl").resolve())]
+    rest = [out / "data-v3" / "dialogue_train.jsonl", out / "data-v3" / "train.jsonl",
+            out / "data-v3-conversations" / "train.jsonl"]
+    assert last["data"][1:] == [str(path.resolve()) for path in rest]
     assert summary["conversations"]["train"]["steps"] == summary["rebalance"]["steps"] == 2
     assert summary["results"]["test"]["limit"] == 2
     assert set(summary["timing_seconds"]) == {"vision", "dialogue", "stamp_v2", "stamp", "stamp_conversations",

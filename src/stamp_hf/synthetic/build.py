@@ -221,7 +221,8 @@ def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: 
     learning_rate = learning_rate or TRAINING["learning_rate"]
     # the paths (start_from, extra_data) are recorded but not compared: within one --out the stage's name fixes them,
     # and a seeded cache (stamp_hf.synthetic.seed_caches) records the paths of the build it came from
-    settings = dict(steps=steps, seed=seed, overrides=overrides or {}, repeats=repeats or {}, learning_rate=learning_rate)
+    settings = dict(steps=steps, seed=seed, overrides=overrides or {}, repeats=repeats or {},
+                    learning_rate=learning_rate)
     if result_file.exists():
         return same_settings(folder, json.loads(result_file.read_text()), settings)
     folder.mkdir(parents=True, exist_ok=True)
@@ -508,7 +509,8 @@ def main(argv=None):
         print(f"\nTable 6 at this scale: each run {args.ablation_steps} steps from the same base\n")
         print(ablation_table(runs))
     summary = dict(data=data_result, vision=stages["vision"], dialogue=stages["dialogue"], stamp_v2=stages["stamp_v2"],
-                   stamp=stamp, conversations=conversations, rebalance=rebalance, results=results, references=refs, timing_seconds=timing,
+                   stamp=stamp, conversations=conversations, rebalance=rebalance, results=results, references=refs,
+                   timing_seconds=timing,
                    ablation=runs,
                    args={k: str(v) for k, v in vars(args).items()})
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -59,7 +59,8 @@ def seed(out: Path, summary_file: Path, model: Path) -> list[Path]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m stamp_hf.synthetic.seed_caches", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m stamp_hf.synthetic.seed_caches",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="the build's --out")
     parser.add_argument("--summary", type=Path, default=Path("benchmarks/results/demo_model_cpu.json"),
                         help="a build's summary (the build writes it to OUT/summary.json)")

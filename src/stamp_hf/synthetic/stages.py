@@ -456,14 +456,14 @@ def demo_measured(summary: dict) -> str:
     sentence = (f"Measured on every record of both held-out sets ({records['test.jsonl']} and "
                 f"{records['drawn.jsonl']})." if limit is None else
                 f"Measured on the first {limit} records of each held-out set (`--eval-limit {limit}`, for time).")
-    seeded = summary["stamp_v2"].get("seeded_from")
-    if seeded:
-        sentence += f" Stage 4's model is {seeded}; stages 1-4 were not rerun for it."
+    stage_4_origin = summary["stamp_v2"].get("seeded_from")
+    if stage_4_origin:
+        sentence += f" Stage 4's model is {stage_4_origin}; stages 1-4 were not rerun for it."
     later = [record for record in (summary["stamp"], (summary.get("conversations") or {}).get("train"),
                                    summary.get("rebalance")) if record]
-    seeded = [step for step, record in enumerate(later, start=5) if record.get("seeded_from")]
-    if seeded:
-        step = seeded[-1]
+    seeded_steps = [step for step, record in enumerate(later, start=5) if record.get("seeded_from")]
+    if seeded_steps:
+        step = seeded_steps[-1]
         sentence += (f" Steps 5-{step} are the ones recorded in {later[step - 5]['seeded_from']} (figures and times as "
                      f"measured then); this build ran only what follows them.")
     return sentence
@@ -497,11 +497,12 @@ def rebalance_step(summary: dict) -> str:
     if not train:
         return ""
     previous = 6 if summary.get("conversations") else 5
+    why = (": the conversations had crowded out one-target requests, absent targets especially"
+           if summary.get("conversations") else "")
     return wrap_step(
-        f"{previous + 1}. `stamp-hf train` again from step {previous}'s model ({train['steps']} steps of batch 8, peak learning "
-        f"rate {train['learning_rate']:g}, {train['seconds_this_run'] / 60:.1f} min) on step {previous}'s mix with "
-        f"the referring export counted {train['repeats']['refer_train.jsonl']} times: the conversations had crowded "
-        f"out one-target requests, absent targets especially.")
+        f"{previous + 1}. `stamp-hf train` again from step {previous}'s model ({train['steps']} steps of batch 8, peak "
+        f"learning rate {train['learning_rate']:g}, {train['seconds_this_run'] / 60:.1f} min) on step {previous}'s mix "
+        f"with the referring export counted {train['repeats']['refer_train.jsonl']} times{why}.")
 
 
 def write_demo_card(model_folder, target, summary: dict, results_table: str, ablation_table: str | None) -> Path:
