@@ -407,10 +407,22 @@ def ablation(args, data: Path) -> dict:
     return runs
 
 
+def train_stage_names(v2_steps, steps, conversation_steps=0, rebalance_steps=0) -> dict[str, str]:
+    """The folders under --out of the build's `stamp-hf train` stages, each named after the chain it grows from:
+    {"stamp_v2", "stamp", and "conversations" / "rebalance" when they run}. Also what seed_caches names them by."""
+    names = {"stamp_v2": f"stamp-{v2_steps}", "stamp": f"stamp-{v2_steps}-v3-{steps}"}
+    last = names["stamp"]
+    if int(conversation_steps):
+        last = names["conversations"] = f"{last}-conversations-{conversation_steps}"
+    if int(rebalance_steps):
+        names["rebalance"] = f"{last}-rebalance-{rebalance_steps}"
+    return names
+
+
 def earlier_stages(args) -> dict:
     """The data, vision and dialogue stages and the first `stamp-hf train` (v2 data) the demo model grows from; each
     is built only when a later stage needs it and it is not cached."""
-    first = args.out / f"stamp-{args.v2_steps}"
+    first = args.out / train_stage_names(args.v2_steps, args.steps)["stamp_v2"]
     stages = json.loads((first / "result.json").read_text()).get("stages") if (first / "result.json").exists() else None
     if stages is None or args.ablation:
         stages = dict(data=data_stage(args.out, args, "v2"), vision=vision_stage(args.out, args.vision_steps))
@@ -470,16 +482,17 @@ def main(argv=None):
     data_result = data_stage(args.out, args, "v3")
     data = data_folder(args.out, "v3")
     print("== data", json.dumps(data_result), flush=True)
-    name = f"stamp-{args.v2_steps}-v3-{args.steps}"
+    names = train_stage_names(args.v2_steps, args.steps, args.conversation_steps, args.rebalance_steps)
+    name = names["stamp"]
     stamp = stamp_stage(args.out, name, data, args.out / "base" / "model", args.steps,
-                        start_from=args.out / f"stamp-{args.v2_steps}" / "model", learning_rate=args.learning_rate)
+                        start_from=args.out / names["stamp_v2"] / "model", learning_rate=args.learning_rate)
     timing = dict(vision=stages["vision"]["seconds"], dialogue=stages["dialogue"]["seconds"],
                   stamp_v2=stages["stamp_v2"]["seconds_this_run"], stamp=stamp["seconds_this_run"])
     conversations = None
     if args.conversation_steps:
         conversations = dict(data=conversations_stage(args.out, args.conversation_samples))
         print("== conversations", json.dumps(conversations["data"]), flush=True)
-        start_from, name = args.out / name / "model", f"{name}-conversations-{args.conversation_steps}"
+        start_from, name = args.out / name / "model", names["conversations"]
         conversations["train"] = stamp_stage(
             args.out, name, data, args.out / "base" / "model", args.conversation_steps, start_from=start_from,
             learning_rate=args.learning_rate,
@@ -487,7 +500,7 @@ def main(argv=None):
         timing["stamp_conversations"] = conversations["train"]["seconds_this_run"]
     rebalance = None
     if args.rebalance_steps:
-        start_from, name = args.out / name / "model", f"{name}-rebalance-{args.rebalance_steps}"
+        start_from, name = args.out / name / "model", names["rebalance"]
         rebalance = stamp_stage(
             args.out, name, data, args.out / "base" / "model", args.rebalance_steps, start_from=start_from,
             learning_rate=args.learning_rate / 2, repeats=REBALANCE_REPEATS,

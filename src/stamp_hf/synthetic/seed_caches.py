@@ -16,19 +16,18 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from .build import train_stage_names
+
 
 def stage_records(summary: dict) -> dict[str, dict]:
     """{stage folder name: its result.json} for every trained stage of the summary, in the build's naming."""
-    args = summary["args"]
-    name = f"stamp-{args['v2_steps']}-v3-{args['steps']}"
-    records = {"base-vision": summary["vision"], "base": summary["dialogue"],
-               f"stamp-{args['v2_steps']}": summary["stamp_v2"], name: summary["stamp"]}
-    if summary.get("conversations"):
-        name = f"{name}-conversations-{args['conversation_steps']}"
-        records[name] = summary["conversations"]["train"]
-    if summary.get("rebalance"):
-        records[f"{name}-rebalance-{args['rebalance_steps']}"] = summary["rebalance"]
-    return records
+    args = summary["args"]  # as the build's summary stores them: strings
+    names = train_stage_names(args["v2_steps"], args["steps"], args.get("conversation_steps", 0),
+                              args.get("rebalance_steps", 0))
+    trained = dict(stamp_v2=summary["stamp_v2"], stamp=summary["stamp"],
+                   conversations=(summary.get("conversations") or {}).get("train"), rebalance=summary.get("rebalance"))
+    return {"base-vision": summary["vision"], "base": summary["dialogue"],
+            **{name: trained[stage] for stage, name in names.items()}}
 
 
 def seed(out: Path, summary_file: Path, model: Path) -> list[Path]:
