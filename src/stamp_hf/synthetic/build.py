@@ -382,11 +382,16 @@ def ablation_table(runs: dict) -> str:
     return "\n".join(lines)
 
 
+def ablation_stage_name(variant: str, seed, steps) -> str:
+    """The folder under --out of one ablation run (also what seed_caches names it by)."""
+    return f"ablation-v3-{variant}-{seed}-{steps}"
+
+
 def ablation(args, data: Path) -> dict:
     """The Table 6 variants x --seeds from the same base, --ablation-jobs runs at a time (each with its share of
     --threads), then each run evaluated; {variant: [evaluate_both results with the run's "training" record, one per
     seed]}."""
-    plan = [(variant, seed, f"ablation-v3-{variant}-{seed}-{args.ablation_steps}", overrides)
+    plan = [(variant, seed, ablation_stage_name(variant, seed, args.ablation_steps), overrides)
             for variant, (_, overrides) in VARIANTS.items() for seed in args.seeds]
     threads = max(1, args.threads // args.ablation_jobs)
 

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .build import train_stage_names
+from .build import ablation_stage_name, train_stage_names
 
 
 def stage_records(summary: dict) -> dict[str, dict]:
@@ -38,7 +38,7 @@ def seed(out: Path, summary_file: Path, model: Path) -> list[Path]:
     origin = f"{summary_file.name} at {commit}"
     records = stage_records(summary)
     ablation_steps = summary["args"]["ablation_steps"]
-    runs = {f"ablation-v3-{variant}-{run['training']['seed']}-{ablation_steps}": run
+    runs = {ablation_stage_name(variant, run["training"]["seed"], ablation_steps): run
             for variant, variant_runs in summary.get("ablation", {}).items() for run in variant_runs}
     folders = [out / name for name in [*records, *runs]]
     taken = [str(f) for f in folders if f.exists()]
