@@ -9,15 +9,13 @@ measured and the fixture's "measured" entries are this script's output, not copi
 
 import argparse
 import json
-import random
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from stamp_hf.synthetic.drawn import drawn_scene, write_held_out
-from stamp_hf.synthetic.scoring import evaluate_conversations
+from stamp_hf.synthetic.drawn import write_held_out
+from stamp_hf.synthetic.scoring import drawn_scene_answer, evaluate_conversations
 from stamp_hf.synthetic.stages import evaluate_demo, language_blind_baseline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,23 +43,6 @@ def measure_set(model, processor, name: str, floors: dict, folder: Path) -> tupl
         "chat_switch": round(chats["chat_switch"], 1), "multi_all_right": round(several["multi_all_right"], 1),
         "multi_labels": round(several["multi_labels"], 1),
     }
-
-
-def measure_example(model_folder: Path, seed: int) -> dict:
-    """The README's example image asked for two targets through the pipeline: each mask's labels and the share of
-    every shape it covers (the two named shapes first)."""
-    from transformers import pipeline
-
-    shapes, _, object_masks = drawn_scene(random.Random(seed))
-    segmenter = pipeline("stamp-segmentation", model=str(model_folder), trust_remote_code=True)
-    result = segmenter(str(ROOT / "examples" / "shapes.png"), EXAMPLE_REQUEST)
-    names = [f"{s.colour} {s.kind}" for s in shapes]
-    masks = []
-    for entry in result["masks"]:
-        mask = np.asarray(entry["mask"]) > 0
-        masks.append(dict(label=entry["label"], covered={n: round(float((mask & m).sum() / m.sum()), 2)
-                                                          for n, m in zip(names, object_masks)}))
-    return dict(text=result["text"], masks=masks)
 
 
 def floor_lines(measured: dict, floors: dict, prefix: str = "") -> list[str]:
@@ -92,7 +73,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as scratch:
         for name in ("test", "drawn"):
             measured[name], dialogue[name] = measure_set(model, processor, name, floors, Path(scratch) / name)
-    example = measure_example(args.model, floors["example_seed"])
+    example = drawn_scene_answer(args.model, floors["example_seed"], ROOT / "examples" / "shapes.png", EXAMPLE_REQUEST)
     for name in ("test", "drawn"):
         print(f"{name}, {floors['samples']} mixed records (first turns):")
         print("\n".join(floor_lines(measured[name], floors[name])))

@@ -124,24 +124,18 @@ def test_demo_model_answers_a_two_target_request_with_two_labelled_masks():
     """On the README's example image, through the pipeline a user calls: one `<|seg|>` per named target, each mask
     labelled by the text that names it, covering its own shape, not the other named one, and not the blue triangle.
     (The red circle's mask also takes the red diamond, which is not named: 0.56 of it measured; README.)"""
-    import random
+    from stamp_hf.synthetic.scoring import drawn_scene_answer
 
-    from transformers import pipeline
-
-    from stamp_hf.synthetic.drawn import drawn_scene
-    shapes, _, object_masks = drawn_scene(random.Random(FLOORS["example_seed"]))
-    index = {(s.colour, s.kind): k for k, s in enumerate(shapes)}
-    segmenter = pipeline("stamp-segmentation", model=str(DEMO), trust_remote_code=True)
-    result = segmenter(str(ROOT / "examples" / "shapes.png"), "Please segment the red circle and the yellow star.")
+    result = drawn_scene_answer(DEMO, FLOORS["example_seed"], ROOT / "examples" / "shapes.png",
+                                "Please segment the red circle and the yellow star.")
     assert result["text"].count("<|seg|>") == 2 and len(result["masks"]) == 2, result["text"]
-    targets = (("red", "circle"), ("yellow", "star"))
+    targets = ("red circle", "yellow star")
     for entry, target, other in zip(result["masks"], targets, reversed(targets)):
-        assert " ".join(target) in entry["label"].lower(), (entry["label"], target)
-        mask = np.asarray(entry["mask"]) > 0
-        covered = [(mask & shape).sum() / shape.sum() for shape in object_masks]
-        assert covered[index[target]] >= 0.6, (target, covered)  # measured 0.73 and 0.80
-        assert covered[index[other]] <= 0.25, (target, covered)  # measured 0.0 and 0.0
-        assert covered[index[("blue", "triangle")]] <= 0.1, (target, covered)  # measured 0.0
+        assert target in entry["label"].lower(), (entry["label"], target)
+        covered = entry["covered"]
+        assert covered[target] >= 0.6, (target, covered)  # measured 0.73 and 0.80
+        assert covered[other] <= 0.25, (target, covered)  # measured 0.0 and 0.0
+        assert covered["blue triangle"] <= 0.1, (target, covered)  # measured 0.0
 
 
 def test_example_image_is_a_drawn_scene_with_one_red_circle():
@@ -362,6 +356,15 @@ def test_demo_card_states_the_run_it_was_given_and_never_overwrites(tmp_path):
             "on step 6's mix with the referring export counted 2 times") in flat and "Whole training: 243.0 min" in flat
     assert ("Steps 5-6 are the ones recorded in summary.json at abc1234 (figures and times as measured then); this "
             "build ran only what follows them.") in flat
+    first_round = dict(rebalanced["rebalance"], seeded_from="summary.json at abc1234")
+    two_rounds = dict(rebalanced, rebalance=[first_round, dict(steps=6000, learning_rate=1.25e-4, seconds_this_run=4800,
+                                                               repeats={"refer_train.jsonl": 2})],
+                      timing_seconds=dict(rebalanced["timing_seconds"], stamp_rebalance_2=4800))
+    flat = " ".join((write_demo_card(run, tmp_path / "two-rounds", two_rounds, "", None) / "README.md").read_text().split())
+    assert ("7. `stamp-hf train` again from step 6's model (5000 steps" in flat
+            and "8. `stamp-hf train` again from step 7's model (6000 steps of batch 8, peak learning rate 0.000125, "
+                "80.0 min), once more on step 7's mix" in flat and "Whole training: 323.0 min" in flat)
+    assert "Steps 5-7 are the ones recorded in summary.json at abc1234" in flat
     with pytest.raises(FileExistsError, match="already exists"):
         write_demo_card(run, tmp_path / "shipped", summary, "", None)
 
@@ -419,6 +422,20 @@ def test_ablation_trains_every_variant_side_by_side_from_one_base_and_evaluates_
     assert table.count("| n/a |") == len(build.VARIANTS)  # shown as such, not averaged
     assert "then 2 steps of batch 8 on the v3 data (seeds 0); 3 run(s) side by side, 1 torch thread(s) each" in table
 
+    # seeded from a summary that holds these runs (seed_caches), a fresh --out reuses them: nothing trains again
+    from stamp_hf.synthetic import seed_caches
+
+    summary = dict(args=dict(v2_steps="2", steps="2", ablation_steps="2"), vision={}, dialogue={}, stamp_v2={},
+                   stamp={}, ablation=runs)
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    seeded = tmp_path / "seeded"
+    seed_caches.seed(seeded, tmp_path / "summary.json", tmp_path / "base" / "model")
+    reused = build.ablation(argparse.Namespace(**dict(vars(args), out=seeded)), build.data_folder(tmp_path, "v3"))
+    assert not list(seeded.glob("ablation-*/model")) and not list(seeded.glob("ablation-*/train.log"))
+    figures = lambda found: {v: [(r["test"], r["drawn"], r["training"]["seed"]) for r in rows]  # noqa: E731
+                             for v, rows in found.items()}
+    assert figures(reused) == figures(runs) and build.ablation_table(reused) == table
+
 
 def test_conversation_stage_trains_on_fresh_questions_chats_and_several_target_requests(tmp_path):
     """The build's third `stamp-hf train` (--conversation-steps): fresh v3 conversations of the kept tasks only, on
@@ -453,8 +470,8 @@ def test_conversation_stage_trains_on_fresh_questions_chats_and_several_target_r
 
 
 def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_path, capsys):
-    """`python -m stamp_hf.synthetic.build --ship DIR` from nothing, at toy sizes: data, vision, dialogue, the four
-    `stamp-hf train` runs (v2, v3, v3 plus fresh conversations, the rebalance), the evaluation and the card; the
+    """`python -m stamp_hf.synthetic.build --ship DIR` from nothing, at toy sizes: data, vision, dialogue, the five
+    `stamp-hf train` runs (v2, v3, v3 plus fresh conversations, two rebalance rounds), the evaluation and the card; the
     shipped model loads and answers. Run again, every stage comes from its cache (nothing retrained); run with a
     changed setting, the stale stage is refused by name. Seeded from the summary and the shipped model
     (stamp_hf.synthetic.seed_caches), a fresh --out trains nothing and measures the same figures."""
@@ -464,25 +481,30 @@ def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_p
 
     out, ship = tmp_path / "runs", tmp_path / "shipped"
     argv = ["--out", str(out), "--vision-steps", "2", "--dialogue-steps", "2", "--v2-steps", "2", "--steps", "2",
-            "--conversation-steps", "2", "--conversation-samples", "6", "--rebalance-steps", "2", "--refer-scenes", "2",
+            "--conversation-steps", "2", "--conversation-samples", "6", "--rebalance-steps", "2", "2", "--refer-scenes", "2",
             "--dialogue-scenes", "8", "--chat-samples", "4", "--test-samples", "4", "--drawn-samples", "4",
             "--eval-limit", "2"]
     summary = build.main([*argv, "--ship", str(ship)])
-    third, final = out / "stamp-2-v3-2-conversations-2", out / "stamp-2-v3-2-conversations-2-rebalance-2"
+    third, fourth = out / "stamp-2-v3-2-conversations-2", out / "stamp-2-v3-2-conversations-2-rebalance-2"
+    final = out / f"{fourth.name}-rebalance-2"
     assert json.loads((third / "train.json").read_text())["model"] == str((out / "stamp-2-v3-2" / "model").resolve())
-    last = json.loads((final / "train.json").read_text())
-    assert last["model"] == str((third / "model").resolve()) and last["training"]["learning_rate"] == 2.5e-4
-    assert last["data"][0] == dict(path=str((out / "data-v3" / "refer_train.jsonl").resolve()), repeat=2)
+    rebalance = json.loads((fourth / "train.json").read_text())
+    assert rebalance["model"] == str((third / "model").resolve()) and rebalance["training"]["learning_rate"] == 2.5e-4
+    assert rebalance["data"][0] == dict(path=str((out / "data-v3" / "refer_train.jsonl").resolve()), repeat=2)
     rest = [out / "data-v3" / "dialogue_train.jsonl", out / "data-v3" / "train.jsonl",
             out / "data-v3-conversations" / "train.jsonl"]
-    assert last["data"][1:] == [str(path.resolve()) for path in rest]
-    assert summary["conversations"]["train"]["steps"] == summary["rebalance"]["steps"] == 2
+    assert rebalance["data"][1:] == [str(path.resolve()) for path in rest]
+    last = json.loads((final / "train.json").read_text())  # the second round: from the first, half its learning rate
+    assert last["model"] == str((fourth / "model").resolve()) and last["training"]["learning_rate"] == 1.25e-4
+    assert last["data"] == rebalance["data"]
+    assert summary["conversations"]["train"]["steps"] == 2 and [r["steps"] for r in summary["rebalance"]] == [2, 2]
     assert summary["results"]["test"]["limit"] == 2
     assert set(summary["timing_seconds"]) == {"vision", "dialogue", "stamp_v2", "stamp", "stamp_conversations",
-                                              "stamp_rebalance"}
+                                              "stamp_rebalance", "stamp_rebalance_2"}
     card = (ship / "README.md").read_text()
     assert "6. `stamp-hf train` again from step 5's model (2 steps of batch 8" in card
     assert "7. `stamp-hf train` again from step 6's model (2 steps of batch 8, peak learning rate 0.00025" in card
+    assert "8. `stamp-hf train` again from step 7's model (2 steps of batch 8, peak learning rate 0.000125" in card
     steps = card[card.index("**How it was built**"):card.index("Whole training")]
     assert "the referring export counted 2 times" in steps and max(map(len, steps.splitlines())) <= 120
     assert (ship / "model.safetensors").is_file() and not list(ship.glob("checkpoint-*"))
@@ -494,7 +516,7 @@ def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_p
     assert "| cIoU |" in printed and "| every turn of every record |" in printed
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
     assert {p.parent.name for p in stamps} == {"data", "data-v3", "data-v3-conversations", "base-vision", "base",
-                                               "stamp-2", "stamp-2-v3-2", third.name, final.name}
+                                               "stamp-2", "stamp-2-v3-2", third.name, fourth.name, final.name}
     again = build.main(argv)
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == stamps
     assert again["results"] == summary["results"]
@@ -506,7 +528,8 @@ def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_p
     seeded_out = tmp_path / "seeded"
     seed_caches.main(["--out", str(seeded_out), "--summary", str(out / "summary.json"), "--model", str(ship)])
     seeded = {p: p.read_text() for p in seeded_out.glob("*/result.json")}
-    assert {p.parent.name for p in seeded} == {"base-vision", "base", "stamp-2", "stamp-2-v3-2", third.name, final.name}
+    assert {p.parent.name for p in seeded} == {"base-vision", "base", "stamp-2", "stamp-2-v3-2", third.name, fourth.name,
+                                               final.name}
     assert all(json.loads(text)["seeded_from"].startswith("summary.json at ") for text in seeded.values())
     rebuilt = build.main([*argv[:1], str(seeded_out), *argv[2:], "--ship", str(tmp_path / "reshipped")])
     assert {p: p.read_text() for p in seeded_out.glob("*/result.json") if p in seeded} == seeded  # nothing retrained
@@ -514,6 +537,6 @@ def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_p
         return {name: {k: v for k, v in result.items() if k != "seconds"} for name, result in results.items()}
 
     assert figures(rebuilt["results"]) == figures(summary["results"]) and rebuilt["references"] == summary["references"]
-    assert "Steps 5-7 are the ones recorded in summary.json at " in (tmp_path / "reshipped" / "README.md").read_text()
+    assert "Steps 5-8 are the ones recorded in summary.json at " in (tmp_path / "reshipped" / "README.md").read_text()
     with pytest.raises(SystemExit, match="already there"):
         seed_caches.main(["--out", str(seeded_out), "--summary", str(out / "summary.json"), "--model", str(ship)])

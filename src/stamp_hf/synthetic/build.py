@@ -27,7 +27,9 @@ Stages (each built only when a later one needs it and it is not cached):
             that one, on the v3 data plus fresh v3 questions, chats and several-target requests
             (out/data-v3-conversations, --conversation-samples; --conversation-steps); then once more from that
             one at half the peak learning rate, with the referring export counted twice (--rebalance-steps): the
-            third train's conversations crowd out one-target requests, absent targets especially.
+            third train's conversations crowd out one-target requests, absent targets especially. Each further
+            --rebalance-steps value is one more round on that mix, from the round before, at half its peak
+            learning rate.
   eval      both v3 held-out sets: cIoU, gIoU, per request form, N-acc, T-acc, VQA exact match per question kind,
             the language-blind baseline and the best score the mask grid allows; and every turn of every record
             (stamp_hf.synthetic.scoring): VQA per kind, descriptions, chat switches, several-target answers.
@@ -412,15 +414,22 @@ def ablation(args, data: Path) -> dict:
     return runs
 
 
-def train_stage_names(v2_steps, steps, conversation_steps=0, rebalance_steps=0) -> dict[str, str]:
+def rebalance_key(round_index: int) -> str:
+    """The key of a rebalance round (0-based) in train_stage_names and, prefixed with "stamp_", in the timing."""
+    return "rebalance" if round_index == 0 else f"rebalance_{round_index + 1}"
+
+
+def train_stage_names(v2_steps, steps, conversation_steps=0, rebalance_steps=()) -> dict[str, str]:
     """The folders under --out of the build's `stamp-hf train` stages, each named after the chain it grows from:
-    {"stamp_v2", "stamp", and "conversations" / "rebalance" when they run}. Also what seed_caches names them by."""
+    {"stamp_v2", "stamp", and "conversations" / one rebalance_key per round when they run}. `rebalance_steps`: the
+    rounds' steps (one int: one round; 0: none). Also what seed_caches names them by."""
     names = {"stamp_v2": f"stamp-{v2_steps}", "stamp": f"stamp-{v2_steps}-v3-{steps}"}
     last = names["stamp"]
     if int(conversation_steps):
         last = names["conversations"] = f"{last}-conversations-{conversation_steps}"
-    if int(rebalance_steps):
-        names["rebalance"] = f"{last}-rebalance-{rebalance_steps}"
+    rounds = [rebalance_steps] if isinstance(rebalance_steps, (int, str)) else rebalance_steps
+    for index, round_steps in enumerate(n for n in map(int, rounds) if n):
+        last = names[rebalance_key(index)] = f"{last}-rebalance-{round_steps}"
     return names
 
 
@@ -457,10 +466,11 @@ def main(argv=None):
     parser.add_argument("--conversation-samples", type=int, default=44000,
                         help="scenes drawn for the third train's extra data (its questions, chats and several-target "
                              "requests are kept: about 73 %%)")
-    parser.add_argument("--rebalance-steps", type=int, default=5000,
+    parser.add_argument("--rebalance-steps", type=int, nargs="+", default=[5000, 6000],
                         help="steps of the fourth stamp-hf train, from the third, on the third's mix with the referring "
                              "export counted twice and a peak learning rate half of --learning-rate (batch 8; 0: ship "
-                             "the third's model)")
+                             "the third's model); each further value: one more round on that mix, from the round "
+                             "before, at half its peak learning rate")
     parser.add_argument("--refer-scenes", type=int, default=8000, help="scenes of the gRefCOCO export (3 sentences each)")
     parser.add_argument("--dialogue-scenes", type=int, default=6000, help="scenes of the LLaVA export (3 turns each)")
     parser.add_argument("--chat-samples", type=int, default=8000, help="the generator's own conversations")
@@ -503,18 +513,18 @@ def main(argv=None):
             learning_rate=args.learning_rate,
             extra_data=[str(conversations_file(args.out).resolve())])
         timing["stamp_conversations"] = conversations["train"]["seconds_this_run"]
-    rebalance = None
-    if args.rebalance_steps:
-        start_from, name = args.out / name / "model", names["rebalance"]
-        rebalance = stamp_stage(
-            args.out, name, data, args.out / "base" / "model", args.rebalance_steps, start_from=start_from,
-            learning_rate=args.learning_rate / 2, repeats=REBALANCE_REPEATS,
-            extra_data=[str(conversations_file(args.out).resolve())] if conversations else [])
-        timing["stamp_rebalance"] = rebalance["seconds_this_run"]
+    rebalance = []
+    for index, round_steps in enumerate(n for n in args.rebalance_steps if n):
+        start_from, name = args.out / name / "model", names[rebalance_key(index)]
+        rebalance.append(stamp_stage(
+            args.out, name, data, args.out / "base" / "model", round_steps, start_from=start_from,
+            learning_rate=args.learning_rate / 2 ** (index + 1), repeats=REBALANCE_REPEATS,
+            extra_data=[str(conversations_file(args.out).resolve())] if conversations else []))
+        timing[f"stamp_{rebalance_key(index)}"] = rebalance[-1]["seconds_this_run"]
     model = args.out / name / "model"
     results = evaluate_both(model, data, args.out / name / "eval", args.eval_limit)
     refs = references(data, model)
-    steps = " + ".join(str(n) for n in (args.v2_steps, args.steps, args.conversation_steps, args.rebalance_steps) if n)
+    steps = " + ".join(str(n) for n in (args.v2_steps, args.steps, args.conversation_steps, *args.rebalance_steps) if n)
     print(f"\nDemo model: {steps} steps of stamp-hf train; training time (min): "
           + ", ".join(f"{k} {v / 60:.1f}" for k, v in timing.items()) + f", total {sum(timing.values()) / 60:.1f}")
     print(f"CPU: {os.cpu_count()} cores visible, {args.threads} torch threads; Python {sys.version.split()[0]}\n")

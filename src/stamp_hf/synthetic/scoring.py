@@ -152,3 +152,24 @@ def evaluate_conversations(model, processor, jsonl, limit: int | None = None) ->
 
 __all__ = ["SWITCH_IOU", "evaluate_conversations", "respond", "labels_name_targets", "names_every_shape", "record_turns", "score_turns", "target_iou",
            "target_names", "turn_right"]
+
+
+def drawn_scene_answer(model_folder, seed: int, image, request: str) -> dict:
+    """`request` about the drawn scene of `seed` (stamp_hf.synthetic.drawn, saved as `image`) through the pipeline a
+    user calls: its text and, per mask, its label and the share of every shape's pixels it covers, by "colour kind"."""
+    import random
+
+    from transformers import pipeline
+
+    from .drawn import drawn_scene
+
+    shapes, _, object_masks = drawn_scene(random.Random(seed))
+    segmenter = pipeline("stamp-segmentation", model=str(model_folder), trust_remote_code=True)
+    result = segmenter(str(image), request)
+    names = [f"{s.colour} {s.kind}" for s in shapes]
+    masks = []
+    for entry in result["masks"]:
+        mask = np.asarray(entry["mask"]) > 0
+        masks.append(dict(label=entry["label"], covered={name: round(float((mask & shape).sum() / shape.sum()), 2)
+                                                          for name, shape in zip(names, object_masks)}))
+    return dict(text=result["text"], masks=masks)

@@ -16,16 +16,18 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .build import ablation_stage_name, train_stage_names
+from .build import ablation_stage_name, rebalance_key, train_stage_names
+from .stages import rebalance_rounds
 
 
 def stage_records(summary: dict) -> dict[str, dict]:
     """{stage folder name: its result.json} for every trained stage of the summary, in the build's naming."""
     args = summary["args"]  # as the build's summary stores them: strings
     names = train_stage_names(args["v2_steps"], args["steps"], args.get("conversation_steps", 0),
-                              args.get("rebalance_steps", 0))
+                              json.loads(args.get("rebalance_steps", "0")))  # "5000" or "[5000, 6000]"
     trained = dict(stamp_v2=summary["stamp_v2"], stamp=summary["stamp"],
-                   conversations=(summary.get("conversations") or {}).get("train"), rebalance=summary.get("rebalance"))
+                   conversations=(summary.get("conversations") or {}).get("train"),
+                   **{rebalance_key(index): record for index, record in enumerate(rebalance_rounds(summary))})
     return {"base-vision": summary["vision"], "base": summary["dialogue"],
             **{name: trained[stage] for stage, name in names.items()}}
 

@@ -402,7 +402,7 @@ downloaded; times on a 2-core CPU, {threads} torch threads, measured by the scri
    kind, size, position, existence, relations, a description listing the shapes), chats of 2-4 turns that switch
    between questions and new requests and refer back ("segment it", "and the other one", "the one left of it"), and
    requests naming two or three targets, answered with one labelled `<|seg|>` per target.
-{conversation_step}{rebalance_step}
+{conversation_step}{rebalance_steps}
 Whole training: {total_minutes:.1f} min.
 
 **What it is not.** Not the paper's STAMP-2B or STAMP-7B, not initialised from Qwen2-VL, not useful on natural images
@@ -460,13 +460,19 @@ def demo_measured(summary: dict) -> str:
     if stage_4_origin:
         sentence += f" Stage 4's model is {stage_4_origin}; stages 1-4 were not rerun for it."
     later = [record for record in (summary["stamp"], (summary.get("conversations") or {}).get("train"),
-                                   summary.get("rebalance")) if record]
+                                   *rebalance_rounds(summary)) if record]
     seeded_steps = [step for step, record in enumerate(later, start=5) if record.get("seeded_from")]
     if seeded_steps:
         step = seeded_steps[-1]
         sentence += (f" Steps 5-{step} are the ones recorded in {later[step - 5]['seeded_from']} (figures and times as "
                      f"measured then); this build ran only what follows them.")
     return sentence
+
+
+def rebalance_rounds(summary: dict) -> list[dict]:
+    """A build summary's rebalance records, one per round (a summary written before rounds holds one record)."""
+    record = summary.get("rebalance") or []
+    return record if isinstance(record, list) else [record]
 
 
 def wrap_step(text: str) -> str:
@@ -490,19 +496,21 @@ def conversation_step(summary: dict) -> str:
         f"requests on scenes never used before): {data['records']} of the {total} records it trains on.")
 
 
-def rebalance_step(summary: dict) -> str:
-    """The card's last step (7, or 6 without the conversation step), when the build ran its last `stamp-hf train` (the
-    referring records counted more, at a lower learning rate); empty otherwise."""
-    train = summary.get("rebalance")
-    if not train:
-        return ""
-    previous = 6 if summary.get("conversations") else 5
+def rebalance_steps(summary: dict) -> str:
+    """The card's last steps (from 7, or 6 without the conversation step), one per rebalance round the build ran (the
+    referring records counted more, at a lower learning rate, each round from the one before); empty without one."""
+    first = 7 if summary.get("conversations") else 6
     why = (": the conversations had crowded out one-target requests, absent targets especially"
            if summary.get("conversations") else "")
-    return wrap_step(
-        f"{previous + 1}. `stamp-hf train` again from step {previous}'s model ({train['steps']} steps of batch 8, peak "
-        f"learning rate {train['learning_rate']:g}, {train['seconds_this_run'] / 60:.1f} min) on step {previous}'s mix "
-        f"with the referring export counted {train['repeats']['refer_train.jsonl']} times{why}.")
+    steps = []
+    for step, train in enumerate(rebalance_rounds(summary), start=first):
+        run = (f"{step}. `stamp-hf train` again from step {step - 1}'s model ({train['steps']} steps of batch 8, peak "
+               f"learning rate {train['learning_rate']:g}, {train['seconds_this_run'] / 60:.1f} min)")
+        steps.append(wrap_step(
+            f"{run} on step {step - 1}'s mix with the referring export counted "
+            f"{train['repeats']['refer_train.jsonl']} times{why}." if step == first else
+            f"{run}, once more on step {step - 1}'s mix: its losses were still falling when its schedule ended."))
+    return "".join(steps)
 
 
 def write_demo_card(model_folder, target, summary: dict, results_table: str, ablation_table: str | None) -> Path:
@@ -540,7 +548,7 @@ def write_demo_card(model_folder, target, summary: dict, results_table: str, abl
         dialogue_accuracy=100 * dialogue["history"][-1]["answer_token_accuracy"], steps=summary["stamp"]["steps"],
         v2_steps=summary["stamp_v2"]["steps"], stamp_v2_minutes=timing["stamp_v2"] / 60,
         learning_rate=summary["stamp"]["learning_rate"], limits=demo_limits(results), measured=demo_measured(summary),
-        conversation_step=conversation_step(summary), rebalance_step=rebalance_step(summary),
+        conversation_step=conversation_step(summary), rebalance_steps=rebalance_steps(summary),
         stamp_minutes=timing["stamp"] / 60, total_minutes=sum(timing.values()) / 60, results=results_table,
         ablation=("The paper's Table 6 ablation at this scale (mean ± std where there are several seeds):\n\n"
                   + ablation_table)
