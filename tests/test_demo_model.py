@@ -356,14 +356,16 @@ def test_demo_card_states_the_run_it_was_given_and_never_overwrites(tmp_path):
             "on step 6's mix with the referring export counted 2 times") in flat and "Whole training: 243.0 min" in flat
     assert ("Steps 5-6 are the ones recorded in summary.json at abc1234 (figures and times as measured then); this "
             "build ran only what follows them.") in flat
-    first_round = dict(rebalanced["rebalance"], seeded_from="summary.json at abc1234")
+    first_round = dict(rebalanced["rebalance"], seeded_from="summary.json at abc1234",
+                       log=[dict(mask_loss=0.3)] * 2 + [dict(mask_loss=0.28)] * 16 + [dict(mask_loss=0.24)] * 2)
     two_rounds = dict(rebalanced, rebalance=[first_round, dict(steps=6000, learning_rate=1.25e-4, seconds_this_run=4800,
                                                                repeats={"refer_train.jsonl": 2})],
                       timing_seconds=dict(rebalanced["timing_seconds"], stamp_rebalance_2=4800))
     flat = " ".join((write_demo_card(run, tmp_path / "two-rounds", two_rounds, "", None) / "README.md").read_text().split())
     assert ("7. `stamp-hf train` again from step 6's model (5000 steps" in flat
             and "8. `stamp-hf train` again from step 7's model (6000 steps of batch 8, peak learning rate 0.000125, "
-                "80.0 min), once more on step 7's mix" in flat and "Whole training: 323.0 min" in flat)
+                "80.0 min), once more on step 7's mix, as step 7's mask loss went from 0.30 (its first tenth of steps) to 0.24 (its "
+                "last)." in flat and "Whole training: 323.0 min" in flat)
     assert "Steps 5-7 are the ones recorded in summary.json at abc1234" in flat
     with pytest.raises(FileExistsError, match="already exists"):
         write_demo_card(run, tmp_path / "shipped", summary, "", None)

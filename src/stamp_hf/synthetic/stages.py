@@ -502,15 +502,26 @@ def rebalance_steps(summary: dict) -> str:
     first = 7 if summary.get("conversations") else 6
     why = (": the conversations had crowded out one-target requests, absent targets especially"
            if summary.get("conversations") else "")
-    steps = []
-    for step, train in enumerate(rebalance_rounds(summary), start=first):
+    steps, rounds = [], rebalance_rounds(summary)
+    for step, train in enumerate(rounds, start=first):
         run = (f"{step}. `stamp-hf train` again from step {step - 1}'s model ({train['steps']} steps of batch 8, peak "
                f"learning rate {train['learning_rate']:g}, {train['seconds_this_run'] / 60:.1f} min)")
         steps.append(wrap_step(
             f"{run} on step {step - 1}'s mix with the referring export counted "
             f"{train['repeats']['refer_train.jsonl']} times{why}." if step == first else
-            f"{run}, once more on step {step - 1}'s mix: its losses were still falling when its schedule ended."))
+            f"{run}, once more on step {step - 1}'s mix{mask_loss_course(rounds[step - first - 1], step - 1)}."))
     return "".join(steps)
+
+
+def mask_loss_course(train: dict, step: int) -> str:
+    """", as step N's mask loss went from A (its first tenth of logged steps) to B (its last tenth)", from a train
+    stage's logged losses; empty when it has none logged (why the card's next round went on)."""
+    losses = [entry["mask_loss"] for entry in train.get("log", [])]
+    if not losses:
+        return ""
+    tenth = max(1, len(losses) // 10)
+    start, end = (sum(part) / len(part) for part in (losses[:tenth], losses[-tenth:]))
+    return f", as step {step}'s mask loss went from {start:.2f} (its first tenth of steps) to {end:.2f} (its last)"
 
 
 def write_demo_card(model_folder, target, summary: dict, results_table: str, ablation_table: str | None) -> Path:
