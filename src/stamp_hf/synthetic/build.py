@@ -466,11 +466,12 @@ def main(argv=None):
     parser.add_argument("--conversation-samples", type=int, default=44000,
                         help="scenes drawn for the third train's extra data (its questions, chats and several-target "
                              "requests are kept: about 73 %%)")
-    parser.add_argument("--rebalance-steps", type=int, nargs="+", default=[5000, 6000],
+    parser.add_argument("--rebalance-steps", type=int, nargs="+", default=[5000],
                         help="steps of the fourth stamp-hf train, from the third, on the third's mix with the referring "
                              "export counted twice and a peak learning rate half of --learning-rate (batch 8; 0: ship "
                              "the third's model); each further value: one more round on that mix, from the round "
-                             "before, at half its peak learning rate")
+                             "before, at half its peak learning rate (5000 6000: the second round measured in "
+                             "benchmarks/results/demo_model_round2_attempt_cpu.json, not shipped)")
     parser.add_argument("--refer-scenes", type=int, default=8000, help="scenes of the gRefCOCO export (3 sentences each)")
     parser.add_argument("--dialogue-scenes", type=int, default=6000, help="scenes of the LLaVA export (3 turns each)")
     parser.add_argument("--chat-samples", type=int, default=8000, help="the generator's own conversations")
