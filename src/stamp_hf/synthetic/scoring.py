@@ -150,10 +150,6 @@ def evaluate_conversations(model, processor, jsonl, limit: int | None = None) ->
     return score_turns(turns)
 
 
-__all__ = ["SWITCH_IOU", "evaluate_conversations", "respond", "labels_name_targets", "names_every_shape", "record_turns", "score_turns", "target_iou",
-           "target_names", "turn_right"]
-
-
 def drawn_scene_answer(model_folder, seed: int, image, request: str) -> dict:
     """`request` about the drawn scene of `seed` (stamp_hf.synthetic.drawn, saved as `image`) through the pipeline a
     user calls: its text and, per mask, its label and the share of every shape's pixels it covers, by "colour kind"."""
@@ -173,3 +169,7 @@ def drawn_scene_answer(model_folder, seed: int, image, request: str) -> dict:
         masks.append(dict(label=entry["label"], covered={name: round(float((mask & shape).sum() / shape.sum()), 2)
                                                           for name, shape in zip(names, object_masks)}))
     return dict(text=result["text"], masks=masks)
+
+
+__all__ = ["SWITCH_IOU", "drawn_scene_answer", "evaluate_conversations", "respond", "labels_name_targets",
+           "names_every_shape", "record_turns", "score_turns", "target_iou", "target_names", "turn_right"]
