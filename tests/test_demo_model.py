@@ -358,14 +358,15 @@ def test_demo_card_states_the_run_it_was_given_and_never_overwrites(tmp_path):
             "build ran only what follows them.") in flat
     first_round = dict(rebalanced["rebalance"], seeded_from="summary.json at abc1234",
                        log=[dict(mask_loss=0.3)] * 2 + [dict(mask_loss=0.28)] * 16 + [dict(mask_loss=0.24)] * 2)
-    two_rounds = dict(rebalanced, rebalance=[first_round, dict(steps=6000, learning_rate=1.25e-4, seconds_this_run=4800,
-                                                               repeats={"refer_train.jsonl": 2})],
+    second_round = dict(steps=6000, learning_rate=1.25e-4, seconds_this_run=4800, repeats={"refer_train.jsonl": 2})
+    two_rounds = dict(rebalanced, rebalance=[first_round, second_round],
                       timing_seconds=dict(rebalanced["timing_seconds"], stamp_rebalance_2=4800))
-    flat = " ".join((write_demo_card(run, tmp_path / "two-rounds", two_rounds, "", None) / "README.md").read_text().split())
+    two_rounds_card = write_demo_card(run, tmp_path / "two-rounds", two_rounds, "", None) / "README.md"
+    flat = " ".join(two_rounds_card.read_text().split())
     assert ("7. `stamp-hf train` again from step 6's model (5000 steps" in flat
             and "8. `stamp-hf train` again from step 7's model (6000 steps of batch 8, peak learning rate 0.000125, "
-                "80.0 min), once more on step 7's mix, as step 7's mask loss went from 0.30 (its first tenth of steps) to 0.24 (its "
-                "last)." in flat and "Whole training: 323.0 min" in flat)
+                "80.0 min), once more on step 7's mix, as step 7's mask loss went from 0.30 (its first tenth of steps) "
+                "to 0.24 (its last)." in flat and "Whole training: 323.0 min" in flat)
     assert "Steps 5-7 are the ones recorded in summary.json at abc1234" in flat
     with pytest.raises(FileExistsError, match="already exists"):
         write_demo_card(run, tmp_path / "shipped", summary, "", None)
@@ -483,9 +484,9 @@ def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_p
 
     out, ship = tmp_path / "runs", tmp_path / "shipped"
     argv = ["--out", str(out), "--vision-steps", "2", "--dialogue-steps", "2", "--v2-steps", "2", "--steps", "2",
-            "--conversation-steps", "2", "--conversation-samples", "6", "--rebalance-steps", "2", "2", "--refer-scenes", "2",
-            "--dialogue-scenes", "8", "--chat-samples", "4", "--test-samples", "4", "--drawn-samples", "4",
-            "--eval-limit", "2"]
+            "--conversation-steps", "2", "--conversation-samples", "6", "--rebalance-steps", "2", "2",
+            "--refer-scenes", "2", "--dialogue-scenes", "8", "--chat-samples", "4", "--test-samples", "4",
+            "--drawn-samples", "4", "--eval-limit", "2"]
     summary = build.main([*argv, "--ship", str(ship)])
     third, fourth = out / "stamp-2-v3-2-conversations-2", out / "stamp-2-v3-2-conversations-2-rebalance-2"
     final = out / f"{fourth.name}-rebalance-2"
