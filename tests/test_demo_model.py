@@ -438,6 +438,15 @@ def test_ablation_trains_every_variant_side_by_side_from_one_base_and_evaluates_
     figures = lambda found: {v: [(r["test"], r["drawn"], r["training"]["seed"]) for r in rows]  # noqa: E731
                              for v, rows in found.items()}
     assert figures(reused) == figures(runs) and build.ablation_table(reused) == table
+    # a seed the summary does not hold starts from the base, which the seeded cache lacks: its seeded records go, so
+    # that the build builds the base again, rather than `stamp-hf init` failing on a missing folder
+    asks = lambda seeds: argparse.Namespace(**dict(vars(args), out=seeded, seeds=seeds))  # noqa: E731
+    assert build.unseed_base_for_ablation(asks([0])) == [] and (seeded / "base" / "result.json").exists()
+    assert build.unseed_base_for_ablation(asks([0, 1])) == ["base-vision", "base"]
+    assert not (seeded / "base").exists() and not (seeded / "base-vision").exists()
+    assert build.unseed_base_for_ablation(asks([0, 1])) == []  # nothing seeded left to remove
+    real_base = argparse.Namespace(**dict(vars(args), seeds=[0, 1]))  # tmp_path/base/model was built, not seeded
+    assert build.unseed_base_for_ablation(real_base) == [] and (tmp_path / "base" / "model").exists()
 
 
 def test_conversation_stage_trains_on_fresh_questions_chats_and_several_target_requests(tmp_path):

@@ -389,12 +389,36 @@ def ablation_stage_name(variant: str, seed, steps) -> str:
     return f"ablation-v3-{variant}-{seed}-{steps}"
 
 
+def ablation_plan(args) -> list[tuple]:
+    """(variant, seed, folder name, config overrides) of every Table 6 run --seeds asks for."""
+    return [(variant, seed, ablation_stage_name(variant, seed, args.ablation_steps), overrides)
+            for variant, (_, overrides) in VARIANTS.items() for seed in args.seeds]
+
+
+def unseed_base_for_ablation(args) -> list[str]:
+    """Ablation runs not yet cached start from out/base/model, which a seeded cache (seed_caches) records but does not
+    hold: then the seeded base stages (base-vision, base) are removed, so that they are built again (stages 2-3) rather
+    than the runs failing on a missing base. Only records marked seeded_from are removed; the folders removed."""
+    to_train = [name for _, _, name, _ in ablation_plan(args) if not (args.out / name / "result.json").exists()]
+    if not to_train or (args.out / "base" / "model" / "config.json").exists():
+        return []
+    removed = []
+    for stage in ("base-vision", "base"):
+        record = args.out / stage / "result.json"
+        if record.exists() and "seeded_from" in json.loads(record.read_text()):
+            shutil.rmtree(args.out / stage)
+            removed.append(stage)
+    if removed:
+        print(f"== ablation runs {', '.join(to_train)} start from the base, which the seeded cache does not hold: "
+              f"building {' and '.join(removed)} again", flush=True)
+    return removed
+
+
 def ablation(args, data: Path) -> dict:
     """The Table 6 variants x --seeds from the same base, --ablation-jobs runs at a time (each with its share of
     --threads), then each run evaluated; {variant: [evaluate_both results with the run's "training" record, one per
     seed]}."""
-    plan = [(variant, seed, ablation_stage_name(variant, seed, args.ablation_steps), overrides)
-            for variant, (_, overrides) in VARIANTS.items() for seed in args.seeds]
+    plan = ablation_plan(args)
     threads = max(1, args.threads // args.ablation_jobs)
 
     def train(run):
@@ -439,6 +463,8 @@ def earlier_stages(args) -> dict:
     first = args.out / train_stage_names(args.v2_steps, args.steps)["stamp_v2"]
     stages = json.loads((first / "result.json").read_text()).get("stages") if (first / "result.json").exists() else None
     if stages is None or args.ablation:
+        if args.ablation:
+            unseed_base_for_ablation(args)
         stages = dict(data=data_stage(args.out, args, "v2"), vision=vision_stage(args.out, args.vision_steps))
         stages["dialogue"] = dialogue_stage(args.out, data_folder(args.out, "v2"), args.out / "base-vision",
                                             args.dialogue_steps)

@@ -7,7 +7,9 @@ hours of CPU less than a rebuild from nothing.
 Seeded: the vision, dialogue and every `stamp-hf train` stage's result.json as the summary recorded them (each marked
 "seeded_from"), the last trained stage's model folder (a copy of the shipped model) and the ablation runs' records
 and evaluations. Not seeded: the data stages and the references, which the build draws and measures again (they are
-deterministic, so their figures must come out as the summary has them). Refused where a seeded folder exists.
+deterministic, so their figures must come out as the summary has them), and the base models (vision, dialogue):
+an ablation run the summary does not hold makes the build build the base again (build.unseed_base_for_ablation).
+Refused where a seeded folder exists.
 """
 
 import argparse
