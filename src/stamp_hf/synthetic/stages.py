@@ -503,13 +503,16 @@ def rebalance_steps(summary: dict) -> str:
     why = (": the conversations had crowded out one-target requests, absent targets especially"
            if summary.get("conversations") else "")
     steps, rounds = [], rebalance_rounds(summary)
-    for step, train in enumerate(rounds, start=first):
+    for index, train in enumerate(rounds):
+        step = first + index
         run = (f"{step}. `stamp-hf train` again from step {step - 1}'s model ({train['steps']} steps of batch 8, peak "
                f"learning rate {train['learning_rate']:g}, {train['seconds_this_run'] / 60:.1f} min)")
-        steps.append(wrap_step(
-            f"{run} on step {step - 1}'s mix with the referring export counted "
-            f"{train['repeats']['refer_train.jsonl']} times{why}." if step == first else
-            f"{run}, once more on step {step - 1}'s mix{mask_loss_course(rounds[step - first - 1], step - 1)}."))
+        if index == 0:
+            text = (f"{run} on step {step - 1}'s mix with the referring export counted "
+                    f"{train['repeats']['refer_train.jsonl']} times{why}.")
+        else:
+            text = f"{run}, once more on step {step - 1}'s mix{mask_loss_course(rounds[index - 1], step - 1)}."
+        steps.append(wrap_step(text))
     return "".join(steps)
 
 
