@@ -358,7 +358,8 @@ def test_demo_card_states_the_run_it_was_given_and_never_overwrites(tmp_path):
             "build ran only what follows them.") in flat
     first_round = dict(rebalanced["rebalance"], seeded_from="summary.json at abc1234",
                        log=[dict(mask_loss=0.3)] * 2 + [dict(mask_loss=0.28)] * 16 + [dict(mask_loss=0.24)] * 2)
-    second_round = dict(steps=6000, learning_rate=1.25e-4, seconds_this_run=4800, repeats={"refer_train.jsonl": 2})
+    second_round = dict(steps=6000, learning_rate=1.25e-4, seconds_this_run=3000, seconds=4800,  # stopped, resumed:
+                        repeats={"refer_train.jsonl": 2})  # the card gives both parts' time, not the last one's
     two_rounds = dict(rebalanced, rebalance=[first_round, second_round],
                       timing_seconds=dict(rebalanced["timing_seconds"], stamp_rebalance_2=4800))
     two_rounds_card = write_demo_card(run, tmp_path / "two-rounds", two_rounds, "", None) / "README.md"
@@ -424,6 +425,31 @@ def test_ablation_trains_every_variant_side_by_side_from_one_base_and_evaluates_
     assert runs["stamp"][0]["test"]["vqa_exact"] is None  # the first two test records ask no question
     assert table.count("| n/a |") == len(build.VARIANTS)  # shown as such, not averaged
     assert "then 2 steps of batch 8 on the v3 data (seeds 0); 3 run(s) side by side, 1 torch thread(s) each" in table
+    assert "resumed" not in table
+    for rows in runs.values():  # one part each, timed
+        training = rows[0]["training"]
+        assert training["parts"] == [dict(from_step=0, to_step=2, seconds=training["seconds_this_run"])]
+        assert training["seconds"] == training["seconds_this_run"]
+
+    # stopped after the last checkpoint, before the stage's record: rerun, a stage resumes from that checkpoint, and
+    # its time is both parts (the first up to when it saved that checkpoint); a run whose first part a build from
+    # before parts were timed left (no parts.json) keeps only the last part's time, and the table says so
+    started = {v: json.loads((tmp_path / f"ablation-v3-{v}-0-2" / "parts.json").read_text())[0]["started"]
+               for v in ("stamp", "causal")}
+    saved = {v: (tmp_path / f"ablation-v3-{v}-0-2" / "model" / "checkpoint-2" / "trainer_state.json").stat().st_mtime
+             for v in ("stamp", "causal")}
+    (tmp_path / "ablation-v3-stamp-0-2" / "result.json").unlink()
+    for name in ("result.json", "parts.json"):
+        (tmp_path / "ablation-v3-causal-0-2" / name).unlink()
+    resumed = build.ablation(args, build.data_folder(tmp_path, "v3"))
+    stamp, causal = (resumed[v][0]["training"] for v in ("stamp", "causal"))
+    assert stamp["parts"][0] == dict(from_step=0, to_step=2, seconds=saved["stamp"] - started["stamp"])
+    assert stamp["parts"][1] == dict(from_step=2, to_step=2, seconds=stamp["seconds_this_run"])
+    assert stamp["seconds"] == sum(part["seconds"] for part in stamp["parts"]) > stamp["seconds_this_run"]
+    assert causal["parts"][0] == dict(from_step=0, to_step=2, seconds=None) and causal["seconds"] is None
+    assert resumed["nofusion"] == runs["nofusion"]  # not stopped: its record as it was
+    assert ("(2 of the 3 runs stopped and resumed: 1 of them with only the last part's time (an earlier part was not "
+            "timed))") in build.ablation_table(resumed)
 
     # seeded from a summary that holds these runs (seed_caches), a fresh --out reuses them: nothing trains again
     from stamp_hf.synthetic import seed_caches

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from ..training import resume_checkpoint
 from .drawn import write_drawn_set
 from .scoring import evaluate_conversations
 from .scenes import write_dialogue_export, write_refer_export, write_split
@@ -64,6 +65,7 @@ from .stages import (
     TRAIN_FILES,
     save_base,
     train_dialogue,
+    train_seconds,
     write_demo_card,
 )
 
@@ -248,16 +250,41 @@ def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: 
                       learning_rate=learning_rate),
     )
     (folder / "train.json").write_text(json.dumps(config, indent=2))
+    parts = start_training_part(folder, config["resume"])
     start = time.perf_counter()
     cli("train", folder / "train.json", threads=threads, log=log)
     seconds = time.perf_counter() - start
+    parts[-1].update(to_step=steps, seconds=seconds)
     state_file = folder / "model" / "trainer_state.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    kept = [part["seconds"] for part in parts]
     result = dict(settings, start_from=str(start_from) if start_from else None, extra_data=list(extra_data),
-                  seconds_this_run=seconds, threads=threads or torch.get_num_threads(),
-                  concurrent_runs=concurrent_runs, log=[e for e in state.get("log_history", []) if "mask_loss" in e])
+                  seconds_this_run=seconds, seconds=None if None in kept else sum(kept),
+                  parts=[{k: part[k] for k in ("from_step", "to_step", "seconds")} for part in parts],
+                  threads=threads or torch.get_num_threads(), concurrent_runs=concurrent_runs,
+                  log=[e for e in state.get("log_history", []) if "mask_loss" in e])
     result_file.write_text(json.dumps(result, indent=2))
     return result
+
+
+def start_training_part(folder: Path, resume: bool) -> list[dict]:
+    """Record in folder/parts.json that a `stamp-hf train` part of the stage starts now, from the checkpoint it resumes
+    (step 0 without one), and close the part before it at that checkpoint: a stopped part's time is what it took to
+    save the checkpoint the next part resumes from (the steps it ran past it are trained again), so that a resumed
+    stage's time is its whole. A checkpoint no recorded part wrote (a build from before parts were recorded) gives an
+    untimed part (seconds None). The parts so far, the new one last (without its seconds yet)."""
+    parts_file = folder / "parts.json"
+    parts = json.loads(parts_file.read_text()) if parts_file.exists() else []
+    checkpoint = Path(resume_checkpoint(True, folder / "model")) if resume else None
+    from_step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
+    if checkpoint and parts and "seconds" not in parts[-1]:
+        saved = (checkpoint / "trainer_state.json").stat().st_mtime  # Trainer writes it last
+        parts[-1].update(to_step=from_step, seconds=max(0.0, saved - parts[-1]["started"]))
+    elif checkpoint and not parts:
+        parts.append(dict(from_step=0, to_step=from_step, seconds=None))
+    parts.append(dict(from_step=from_step, started=time.time()))
+    parts_file.write_text(json.dumps(parts, indent=2))
+    return parts
 
 
 def train_entry(path: Path, repeat: int = 1):
@@ -375,13 +402,24 @@ def ablation_table(runs: dict) -> str:
                      f"{spread(pick('test', 'N-acc'))} | {spread(pick('test', 'vqa_exact'))} |")
     training = [r["training"] for rows in runs.values() for r in rows if "training" in r]
     if training:
-        minutes = [t["seconds_this_run"] / 60 for t in training]
+        minutes = [train_seconds(t) / 60 for t in training]
         lines += ["", f"Each run: `stamp-hf init` on the same base with the variant's config setting, then "
                       f"{training[0]['steps']} steps of batch 8 on the v3 data (seeds "
                       f"{', '.join(str(s) for s in sorted({t['seed'] for t in training}))}); "
                       f"{training[0]['concurrent_runs']} run(s) side by side, {training[0]['threads']} torch thread(s) "
-                      f"each, {min(minutes):.1f}-{max(minutes):.1f} min a run."]
+                      f"each, {min(minutes):.1f}-{max(minutes):.1f} min a run{resumed_runs(training)}."]
     return "\n".join(lines)
+
+
+def resumed_runs(training: list[dict]) -> str:
+    """What the ablation line adds when some runs were stopped and resumed: how their time was counted."""
+    resumed = [t for t in training if len(t.get("parts", [])) > 1]
+    if not resumed:
+        return ""
+    untimed = sum(t.get("seconds") is None for t in resumed)
+    how = (f"{untimed} of them with only the last part's time (an earlier part was not timed)" if untimed
+           else "each part's time up to the checkpoint the next one resumed from")
+    return f" ({len(resumed)} of the {len(training)} runs stopped and resumed: {how})"
 
 
 def ablation_stage_name(variant: str, seed, steps) -> str:
@@ -529,7 +567,7 @@ def main(argv=None):
     stamp = stamp_stage(args.out, name, data, args.out / "base" / "model", args.steps,
                         start_from=args.out / names["stamp_v2"] / "model", learning_rate=args.learning_rate)
     timing = dict(vision=stages["vision"]["seconds"], dialogue=stages["dialogue"]["seconds"],
-                  stamp_v2=stages["stamp_v2"]["seconds_this_run"], stamp=stamp["seconds_this_run"])
+                  stamp_v2=train_seconds(stages["stamp_v2"]), stamp=train_seconds(stamp))
     conversations = None
     if args.conversation_steps:
         conversations = dict(data=conversations_stage(args.out, args.conversation_samples))
@@ -539,7 +577,7 @@ def main(argv=None):
             args.out, name, data, args.out / "base" / "model", args.conversation_steps, start_from=start_from,
             learning_rate=args.learning_rate,
             extra_data=[str(conversations_file(args.out).resolve())])
-        timing["stamp_conversations"] = conversations["train"]["seconds_this_run"]
+        timing["stamp_conversations"] = train_seconds(conversations["train"])
     rebalance = []
     for index, round_steps in enumerate(n for n in args.rebalance_steps if n):
         start_from, name = args.out / name / "model", names[rebalance_key(index)]
@@ -547,7 +585,7 @@ def main(argv=None):
             args.out, name, data, args.out / "base" / "model", round_steps, start_from=start_from,
             learning_rate=args.learning_rate / 2 ** (index + 1), repeats=REBALANCE_REPEATS,
             extra_data=[str(conversations_file(args.out).resolve())] if conversations else []))
-        timing[f"stamp_{rebalance_key(index)}"] = rebalance[-1]["seconds_this_run"]
+        timing[f"stamp_{rebalance_key(index)}"] = train_seconds(rebalance[-1])
     model = args.out / name / "model"
     results = evaluate_both(model, data, args.out / name / "eval", args.eval_limit)
     refs = references(data, model)

@@ -475,6 +475,12 @@ def rebalance_rounds(summary: dict) -> list[dict]:
     return record if isinstance(record, list) else [record]
 
 
+def train_seconds(train: dict) -> float:
+    """A `stamp-hf train` stage's time: every part of it when it was stopped and resumed (`seconds`), else the last
+    run's (a record from before parts were timed, or one resumed from an untimed part)."""
+    return train["seconds"] if train.get("seconds") is not None else train["seconds_this_run"]
+
+
 def wrap_step(text: str) -> str:
     """A numbered step of the card's list, wrapped to the template's width with its continuation lines indented."""
     return textwrap.fill(text, width=120, subsequent_indent="   ", break_on_hyphens=False) + "\n"
@@ -491,7 +497,7 @@ def conversation_step(summary: dict) -> str:
     total = data["records"] + sum(records[f] for f in TRAIN_FILES)
     return wrap_step(
         f"6. `stamp-hf train` again from step 5's model ({train['steps']} steps of batch 8, peak learning rate "
-        f"{train['learning_rate']:g}, {train['seconds_this_run'] / 60:.1f} min) on step 5's data plus "
+        f"{train['learning_rate']:g}, {train_seconds(train) / 60:.1f} min) on step 5's data plus "
         f"{data['records']} fresh conversations of the same generator (questions, chats and several-target "
         f"requests on scenes never used before): {data['records']} of the {total} records it trains on.")
 
@@ -506,7 +512,7 @@ def rebalance_steps(summary: dict) -> str:
     for index, train in enumerate(rounds):
         step = first + index
         run = (f"{step}. `stamp-hf train` again from step {step - 1}'s model ({train['steps']} steps of batch 8, peak "
-               f"learning rate {train['learning_rate']:g}, {train['seconds_this_run'] / 60:.1f} min)")
+               f"learning rate {train['learning_rate']:g}, {train_seconds(train) / 60:.1f} min)")
         if index == 0:
             text = (f"{run} on step {step - 1}'s mix with the referring export counted "
                     f"{train['repeats']['refer_train.jsonl']} times{why}.")
