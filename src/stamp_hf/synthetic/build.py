@@ -513,7 +513,8 @@ def earlier_stages(args) -> dict:
     return dict(result["stages"], stamp_v2=result)
 
 
-def main(argv=None):
+def argument_parser() -> argparse.ArgumentParser:
+    """The build's settings (also how benchmarks/demo_dialogue.py finds the stages it shares)."""
     parser = argparse.ArgumentParser(prog="python -m stamp_hf.synthetic.build", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="data, runs and results go here")
     parser.add_argument("--vision-steps", type=int, default=5000, help="steps of the vision stage (batch 16)")
@@ -550,6 +551,11 @@ def main(argv=None):
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N records of each set")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--ship", type=Path, help="write the trained demo model and its card here (a new folder)")
+    return parser
+
+
+def main(argv=None):
+    parser = argument_parser()
     args = parser.parse_args(argv)
     if args.ship and args.ship.exists():
         parser.error(f"{args.ship} already exists; remove it first to replace the demo model")

@@ -1,0 +1,181 @@
+"""How fast the demo's language model learns to answer questions about its scenes, per configuration (language-model
+layers x peak learning rate), side by side: is the lever for the demo model's VQA more steps, a higher learning rate
+or a deeper language model? Each run is the build's dialogue stage (stages.train_dialogue: the vision tower frozen,
+next-token loss on the answers) from the build's vision stage, on every question-only record of the v3 data (the
+LLaVA export, the generator's questions and the fresh conversations' questions); layers past the vision stage's are
+new. Scored along the way by VQA exact match (evaluation.normalize_answer) of the greedy answer to the single-question
+records of both held-out sets, per kind, and of the first questions it trains on ("seen": underfitting or
+overfitting).
+
+    .venv/bin/python benchmarks/demo_dialogue.py --configs 4:1e-3 8:1e-3 --steps 4000 --eval-at 800 2000 4000
+
+The data and vision stages come from the build's cache under --out (python -m stamp_hf.synthetic.build makes them;
+other build settings after the benchmark's own are passed to it). Figures go to --results.
+"""
+
+import argparse
+import collections
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from stamp_hf.evaluation import normalize_answer
+from stamp_hf.processing_stamp import load_image, user_turn
+from stamp_hf.synthetic import build
+from stamp_hf.synthetic.stages import base_processor, train_dialogue
+
+SEEN_QUESTIONS = 150
+
+
+def question_records(out: Path, build_args) -> Path:
+    """Every question-only record of the v3 training data in one .jsonl (image paths made absolute), built once."""
+    data = build.data_folder(out, "v3")
+    build.data_stage(out, build_args, "v3")
+    sources = [data / "dialogue_train.jsonl", data / "train.jsonl"]
+    if build_args.conversation_samples:
+        build.conversations_stage(out, build_args.conversation_samples)
+        sources.append(build.conversations_file(out))
+    target = out / "dialogue-benchmark" / "questions.jsonl"
+    if not target.exists():
+        lines = []
+        for source in sources:
+            for line in source.read_text().splitlines():
+                record = json.loads(line)
+                if record.get("task", "vqa") == "vqa" and not record.get("masks"):
+                    lines.append(json.dumps(dict(record, image=str((source.parent / record["image"]).resolve()))))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        partial.write_text("\n".join(lines) + "\n")
+        partial.replace(target)
+    return target
+
+
+def held_out_questions(data: Path, sets=("test", "drawn")) -> list[tuple]:
+    """(image path, question, answer, set/kind) of the single-question records of the held-out sets."""
+    items = []
+    for name in sets:
+        for line in (data / f"{name}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if record["task"] == "vqa" and len(record["messages"]) == 2:
+                question, reply = record["messages"]
+                items.append((data / record["image"], question["content"], reply["content"], f"{name}/{reply['kind']}"))
+    return items
+
+
+def language_model(vision_folder: Path, layers: int):
+    """The vision stage's base with a language model of `layers` layers (its own layers kept, the others new)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(vision_folder)
+    config = model.config
+    if layers == config.text_config.num_hidden_layers:
+        return model
+    config.text_config.num_hidden_layers = layers
+    config.text_config.layer_types = ["full_attention"] * layers
+    torch.manual_seed(0)
+    deeper = Qwen2VLForConditionalGeneration(config)
+    deeper.load_state_dict(model.state_dict(), strict=False)
+    return deeper
+
+
+@torch.no_grad()
+def vqa_exact(model, processor, items) -> dict:
+    """% exact answers per set/kind, per set and overall, of greedy answers (the plain base has no masks to
+    post-process: the text up to its end-of-turn token)."""
+    stop = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.eval()
+    hits = collections.defaultdict(list)
+    for image, question, reply, key in items:
+        inputs, _ = processor.encode_chat([user_turn([load_image(image, upright=False)], question)])
+        ids = model.generate(**inputs, max_new_tokens=40, do_sample=False, eos_token_id=stop, pad_token_id=stop)
+        text = processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        hit = normalize_answer(text) == normalize_answer(reply)
+        for group in {key, key.split("/")[0], "all"}:
+            hits[group].append(hit)
+    model.train()
+    return {group: round(100 * sum(h) / len(h), 1) for group, h in sorted(hits.items())}
+
+
+def run(config: str, steps: int, eval_at: set, vision: Path, questions: Path, held_out: list, log) -> dict:
+    """One configuration "LAYERS:LEARNING_RATE": train_dialogue for `steps`, scored at each of `eval_at`."""
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    layers, learning_rate = int(config.split(":")[0]), float(config.split(":")[1])
+    model = language_model(vision, layers)
+    processor = base_processor(Qwen2VLImageProcessor.from_pretrained(vision), AutoTokenizer.from_pretrained(vision))
+    seen = []
+    for line in questions.read_text().splitlines()[:SEEN_QUESTIONS]:
+        question, reply = json.loads(line)["messages"][:2]
+        seen.append((json.loads(line)["image"], question["content"], reply["content"], "seen/all"))
+    points, start = [], time.perf_counter()
+
+    def score(entry):
+        log(dict(entry, config=config))
+        if entry["step"] in eval_at:
+            trained = time.perf_counter() - start - sum(p["scoring_seconds"] for p in points)
+            scoring = time.perf_counter()
+            held, fit = vqa_exact(model, processor, held_out), vqa_exact(model, processor, seen)
+            points.append(dict(step=entry["step"], train_minutes=round(trained / 60, 1), loss=entry["loss"],
+                               held_out=held, seen=fit["seen"], scoring_seconds=time.perf_counter() - scoring))
+            log(dict(config=config, **{k: v for k, v in points[-1].items() if k != "held_out"},
+                     **{name: held[name] for name in held if "/" not in name and name != "all"}))
+
+    log_every = math.gcd(100, *eval_at)  # train_dialogue reports (and so scores) every log_every steps
+    train_dialogue(model, processor, questions, steps, learning_rate=learning_rate, log_every=log_every, log=score)
+    return dict(layers=layers, learning_rate=learning_rate, steps=steps, points=points)
+
+
+def table(runs: dict, sets) -> str:
+    """Steps down, configurations across: VQA exact on each held-out set, then on seen questions."""
+    steps = sorted({p["step"] for r in runs.values() for p in r["points"]})
+    lines = ["| step | " + " | ".join(f"{c} {' / '.join(sets)} / seen" for c in runs) + " |",
+             "|---|" + "---|" * len(runs)]
+    for step in steps:
+        cells = []
+        for r in runs.values():
+            point = next((p for p in r["points"] if p["step"] == step), None)
+            scores = [point["held_out"][name] for name in sets] + [point["seen"]] if point else []
+            cells.append(" / ".join(map(str, scores)) + f" ({point['train_minutes']} min)" if point else "")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["4:1e-3", "8:1e-3"], help="LAYERS:PEAK_LEARNING_RATE each")
+    parser.add_argument("--steps", type=int, default=4000, help="steps of batch 8 per configuration")
+    parser.add_argument("--eval-at", type=int, nargs="+", default=[800, 2000, 4000])
+    parser.add_argument("--sets", nargs="+", default=["test", "drawn"], choices=["test", "drawn"],
+                        help="the held-out sets scored")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="the build's --out (its cached stages)")
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results/demo_dialogue_cpu.json"))
+    parser.add_argument("--threads", type=int, default=2)
+    args, build_argv = parser.parse_known_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    build_args = build.argument_parser().parse_args(["--out", str(args.out), *build_argv])
+    build.vision_stage(args.out, build_args.vision_steps)
+    questions = question_records(args.out, build_args)
+    held_out = held_out_questions(build.data_folder(args.out, "v3"), args.sets)
+    runs = {}
+    for config in args.configs:
+        runs[config] = run(config, args.steps, set(args.eval_at), args.out / "base-vision" / "model", questions,
+                           held_out, build.log_json)
+    print(f"\nVQA exact % of the single-question records of {' and '.join(args.sets)} and of {SEEN_QUESTIONS} "
+          f"trained-on questions; CPU: {os.cpu_count()} cores, {args.threads} threads; "
+          f"Python {sys.version.split()[0]}\n")
+    print(table(runs, args.sets))
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(dict(questions=sum(1 for _ in questions.open()), held_out=len(held_out),
+                                            runs=runs, args={k: str(v) for k, v in vars(args).items()}), indent=2))
+    return runs
+
+
+if __name__ == "__main__":
+    main()
