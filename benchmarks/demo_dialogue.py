@@ -106,13 +106,15 @@ def run(config: str, steps: int, eval_at: set, vision: Path, questions: Path, he
     from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
-    layers, learning_rate = int(config.split(":")[0]), float(config.split(":")[1])
+    layers, learning_rate = config.split(":")
+    layers, learning_rate = int(layers), float(learning_rate)
     model = language_model(vision, layers)
     processor = base_processor(Qwen2VLImageProcessor.from_pretrained(vision), AutoTokenizer.from_pretrained(vision))
     seen = []
     for line in questions.read_text().splitlines()[:SEEN_QUESTIONS]:
-        question, reply = json.loads(line)["messages"][:2]
-        seen.append((json.loads(line)["image"], question["content"], reply["content"], "seen/all"))
+        record = json.loads(line)
+        question, reply = record["messages"][:2]
+        seen.append((record["image"], question["content"], reply["content"], "seen/all"))
     points, start = [], time.perf_counter()
 
     def score(entry):
