@@ -33,26 +33,25 @@ SEEN_QUESTIONS = 150
 
 
 def question_records(out: Path, build_args) -> Path:
-    """Every question-only record of the v3 training data in one .jsonl (image paths made absolute), built once."""
+    """Every question-only record of the v3 training data in one .jsonl (image paths made absolute), a stage cached by
+    the build's own `cached` (its settings checked like any stage's)."""
     data = build.data_folder(out, "v3")
     build.data_stage(out, build_args, "v3")
     sources = [data / "dialogue_train.jsonl", data / "train.jsonl"]
     if build_args.conversation_samples:
         build.conversations_stage(out, build_args.conversation_samples)
         sources.append(build.conversations_file(out))
-    target = out / "dialogue-benchmark" / "questions.jsonl"
-    if not target.exists():
-        lines = []
-        for source in sources:
-            for line in source.read_text().splitlines():
-                record = json.loads(line)
-                if record.get("task", "vqa") == "vqa" and not record.get("masks"):
-                    lines.append(json.dumps(dict(record, image=str((source.parent / record["image"]).resolve()))))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
-        partial.write_text("\n".join(lines) + "\n")
-        partial.replace(target)
-    return target
+
+    def write(folder):
+        records = [dict(record, image=str((source.parent / record["image"]).resolve()))
+                   for source in sources for record in map(json.loads, source.read_text().splitlines())
+                   if record.get("task", "vqa") == "vqa" and not record.get("masks")]
+        (folder / "questions.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+        return dict(records=len(records))
+
+    folder = out / "dialogue-benchmark"
+    build.cached(folder, write, dict(conversation_samples=build_args.conversation_samples))
+    return folder / "questions.jsonl"
 
 
 def held_out_questions(data: Path, sets=("test", "drawn")) -> list[tuple]:
@@ -142,8 +141,11 @@ def table(runs: dict, sets) -> str:
         cells = []
         for r in runs.values():
             point = next((p for p in r["points"] if p["step"] == step), None)
-            scores = [point["held_out"][name] for name in sets] + [point["seen"]] if point else []
-            cells.append(" / ".join(map(str, scores)) + f" ({point['train_minutes']} min)" if point else "")
+            if point is None:
+                cells.append("")
+                continue
+            scores = [point["held_out"][name] for name in sets] + [point["seen"]]
+            cells.append(" / ".join(map(str, scores)) + f" ({point['train_minutes']} min)")
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
