@@ -1,16 +1,20 @@
 """How fast the demo's language model learns to answer questions about its scenes, per configuration (language-model
-layers x peak learning rate), side by side: is the lever for the demo model's VQA more steps, a higher learning rate
-or a deeper language model? Each run is the build's dialogue stage (stages.train_dialogue: the vision tower frozen,
-next-token loss on the answers) from the build's vision stage, on every question-only record of the v3 data (the
-LLaVA export, the generator's questions and the fresh conversations' questions); layers past the vision stage's are
-new. Scored along the way by VQA exact match (evaluation.normalize_answer) of the greedy answer to the single-question
-records of both held-out sets, per kind, and of the first questions it trains on ("seen": underfitting or
-overfitting).
+layers x peak learning rate, other text config fields optional), side by side: is the lever for the demo model's VQA
+more steps, a higher learning rate, a bigger language model or other vision features? Each run is the build's
+dialogue stage (stages.train_dialogue: the vision tower frozen, next-token loss on the answers) from the build's vision
+stage, on every question-only record of the v3 data (build.questions_stage: the LLaVA export, the generator's
+questions and the fresh conversations' questions); language-model weights that no longer fit are new. Scored along
+the way by VQA exact match (evaluation.normalize_answer) of the greedy answer to the single-question records of both
+held-out sets, per kind, and of the first questions it trains on ("seen": underfitting or overfitting).
 
     .venv/bin/python benchmarks/demo_dialogue.py --configs 4:1e-3 8:1e-3 --steps 4000 --eval-at 800 2000 4000
+    .venv/bin/python benchmarks/demo_dialogue.py --configs 4:1e-3:num_key_value_heads=4,intermediate_size=768
+    .venv/bin/python benchmarks/demo_dialogue.py --configs 4:1e-3 --out runs/demo-place \
+        --vision-targets kind colour size column row centre
 
-The data and vision stages come from the build's cache under --out (python -m stamp_hf.synthetic.build makes them;
-other build settings after the benchmark's own are passed to it). Figures go to --results.
+The data, questions and vision stages come from the build's cache under --out (python -m stamp_hf.synthetic.build
+makes them; other build settings after the benchmark's own, such as --vision-targets, are passed to it). Figures go to
+--results.
 """
 
 import argparse
@@ -32,28 +36,6 @@ from stamp_hf.synthetic.stages import base_processor, train_dialogue
 SEEN_QUESTIONS = 150
 
 
-def question_records(out: Path, build_args) -> Path:
-    """Every question-only record of the v3 training data in one .jsonl (image paths made absolute), a stage cached by
-    the build's own `cached` (its settings checked like any stage's)."""
-    data = build.data_folder(out, "v3")
-    build.data_stage(out, build_args, "v3")
-    sources = [data / "dialogue_train.jsonl", data / "train.jsonl"]
-    if build_args.conversation_samples:
-        build.conversations_stage(out, build_args.conversation_samples)
-        sources.append(build.conversations_file(out))
-
-    def write(folder):
-        records = [dict(record, image=str((source.parent / record["image"]).resolve()))
-                   for source in sources for record in map(json.loads, source.read_text().splitlines())
-                   if record.get("task", "vqa") == "vqa" and not record.get("masks")]
-        (folder / "questions.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
-        return dict(records=len(records))
-
-    folder = out / "dialogue-benchmark"
-    build.cached(folder, write, dict(conversation_samples=build_args.conversation_samples))
-    return folder / "questions.jsonl"
-
-
 def held_out_questions(data: Path, sets=("test", "drawn")) -> list[tuple]:
     """(image path, question, answer, set/kind) of the single-question records of the held-out sets."""
     items = []
@@ -66,20 +48,32 @@ def held_out_questions(data: Path, sets=("test", "drawn")) -> list[tuple]:
     return items
 
 
-def language_model(vision_folder: Path, layers: int):
-    """The vision stage's base with a language model of `layers` layers (its own layers kept, the others new)."""
+def language_model(vision_folder: Path, layers: int, text_settings: dict):
+    """The vision stage's base with a language model of `layers` layers and `text_settings` (text config fields such
+    as num_key_value_heads or intermediate_size): the weights of matching shape kept, the others new."""
     from transformers import Qwen2VLForConditionalGeneration
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(vision_folder)
     config = model.config
-    if layers == config.text_config.num_hidden_layers:
+    if layers == config.text_config.num_hidden_layers and not text_settings:
         return model
     config.text_config.num_hidden_layers = layers
     config.text_config.layer_types = ["full_attention"] * layers
+    for name, value in text_settings.items():
+        setattr(config.text_config, name, value)
     torch.manual_seed(0)
-    deeper = Qwen2VLForConditionalGeneration(config)
-    deeper.load_state_dict(model.state_dict(), strict=False)
-    return deeper
+    changed = Qwen2VLForConditionalGeneration(config)
+    own = changed.state_dict()
+    changed.load_state_dict({k: v for k, v in model.state_dict().items() if k in own and own[k].shape == v.shape},
+                            strict=False)
+    return changed
+
+
+def parse_config(config: str) -> tuple[int, float, dict]:
+    """"LAYERS:PEAK_LR[:FIELD=INT,...]" -> (layers, learning rate, text config fields)."""
+    layers, learning_rate, *rest = config.split(":")
+    settings = dict(item.split("=") for item in rest[0].split(",")) if rest else {}
+    return int(layers), float(learning_rate), {k: int(v) for k, v in settings.items()}
 
 
 @torch.no_grad()
@@ -105,9 +99,8 @@ def run(config: str, steps: int, eval_at: set, vision: Path, questions: Path, he
     from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
-    layers, learning_rate = config.split(":")
-    layers, learning_rate = int(layers), float(learning_rate)
-    model = language_model(vision, layers)
+    layers, learning_rate, text_settings = parse_config(config)
+    model = language_model(vision, layers, text_settings)
     processor = base_processor(Qwen2VLImageProcessor.from_pretrained(vision), AutoTokenizer.from_pretrained(vision))
     seen = []
     for line in questions.read_text().splitlines()[:SEEN_QUESTIONS]:
@@ -129,7 +122,7 @@ def run(config: str, steps: int, eval_at: set, vision: Path, questions: Path, he
 
     log_every = math.gcd(100, *eval_at)  # train_dialogue reports (and so scores) every log_every steps
     train_dialogue(model, processor, questions, steps, learning_rate=learning_rate, log_every=log_every, log=score)
-    return dict(layers=layers, learning_rate=learning_rate, steps=steps, points=points)
+    return dict(layers=layers, learning_rate=learning_rate, text_settings=text_settings, steps=steps, points=points)
 
 
 def table(runs: dict, sets) -> str:
@@ -152,7 +145,8 @@ def table(runs: dict, sets) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", nargs="+", default=["4:1e-3", "8:1e-3"], help="LAYERS:PEAK_LEARNING_RATE each")
+    parser.add_argument("--configs", nargs="+", default=["4:1e-3", "8:1e-3"],
+                        help="LAYERS:PEAK_LEARNING_RATE[:TEXT_CONFIG_FIELD=INT,...] each")
     parser.add_argument("--steps", type=int, default=4000, help="steps of batch 8 per configuration")
     parser.add_argument("--eval-at", type=int, nargs="+", default=[800, 2000, 4000])
     parser.add_argument("--sets", nargs="+", default=["test", "drawn"], choices=["test", "drawn"],
@@ -164,8 +158,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     build_args = build.argument_parser().parse_args(["--out", str(args.out), *build_argv])
-    build.vision_stage(args.out, build_args.vision_steps)
-    questions = question_records(args.out, build_args)
+    build.vision_stage(args.out, build_args.vision_steps, build_args.vision_targets)
+    questions = build.questions_stage(args.out, build_args)
     held_out = held_out_questions(build.data_folder(args.out, "v3"), args.sets)
     runs = {}
     for config in args.configs:

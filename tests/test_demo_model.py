@@ -199,20 +199,27 @@ def test_drawn_set_masks_are_the_drawn_pixels_and_requests_are_truthful(tmp_path
 
 
 def test_patch_attributes_label_each_patch_with_the_shape_covering_most_of_it():
-    from stamp_hf.synthetic.stages import PATCH_ATTRIBUTES, patch_attributes
+    """Kind, colour, size and where the shape's centre is (8 bins of the width and height) on a shape's patches; on
+    background the patch's own place; one centre patch per shape."""
+    from stamp_hf.synthetic.stages import PATCH_ATTRIBUTES, POSITION_BINS, patch_attributes
     from stamp_hf.synthetic.scenes import make_sample
 
-    sample = make_sample(3, size=(128, 128))
-    labels = patch_attributes(sample.shapes, sample.object_masks, (16, 16))
-    covered = np.zeros((16, 16), bool)
+    sample = make_sample(3, size=(128, 96))
+    labels = patch_attributes(sample.shapes, sample.object_masks, (12, 16))
+    covered = np.zeros((12, 16), bool)
     for shape, mask in zip(sample.shapes, sample.object_masks):
-        cells = mask.reshape(16, 8, 16, 8).mean(axis=(1, 3)) >= 0.5  # 8 px cells of the 128 px scene
+        cells = mask.reshape(12, 8, 16, 8).mean(axis=(1, 3)) >= 0.5  # 8 px cells of the 128 x 96 px scene
         covered |= cells
-        for name, value in (("kind", shape.kind), ("colour", shape.colour), ("size", shape.size)):
+        for name, value in (("kind", shape.kind), ("colour", shape.colour), ("size", shape.size),
+                            ("column", shape.cx * POSITION_BINS // 128), ("row", shape.cy * POSITION_BINS // 96)):
             assert (labels[name].numpy()[cells] == PATCH_ATTRIBUTES[name].index(value)).all()
-    assert covered.any()
+        assert labels["centre"][shape.cy // 8, shape.cx // 8] == 1
+    assert covered.any() and labels["centre"].sum() == len(sample.shapes)
     assert (labels["kind"].numpy()[~covered] == 0).all() and PATCH_ATTRIBUTES["kind"][0] == "background"
     assert (labels["colour"].numpy()[~covered] == -100).all() and (labels["size"].numpy()[~covered] == -100).all()
+    rows, cols = np.nonzero(~covered)
+    assert (labels["column"].numpy()[rows, cols] == (2 * cols + 1) * POSITION_BINS // 32).all()  # the patch's centre
+    assert (labels["row"].numpy()[rows, cols] == (2 * rows + 1) * POSITION_BINS // 24).all()
 
 
 def test_base_is_a_plain_qwen2_vl_that_stamp_hf_init_makes_into_stamp(tmp_path):
@@ -315,8 +322,11 @@ def test_demo_card_states_the_run_it_was_given_and_never_overwrites(tmp_path):
     )
     card = write_demo_card(run, tmp_path / "shipped", summary, "| the results table |", None)
     text = (card / "README.md").read_text()
-    for expected in ("| the results table |", "5000 steps of 16 scenes, 20.0 min", "kind 90.0 %",
-                     "1000 steps of batch 8, 8.0 min", "accuracy at the end 95.0 %", "8000 steps of batch 8, 30.0 min",
+    flat = " ".join(text.split())  # steps 1-2 are wrapped to the card's width wherever their figures fall
+    assert "kind 90.0 %" in flat and "accuracy at the end 95.0 %" in flat
+    assert "from a LLaVA-format export written through `stamp-hf prepare-data`" in flat
+    for expected in ("| the results table |", "5000 steps of 16 scenes, 20.0 min",
+                     "1000 steps of batch 8, 8.0 min", "8000 steps of batch 8, 30.0 min",
                      "3000 steps of batch 8, peak learning rate 0.0005,\n   60.0 min", "Whole training: 118.0 min",
                      "below the goal of cIoU and gIoU >= 85",
                      "Measured on the first 200 records of each held-out set (`--eval-limit 200`, for time). Stage 4's "
@@ -507,6 +517,32 @@ def test_conversation_stage_trains_on_fresh_questions_chats_and_several_target_r
     assert state["global_step"] == 1 and state["log_history"][-1]["epoch"] == pytest.approx(1 / math.ceil((mix + len(records)) / 8))
 
 
+def test_questions_stage_gathers_every_question_only_record_of_the_v3_training_data(tmp_path):
+    """--dialogue-data questions-v3: the dialogue stage's data is every question-only record (no mask, task vqa) of
+    the v3 LLaVA export, the generator's train split and the extra conversations, images made absolute; cached with
+    the conversation samples it was built for."""
+    import argparse
+
+    from stamp_hf.synthetic import build
+
+    args = argparse.Namespace(out=tmp_path, refer_scenes=2, dialogue_scenes=3, chat_samples=12, test_samples=4,
+                              drawn_samples=2, conversation_samples=12, dialogue_data="questions-v3")
+    questions = build.dialogue_data(args)
+    records = [json.loads(line) for line in questions.open()]
+    sources = [tmp_path / "data-v3" / "dialogue_train.jsonl", tmp_path / "data-v3" / "train.jsonl",
+               tmp_path / "data-v3-conversations" / "train.jsonl"]
+    expected = [(r["messages"], (source.parent / r["image"]).resolve()) for source in sources
+                for r in map(json.loads, source.open()) if r.get("task", "vqa") == "vqa" and not r.get("masks")]
+    assert [(r["messages"], Path(r["image"])) for r in records] == expected and len(expected) > 3
+    assert all(Path(r["image"]).is_file() for r in records)
+    assert not any("<|seg|>" in m["content"] for r in records for m in r["messages"])
+    assert {r["task"] for r in records if "task" in r} == {"vqa"} and any("task" not in r for r in records)
+    with pytest.raises(SystemExit, match="questions-v3 was built with conversation_samples=12"):
+        build.questions_stage(tmp_path, argparse.Namespace(**dict(vars(args), conversation_samples=0)))
+    assert build.dialogue_data(argparse.Namespace(**dict(vars(args), dialogue_data="llava-v2"))) == \
+        tmp_path / "data" / "dialogue_train.jsonl"
+
+
 def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_path, capsys):
     """`python -m stamp_hf.synthetic.build --ship DIR` from nothing, at toy sizes: data, vision, dialogue, the five
     `stamp-hf train` runs (v2, v3, v3 plus fresh conversations, two rebalance rounds), the evaluation and the card; the
@@ -518,7 +554,8 @@ def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_p
     from stamp_hf.synthetic import build, seed_caches
 
     out, ship = tmp_path / "runs", tmp_path / "shipped"
-    argv = ["--out", str(out), "--vision-steps", "2", "--dialogue-steps", "2", "--v2-steps", "2", "--steps", "2",
+    argv = ["--out", str(out), "--vision-steps", "2", "--vision-targets", "kind", "colour", "size", "column", "row",
+            "centre", "--dialogue-steps", "2", "--dialogue-data", "questions-v3", "--v2-steps", "2", "--steps", "2",
             "--conversation-steps", "2", "--conversation-samples", "6", "--rebalance-steps", "2", "2",
             "--refer-scenes", "2", "--dialogue-scenes", "8", "--chat-samples", "4", "--test-samples", "4",
             "--drawn-samples", "4", "--eval-limit", "2"]
@@ -545,6 +582,10 @@ def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_p
     assert "8. `stamp-hf train` again from step 7's model (2 steps of batch 8, peak learning rate 0.000125" in card
     steps = card[card.index("**How it was built**"):card.index("Whole training")]
     assert "the referring export counted 2 times" in steps and max(map(len, steps.splitlines())) <= 120
+    assert set(summary["vision"]["history"][-1]) == {"step", "kind", "colour", "size", "column", "row", "centre"}
+    flat = " ".join(steps.split())
+    assert "row of its shape's centre (of 8) and whether it holds a shape's centre" in flat
+    assert "from every question of the v3 training data" in flat and summary["dialogue"]["data"] == "questions-v3"
     assert (ship / "model.safetensors").is_file() and not list(ship.glob("checkpoint-*"))
     model = AutoModel.from_pretrained(ship, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(ship, trust_remote_code=True)
@@ -553,8 +594,9 @@ def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_p
     printed = capsys.readouterr().out
     assert "| cIoU |" in printed and "| every turn of every record |" in printed
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
-    assert {p.parent.name for p in stamps} == {"data", "data-v3", "data-v3-conversations", "base-vision", "base",
-                                               "stamp-2", "stamp-2-v3-2", third.name, fourth.name, final.name}
+    assert {p.parent.name for p in stamps} == {"data", "data-v3", "data-v3-conversations", "questions-v3",
+                                               "base-vision", "base", "stamp-2", "stamp-2-v3-2", third.name,
+                                               fourth.name, final.name}
     again = build.main(argv)
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == stamps
     assert again["results"] == summary["results"]

@@ -54,6 +54,8 @@ from .drawn import write_drawn_set
 from .scoring import evaluate_conversations
 from .scenes import write_dialogue_export, write_refer_export, write_split
 from .stages import (
+    PATCH_ATTRIBUTES,
+    SHAPE_TARGETS,
     balance_features,
     base_processor,
     build_base,
@@ -138,16 +140,16 @@ def cached(folder: Path, build, settings: dict | None = None) -> dict:
     return result
 
 
-def vision_stage(out: Path, steps: int) -> dict:
+def vision_stage(out: Path, steps: int, targets) -> dict:
     def build(folder):
         tokenizer = demo_tokenizer()
         model, processor = build_base(seed=0, tokenizer=tokenizer)
-        history = pretrain_vision_tower(model, processor.image_processor, steps, log=log_json)
+        history = pretrain_vision_tower(model, processor.image_processor, steps, log=log_json, targets=targets)
         balance_features(model, processor.image_processor)  # the probe is gone; even out what it left
         save_base(model, processor, folder / "model")
         return dict(steps=steps, history=history)
 
-    return cached(out / "base-vision", build, dict(steps=steps))
+    return cached(out / "base-vision", build, dict(steps=steps, targets=list(targets)))
 
 
 def data_stage(out: Path, args, version: str) -> dict:
@@ -194,20 +196,61 @@ def data_folder(out: Path, version: str) -> Path:
     return out / ("data" if version == "v2" else f"data-{version}")
 
 
-def dialogue_stage(out: Path, data: Path, vision: Path, steps: int) -> dict:
-    """The base after instruction tuning on the prepared dialogue data: a plain qwen2_vl checkpoint."""
+def questions_stage(out: Path, args) -> Path:
+    """Every question-only record of the v3 training data (the LLaVA export's, the generator's and the extra
+    conversations' questions: all eight kinds) in one .jsonl, image paths made absolute: what the base's dialogue
+    stage learns to answer from, and benchmarks/demo_dialogue.py with it. Builds the v3 data and conversations stages
+    it reads."""
+    data = data_folder(out, "v3")
+    data_stage(out, args, "v3")
+    sources = [data / "dialogue_train.jsonl", data / "train.jsonl"]
+    if args.conversation_samples:
+        conversations_stage(out, args.conversation_samples)
+        sources.append(conversations_file(out))
+
+    def build(folder):
+        records = [dict(record, image=str((source.parent / record["image"]).resolve()))
+                   for source in sources for record in map(json.loads, source.read_text().splitlines())
+                   if record.get("task", "vqa") == "vqa" and not record.get("masks")]
+        (folder / "questions.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+        return dict(records=len(records))
+
+    folder = out / "questions-v3"
+    cached(folder, build, dict(conversation_samples=args.conversation_samples))
+    return folder / "questions.jsonl"
+
+
+DIALOGUE_DATA = {"llava-v2": "the v2 data's LLaVA export (what the shipped demo model's base learned from)",
+                 "questions-v3": "every question-only record of the v3 training data, all eight kinds "
+                                 "(questions_stage)"}
+
+
+def dialogue_data(args) -> Path:
+    """The .jsonl the dialogue stage trains on, as --dialogue-data names it (built when missing)."""
+    if args.dialogue_data == "questions-v3":
+        return questions_stage(args.out, args)
+    return data_folder(args.out, "v2") / "dialogue_train.jsonl"
+
+
+def dialogue_stage(args) -> dict:
+    """The base after instruction tuning on --dialogue-data (dialogue_data), from the vision stage's base: a plain
+    qwen2_vl checkpoint in out/base."""
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
-    def build(folder):
-        model = Qwen2VLForConditionalGeneration.from_pretrained(vision / "model")
-        processor = base_processor(Qwen2VLImageProcessor.from_pretrained(vision / "model"),
-                                      AutoTokenizer.from_pretrained(vision / "model"))
-        history = train_dialogue(model, processor, data / "dialogue_train.jsonl", steps, log=log_json)
-        save_base(model.eval(), processor, folder / "model")
-        return dict(steps=steps, history=history)
+    vision = args.out / "base-vision" / "model"
+    jsonl = dialogue_data(args)
 
-    return cached(out / "base", build, dict(steps=steps))
+    def build(folder):
+        model = Qwen2VLForConditionalGeneration.from_pretrained(vision)
+        processor = base_processor(Qwen2VLImageProcessor.from_pretrained(vision), AutoTokenizer.from_pretrained(vision))
+        history = train_dialogue(model, processor, jsonl, args.dialogue_steps,
+                                 learning_rate=args.dialogue_learning_rate, log=log_json)
+        save_base(model.eval(), processor, folder / "model")
+        return dict(steps=args.dialogue_steps, history=history)
+
+    return cached(args.out / "base", build, dict(steps=args.dialogue_steps, data=args.dialogue_data,
+                                                 learning_rate=args.dialogue_learning_rate))
 
 
 def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: int = 0, overrides=None,
@@ -503,9 +546,9 @@ def earlier_stages(args) -> dict:
     if stages is None or args.ablation:
         if args.ablation:
             unseed_base_for_ablation(args)
-        stages = dict(data=data_stage(args.out, args, "v2"), vision=vision_stage(args.out, args.vision_steps))
-        stages["dialogue"] = dialogue_stage(args.out, data_folder(args.out, "v2"), args.out / "base-vision",
-                                            args.dialogue_steps)
+        stages = dict(data=data_stage(args.out, args, "v2"),
+                      vision=vision_stage(args.out, args.vision_steps, args.vision_targets))
+        stages["dialogue"] = dialogue_stage(args)
     result = stamp_stage(args.out, first.name, data_folder(args.out, "v2"), args.out / "base" / "model", args.v2_steps)
     if "stages" not in result:
         result["stages"] = {k: v for k, v in stages.items() if k != "data"}
@@ -518,7 +561,14 @@ def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stamp_hf.synthetic.build", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="data, runs and results go here")
     parser.add_argument("--vision-steps", type=int, default=5000, help="steps of the vision stage (batch 16)")
+    parser.add_argument("--vision-targets", nargs="+", choices=list(PATCH_ATTRIBUTES), default=list(SHAPE_TARGETS),
+                        help="what the vision stage's probe tells on every patch (stages.PATCH_ATTRIBUTES)")
     parser.add_argument("--dialogue-steps", type=int, default=800, help="steps of the dialogue stage (batch 8)")
+    parser.add_argument("--dialogue-data", choices=list(DIALOGUE_DATA), default="llava-v2",
+                        help="what the dialogue stage learns to answer: " + "; ".join(
+                            f"{name}: {what}" for name, what in DIALOGUE_DATA.items()))
+    parser.add_argument("--dialogue-learning-rate", type=float, default=1e-3,
+                        help="peak learning rate of the dialogue stage (benchmarks/demo_dialogue.py compares some)")
     parser.add_argument("--v2-steps", type=int, default=8000,
                         help="steps of the first stamp-hf train, on the v2 data (batch 8)")
     parser.add_argument("--steps", type=int, default=8000,

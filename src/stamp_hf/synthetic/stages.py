@@ -103,28 +103,50 @@ def save_base(model, processor: STAMPProcessor, folder) -> Path:
 # ---------------------------------------------------------------------------------------------- vision pretraining
 
 # What the vision tower learns to tell on every patch before any language: the kind of the shape on it (or
-# background), its colour and its size.
-PATCH_ATTRIBUTES = {"kind": ("background", *SHAPES), "colour": COLOURS, "size": tuple(SIZES)}
+# background), its colour and its size, and where in the image (column and row, in POSITION_BINS of the width and
+# height) the thing on it is: the shape's centre on a shape's patches, the patch itself on background; and whether
+# the patch holds a shape's centre (one patch per shape: what lets attention count shapes rather than patches).
+POSITION_BINS = 8
+PATCH_ATTRIBUTES = {"kind": ("background", *SHAPES), "colour": COLOURS, "size": tuple(SIZES),
+                    "column": tuple(range(POSITION_BINS)), "row": tuple(range(POSITION_BINS)),
+                    "centre": ("no", "yes")}
+SHAPE_TARGETS = ("kind", "colour", "size")  # what the shipped demo model's vision tower learned
+CENTRE_WEIGHT = 10.0  # of a centre patch in the probe's loss: one patch per shape, else "no" everywhere is cheap
 VISION_PRETRAINING_START = 50_000_000  # train-split seeds far past any conversation the data uses
+
+
+def position_bin(coordinate: torch.Tensor, extent: float) -> torch.Tensor:
+    return (coordinate * POSITION_BINS / extent).long().clamp(0, POSITION_BINS - 1)
 
 
 def patch_attributes(shapes, object_masks, grid) -> dict[str, torch.Tensor]:
     """Class indices per patch of the (rows, cols) grid, as PATCH_ATTRIBUTES names them: of the shape covering at
-    least half of the patch; colour and size are -100 (ignored) on background patches."""
-    labels = {"kind": torch.zeros(grid, dtype=torch.long)}
+    least half of the patch; colour and size are -100 (ignored) on background patches, column and row are the
+    shape's centre (on background: the patch's), centre marks the patch holding a shape's centre."""
+    rows, cols = grid
+    labels = {"kind": torch.zeros(grid, dtype=torch.long),
+              "column": position_bin(torch.arange(cols) + 0.5, cols).expand(rows, cols).clone(),
+              "row": position_bin(torch.arange(rows) + 0.5, rows)[:, None].expand(rows, cols).clone(),
+              "centre": torch.zeros(grid, dtype=torch.long)}
     labels.update({name: torch.full(grid, -100, dtype=torch.long) for name in ("colour", "size")})
     for shape, mask in zip(shapes, object_masks):
         cells = mask_target(torch.from_numpy(mask), grid).bool()
+        height, width = mask.shape
         for name, value in (("kind", shape.kind), ("colour", shape.colour), ("size", shape.size)):
             labels[name][cells] = PATCH_ATTRIBUTES[name].index(value)
+        labels["column"][cells] = position_bin(torch.tensor(float(shape.cx)), width)
+        labels["row"][cells] = position_bin(torch.tensor(float(shape.cy)), height)
+        labels["centre"][min(shape.cy * rows // height, rows - 1), min(shape.cx * cols // width, cols - 1)] = 1
     return labels
 
 
 def pretrain_vision_tower(model, image_processor, steps: int, batch_size: int = 16, learning_rate: float = 2e-3,
-                          start: int = VISION_PRETRAINING_START, log_every: int = 250, log=None) -> list[dict]:
+                          start: int = VISION_PRETRAINING_START, log_every: int = 250, log=None,
+                          targets=SHAPE_TARGETS) -> list[dict]:
     """Stand-in for Qwen2-VL's pretrained vision tower, which the paper's STAMP starts from and the demo cannot
     download: train the base's vision tower (merger included: the features the language model sees) with a linear
-    probe, thrown away afterwards, to tell each patch's PATCH_ATTRIBUTES on synthetic scenes of every image size.
+    probe, thrown away afterwards, to tell each patch's `targets` (of PATCH_ATTRIBUTES) on synthetic scenes of every
+    image size.
 
     Why: trained from scratch through language alone, a small ViT takes tens of thousands of steps to tell a star
     from a circle (its patches see colour at once, shape only by comparing neighbours); with the patch labels it
@@ -132,7 +154,8 @@ def pretrain_vision_tower(model, image_processor, steps: int, batch_size: int = 
     from transformers import get_cosine_schedule_with_warmup
 
     vision = model.model.visual
-    probe = torch.nn.Linear(model.config.text_config.hidden_size, sum(map(len, PATCH_ATTRIBUTES.values())))
+    classes = {name: len(PATCH_ATTRIBUTES[name]) for name in targets}
+    probe = torch.nn.Linear(model.config.text_config.hidden_size, sum(classes.values()))
     parameters = [*vision.parameters(), *probe.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
@@ -147,12 +170,13 @@ def pretrain_vision_tower(model, image_processor, steps: int, batch_size: int = 
                                                             return_dict=True).pooler_output)
         labels = [patch_attributes(shapes, masks, (int(g[1]) // merge, int(g[2]) // merge))
                   for (shapes, _, masks), g in zip(scenes, inputs["image_grid_thw"])]
-        logits = probe(features).split([len(v) for v in PATCH_ATTRIBUTES.values()], -1)
+        logits = probe(features).split(list(classes.values()), -1)
         loss, accuracy = 0.0, {}
         foreground = torch.cat([label["kind"].flatten() for label in labels]) > 0
-        for name, name_logits in zip(PATCH_ATTRIBUTES, logits):
+        for name, name_logits in zip(classes, logits):
             target = torch.cat([label[name].flatten() for label in labels])
-            loss = loss + F.cross_entropy(name_logits, target, ignore_index=-100)
+            weight = torch.tensor([1.0, CENTRE_WEIGHT]) if name == "centre" else None
+            loss = loss + F.cross_entropy(name_logits, target, weight=weight, ignore_index=-100)
             accuracy[name] = (name_logits.argmax(-1) == target)[foreground].float().mean().item()
         optimizer.zero_grad()
         loss.backward()
@@ -161,7 +185,7 @@ def pretrain_vision_tower(model, image_processor, steps: int, batch_size: int = 
         schedule.step()
         window.append(accuracy)
         if step % log_every == 0 or step == steps:
-            history.append({"step": step, **{n: sum(a[n] for a in window) / len(window) for n in PATCH_ATTRIBUTES}})
+            history.append({"step": step, **{n: sum(a[n] for a in window) / len(window) for n in classes}})
             window = []
             if log is not None:
                 log(history[-1])
@@ -383,15 +407,7 @@ and masks that are real. {verdict}
 
 **How it was built** (`python -m stamp_hf.synthetic.build --ship demo_model` in the stamp-hf repository; nothing
 downloaded; times on a 2-core CPU, {threads} torch threads, measured by the script around each stage):
-1. *Base vision tower* ({vision_steps} steps of 16 scenes, {vision_minutes:.1f} min): the stand-in for Qwen2-VL's
-   pretrained ViT. A linear probe, thrown away afterwards, taught it each patch's shape kind, colour and size, no
-   language (final patch accuracy: kind {vision_kind:.1f} %, colour {vision_colour:.1f} %, size {vision_size:.1f} %).
-   Then the features' main directions were evened out (a partial whitening folded into the merger, so that colour
-   counts as much as kind) and brought to the token embeddings' length.
-2. *Base dialogue* ({dialogue_steps} steps of batch 8, {dialogue_minutes:.1f} min): the stand-in for Qwen2-VL-Instruct.
-   The language model learned to answer questions about scenes (counts, colours, kinds, sizes, positions,
-   existence, descriptions) from a LLaVA-format export written through `stamp-hf prepare-data` (answer-token
-   accuracy at the end {dialogue_accuracy:.1f} %). The result is a plain `qwen2_vl` checkpoint.
+{base_steps}
 3. `stamp-hf init BASE STAMP --min-placeholders 144 --max-placeholders 256`: the four STAMP tokens and the mask head.
 4. `stamp-hf train` ({v2_steps} steps of batch 8, {stamp_v2_minutes:.1f} min): a gRefCOCO-format export of the scenes
    through `stamp-hf prepare-data` (the paper's Prompt S1 templates; present and absent targets asked alike), mixed
@@ -533,6 +549,38 @@ def mask_loss_course(train: dict, step: int) -> str:
     return f", as step {step}'s mask loss went from {start:.2f} (its first tenth of steps) to {end:.2f} (its last)"
 
 
+TARGET_TEXT = {"kind": "shape kind", "colour": "colour", "size": "size",
+               "column": "column of its shape's centre (of 8)", "row": "row of its shape's centre (of 8)",
+               "centre": "whether it holds a shape's centre"}
+DIALOGUE_DATA_TEXT = {"llava-v2": "a LLaVA-format export written through `stamp-hf prepare-data`",
+                      "questions-v3": "every question of the v3 training data (its LLaVA export and the generator's "
+                                      "conversations)"}
+
+
+def vision_targets_text(targets) -> str:
+    """"each patch's shape kind, colour and size" for the targets the vision stage recorded."""
+    words = [TARGET_TEXT[name] for name in targets]
+    return "each patch's " + (", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0])
+
+
+def base_steps(vision: dict, dialogue: dict, timing: dict) -> str:
+    """The card's steps 1-2 (the base's vision and dialogue stages) from their records."""
+    accuracy = ", ".join(f"{k} {100 * v:.1f} %" for k, v in vision["history"][-1].items() if k != "step")
+    return wrap_step(
+        f"1. *Base vision tower* ({vision['steps']} steps of 16 scenes, {timing['vision'] / 60:.1f} min): the stand-in "
+        f"for Qwen2-VL's pretrained ViT. A linear probe, thrown away afterwards, taught it "
+        f"{vision_targets_text(vision.get('targets', SHAPE_TARGETS))}, no language (final patch accuracy: "
+        f"{accuracy}). Then the features' main directions were evened out (a partial whitening folded into the "
+        f"merger, so that colour counts as much as kind) and brought to the token embeddings' length."
+    ) + wrap_step(
+        f"2. *Base dialogue* ({dialogue['steps']} steps of batch 8, {timing['dialogue'] / 60:.1f} min): the stand-in "
+        f"for Qwen2-VL-Instruct. The language model learned to answer questions about scenes (counts, colours, "
+        f"kinds, sizes, positions, existence, relations, descriptions; answer-token accuracy at the end "
+        f"{100 * dialogue['history'][-1]['answer_token_accuracy']:.1f} %) from "
+        f"{DIALOGUE_DATA_TEXT[dialogue.get('data', 'llava-v2')]}. The result is a plain `qwen2_vl` checkpoint."
+    ).rstrip("\n")
+
+
 def write_demo_card(model_folder, target, summary: dict, results_table: str, ablation_table: str | None) -> Path:
     """Copy a trained demo model to `target` (refused if it exists) and write its model card (README.md) from the
     `summary` stamp_hf.synthetic.build keeps (every stage's record, the results and their references)."""
@@ -561,11 +609,7 @@ def write_demo_card(model_folder, target, summary: dict, results_table: str, abl
     (target / "README.md").write_text(CARD.format(
         params=params, vision_depth=vision_config["depth"], patch=vision_config["patch_size"],
         layers=text["num_hidden_layers"], hidden=text["hidden_size"], vocab=text["vocab_size"], verdict=verdict,
-        threads=vision["threads"], vision_steps=vision["steps"], vision_minutes=timing["vision"] / 60,
-        vision_kind=100 * vision["history"][-1]["kind"], vision_colour=100 * vision["history"][-1]["colour"],
-        vision_size=100 * vision["history"][-1]["size"], dialogue_steps=dialogue["steps"],
-        dialogue_minutes=timing["dialogue"] / 60,
-        dialogue_accuracy=100 * dialogue["history"][-1]["answer_token_accuracy"], steps=summary["stamp"]["steps"],
+        threads=vision["threads"], base_steps=base_steps(vision, dialogue, timing), steps=summary["stamp"]["steps"],
         v2_steps=summary["stamp_v2"]["steps"], stamp_v2_minutes=timing["stamp_v2"] / 60,
         learning_rate=summary["stamp"]["learning_rate"], limits=demo_limits(results), measured=demo_measured(summary),
         conversation_step=conversation_step(summary), rebalance_steps=rebalance_steps(summary),
