@@ -543,6 +543,27 @@ def test_questions_stage_gathers_every_question_only_record_of_the_v3_training_d
         tmp_path / "data" / "dialogue_train.jsonl"
 
 
+def test_a_base_cached_before_its_settings_were_recorded_counts_as_built_with_the_earlier_ones(tmp_path):
+    """A base-vision or base record from before --vision-targets / --dialogue-data / --dialogue-learning-rate existed
+    was built with shape targets, the v2 LLaVA export and 1e-3: reused when a run asks the same, refused by name (not
+    reused silently) when it asks otherwise."""
+    import argparse
+
+    from stamp_hf.synthetic import build
+
+    for stage, record in (("base-vision", dict(steps=2)), ("base", dict(steps=2))):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "result.json").write_text(json.dumps(dict(record, history=[])))
+    assert build.vision_stage(tmp_path, 2, ["kind", "colour", "size"])["targets"] == ["kind", "colour", "size"]
+    with pytest.raises(SystemExit, match=r"base-vision was built with targets=\['kind', 'colour', 'size'\]"):
+        build.vision_stage(tmp_path, 2, ["kind", "colour", "size", "column", "row", "centre"])
+    args = argparse.Namespace(out=tmp_path, dialogue_steps=2, dialogue_data="llava-v2", dialogue_learning_rate=1e-3)
+    assert build.dialogue_stage(args)["data"] == "llava-v2"
+    with pytest.raises(SystemExit, match=r"base was built with learning_rate=0.001 but this run asks learning_rate=0.002"):
+        build.dialogue_stage(argparse.Namespace(**dict(vars(args), dialogue_learning_rate=2e-3)))
+    assert {p.name for p in tmp_path.iterdir()} == {"base-vision", "base"}  # nothing built, nothing removed
+
+
 def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_path, capsys):
     """`python -m stamp_hf.synthetic.build --ship DIR` from nothing, at toy sizes: data, vision, dialogue, the five
     `stamp-hf train` runs (v2, v3, v3 plus fresh conversations, two rebalance rounds), the evaluation and the card; the

@@ -112,11 +112,13 @@ def cli(*arguments, threads: int | None = None, log: Path | None = None) -> None
         subprocess.run(command, check=True, env=env, stdout=output, stderr=subprocess.STDOUT)
 
 
-def same_settings(folder: Path, result: dict, asked: dict) -> dict:
+def same_settings(folder: Path, result: dict, asked: dict, earlier: dict | None = None) -> dict:
     """A cached stage's `result`, refused when it records a setting other than the one this run asks: stages are cached
     by folder, so a changed setting (a sample count, a learning rate) would otherwise reuse the old stage silently.
-    Settings the result does not record (caches written before they were) are not compared."""
+    A setting the result does not record (a cache written before it was) counts as its value in `earlier`, what every
+    build before it used; one not there either is not compared."""
     asked = json.loads(json.dumps(asked, default=str))  # as the result.json stores them: lists, strings
+    result = {**json.loads(json.dumps(earlier or {}, default=str)), **result}
     differ = [key for key, value in asked.items() if key in result and result[key] != value]
     if differ:
         raise SystemExit(f"{folder} was built with " + ", ".join(f"{k}={result[k]!r}" for k in differ)
@@ -125,12 +127,12 @@ def same_settings(folder: Path, result: dict, asked: dict) -> dict:
     return result
 
 
-def cached(folder: Path, build, settings: dict | None = None) -> dict:
+def cached(folder: Path, build, settings: dict | None = None, earlier: dict | None = None) -> dict:
     """The result.json of a stage in `folder`, built by `build(folder)` (into a fresh folder) when missing. `settings`
-    are recorded in it and checked against a cached one (same_settings)."""
+    are recorded in it and checked against a cached one (same_settings, with `earlier`)."""
     result_file = folder / "result.json"
     if result_file.exists():
-        return same_settings(folder, json.loads(result_file.read_text()), settings or {})
+        return same_settings(folder, json.loads(result_file.read_text()), settings or {}, earlier)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     start = time.perf_counter()
@@ -149,7 +151,8 @@ def vision_stage(out: Path, steps: int, targets) -> dict:
         save_base(model, processor, folder / "model")
         return dict(steps=steps, history=history)
 
-    return cached(out / "base-vision", build, dict(steps=steps, targets=list(targets)))
+    return cached(out / "base-vision", build, dict(steps=steps, targets=list(targets)),
+                  earlier=dict(targets=list(SHAPE_TARGETS)))
 
 
 def data_stage(out: Path, args, version: str) -> dict:
@@ -250,7 +253,8 @@ def dialogue_stage(args) -> dict:
         return dict(steps=args.dialogue_steps, history=history)
 
     return cached(args.out / "base", build, dict(steps=args.dialogue_steps, data=args.dialogue_data,
-                                                 learning_rate=args.dialogue_learning_rate))
+                                                 learning_rate=args.dialogue_learning_rate),
+                  earlier=dict(data="llava-v2", learning_rate=1e-3))
 
 
 def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: int = 0, overrides=None,
