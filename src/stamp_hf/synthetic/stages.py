@@ -552,9 +552,12 @@ def mask_loss_course(train: dict, step: int) -> str:
 TARGET_TEXT = {"kind": "shape kind", "colour": "colour", "size": "size",
                "column": "column of its shape's centre (of 8)", "row": "row of its shape's centre (of 8)",
                "centre": "whether it holds a shape's centre"}
-DIALOGUE_DATA_TEXT = {"llava-v2": "a LLaVA-format export written through `stamp-hf prepare-data`",
-                      "questions-v3": "every question of the v3 training data (its LLaVA export and the generator's "
-                                      "conversations)"}
+# (the question kinds, where they came from) of each --dialogue-data
+DIALOGUE_DATA_TEXT = {"llava-v2": ("counts, colours, kinds, sizes, positions, existence, descriptions",
+                                   "a LLaVA-format export written through `stamp-hf prepare-data`"),
+                      "questions-v3": ("counts, colours, kinds, sizes, positions, existence, relations, descriptions",
+                                       "every question of the v3 training data (its LLaVA export and the generator's "
+                                       "conversations)")}
 
 
 def vision_targets_text(targets) -> str:
@@ -566,6 +569,7 @@ def vision_targets_text(targets) -> str:
 def base_steps(vision: dict, dialogue: dict, timing: dict) -> str:
     """The card's steps 1-2 (the base's vision and dialogue stages) from their records."""
     accuracy = ", ".join(f"{k} {100 * v:.1f} %" for k, v in vision["history"][-1].items() if k != "step")
+    kinds, source = DIALOGUE_DATA_TEXT[dialogue.get("data", "llava-v2")]
     return wrap_step(
         f"1. *Base vision tower* ({vision['steps']} steps of 16 scenes, {timing['vision'] / 60:.1f} min): the stand-in "
         f"for Qwen2-VL's pretrained ViT. A linear probe, thrown away afterwards, taught it "
@@ -574,10 +578,9 @@ def base_steps(vision: dict, dialogue: dict, timing: dict) -> str:
         f"merger, so that colour counts as much as kind) and brought to the token embeddings' length."
     ) + wrap_step(
         f"2. *Base dialogue* ({dialogue['steps']} steps of batch 8, {timing['dialogue'] / 60:.1f} min): the stand-in "
-        f"for Qwen2-VL-Instruct. The language model learned to answer questions about scenes (counts, colours, "
-        f"kinds, sizes, positions, existence, relations, descriptions; answer-token accuracy at the end "
-        f"{100 * dialogue['history'][-1]['answer_token_accuracy']:.1f} %) from "
-        f"{DIALOGUE_DATA_TEXT[dialogue.get('data', 'llava-v2')]}. The result is a plain `qwen2_vl` checkpoint."
+        f"for Qwen2-VL-Instruct. The language model learned to answer questions about scenes ({kinds}; answer-token "
+        f"accuracy at the end {100 * dialogue['history'][-1]['answer_token_accuracy']:.1f} %) from {source}. The "
+        f"result is a plain `qwen2_vl` checkpoint."
     ).rstrip("\n")
 
 
