@@ -517,6 +517,18 @@ def test_conversation_stage_trains_on_fresh_questions_chats_and_several_target_r
     assert state["global_step"] == 1 and state["log_history"][-1]["epoch"] == pytest.approx(1 / math.ceil((mix + len(records)) / 8))
 
 
+def test_a_stage_stopped_before_its_first_checkpoint_starts_its_timing_again(tmp_path):
+    """A `stamp-hf train` part stopped before it saved any checkpoint left an open part in parts.json; the rerun
+    trains every step again, so only the new part is timed (the open one once made the stage's record fail)."""
+    from stamp_hf.synthetic.build import start_training_part
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "parts.json").write_text(json.dumps([dict(from_step=0, started=1.0)]))
+    parts = start_training_part(tmp_path, resume=False)
+    assert len(parts) == 1 and parts[0]["from_step"] == 0 and parts[0]["started"] > 1.0
+    assert json.loads((tmp_path / "parts.json").read_text()) == parts
+
+
 def test_questions_stage_gathers_every_question_only_record_of_the_v3_training_data(tmp_path):
     """--dialogue-data questions-v3: the dialogue stage's data is every question-only record (no mask, task vqa) of
     the v3 LLaVA export, the generator's train split and the extra conversations, images made absolute; cached with

@@ -321,8 +321,9 @@ def start_training_part(folder: Path, resume: bool) -> list[dict]:
     stage's time is its whole. A checkpoint no recorded part wrote (a build from before parts were recorded) gives an
     untimed part (seconds None). The parts so far, the new one last (without its seconds yet)."""
     parts_file = folder / "parts.json"
-    parts = json.loads(parts_file.read_text()) if parts_file.exists() else []
     checkpoint = Path(resume_checkpoint(True, folder / "model")) if resume else None
+    # without a checkpoint every step is trained again: a part stopped before its first one counts for nothing
+    parts = json.loads(parts_file.read_text()) if parts_file.exists() and checkpoint else []
     from_step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
     if checkpoint and parts and "seconds" not in parts[-1]:
         saved = (checkpoint / "trainer_state.json").stat().st_mtime  # Trainer writes it last
