@@ -18,7 +18,6 @@ makes them; other build settings after the benchmark's own, such as --vision-tar
 """
 
 import argparse
-import collections
 import json
 import math
 import os
@@ -28,24 +27,10 @@ from pathlib import Path
 
 import torch
 
-from stamp_hf.evaluation import normalize_answer
-from stamp_hf.processing_stamp import load_image, user_turn
 from stamp_hf.synthetic import build
-from stamp_hf.synthetic.stages import base_processor, train_dialogue
+from stamp_hf.synthetic.stages import base_processor, base_vqa_exact, single_questions, train_dialogue
 
 SEEN_QUESTIONS = 150
-
-
-def held_out_questions(data: Path, sets=("test", "drawn")) -> list[tuple]:
-    """(image path, question, answer, set/kind) of the single-question records of the held-out sets."""
-    items = []
-    for name in sets:
-        for line in (data / f"{name}.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            if record["task"] == "vqa" and len(record["messages"]) == 2:
-                question, reply = record["messages"]
-                items.append((data / record["image"], question["content"], reply["content"], f"{name}/{reply['kind']}"))
-    return items
 
 
 def language_model(vision_folder: Path, layers: int, text_settings: dict):
@@ -76,24 +61,6 @@ def parse_config(config: str) -> tuple[int, float, dict]:
     return int(layers), float(learning_rate), {k: int(v) for k, v in settings.items()}
 
 
-@torch.no_grad()
-def vqa_exact(model, processor, items) -> dict:
-    """% exact answers per set/kind, per set and overall, of greedy answers (the plain base has no masks to
-    post-process: the text up to its end-of-turn token)."""
-    stop = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    model.eval()
-    hits = collections.defaultdict(list)
-    for image, question, reply, key in items:
-        inputs, _ = processor.encode_chat([user_turn([load_image(image, upright=False)], question)])
-        ids = model.generate(**inputs, max_new_tokens=40, do_sample=False, eos_token_id=stop, pad_token_id=stop)
-        text = processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        hit = normalize_answer(text) == normalize_answer(reply)
-        for group in {key, key.split("/")[0], "all"}:
-            hits[group].append(hit)
-    model.train()
-    return {group: round(100 * sum(h) / len(h), 1) for group, h in sorted(hits.items())}
-
-
 def run(config: str, steps: int, eval_at: set, vision: Path, questions: Path, held_out: list, log) -> dict:
     """One configuration "LAYERS:LEARNING_RATE": train_dialogue for `steps`, scored at each of `eval_at`."""
     from transformers import AutoTokenizer
@@ -114,7 +81,7 @@ def run(config: str, steps: int, eval_at: set, vision: Path, questions: Path, he
         if entry["step"] in eval_at:
             trained = time.perf_counter() - start - sum(p["scoring_seconds"] for p in points)
             scoring = time.perf_counter()
-            held, fit = vqa_exact(model, processor, held_out), vqa_exact(model, processor, seen)
+            held, fit = base_vqa_exact(model, processor, held_out), base_vqa_exact(model, processor, seen)
             points.append(dict(step=entry["step"], train_minutes=round(trained / 60, 1), loss=entry["loss"],
                                held_out=held, seen=fit["seen"], scoring_seconds=time.perf_counter() - scoring))
             log(dict(config=config, **{k: v for k, v in points[-1].items() if k != "held_out"},
@@ -160,7 +127,7 @@ def main(argv=None):
     build_args = build.argument_parser().parse_args(["--out", str(args.out), *build_argv])
     build.vision_stage(args.out, build_args.vision_steps, build_args.vision_targets)
     questions = build.questions_stage(args.out, build_args)
-    held_out = held_out_questions(build.data_folder(args.out, "v3"), args.sets)
+    held_out = single_questions(build.data_folder(args.out, "v3"), args.sets)
     runs = {}
     for config in args.configs:
         runs[config] = run(config, args.steps, set(args.eval_at), args.out / "base-vision" / "model", questions,

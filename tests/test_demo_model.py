@@ -297,6 +297,34 @@ def test_dialogue_training_lowers_the_answer_loss_on_prepared_llava_data(tmp_pat
     assert all(torch.equal(vision[k], v) for k, v in model.model.visual.state_dict().items())
 
 
+def test_base_vqa_exact_scores_single_questions_per_set_and_kind(tmp_path):
+    """The build's base-answers score (also benchmarks/demo_dialogue.py's): single_questions keeps exactly the
+    held-out records that ask one question; a base taught one answer by heart gives it exactly (100 %), the same
+    question with another record's answer as the truth scores 0, counted per set/kind, per set and overall."""
+    from stamp_hf.synthetic.scenes import write_split
+    from stamp_hf.synthetic.stages import base_vqa_exact, build_base, single_questions, train_dialogue
+
+    write_split(tmp_path, "test", 20, version="v3")
+    records = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    asked = [r for r in records if r["task"] == "vqa" and len(r["messages"]) == 2]
+    assert asked and len(asked) < len(records)  # the others are chats, requests or several questions
+    items = single_questions(tmp_path, sets=("test",))
+    assert [(i[1], i[2], i[3]) for i in items] == [
+        (r["messages"][0]["content"], r["messages"][1]["content"], f"test/{r['messages'][1]['kind']}") for r in asked]
+    (tmp_path / "learn.jsonl").write_text(json.dumps(dict(asked[0], image=str(tmp_path / asked[0]["image"]))) + "\n")
+    model, processor = build_base(seed=0)
+    history = train_dialogue(model, processor, tmp_path / "learn.jsonl", steps=30, batch_size=1, learning_rate=3e-3,
+                             log_every=10)
+    assert history[-1]["answer_token_accuracy"] == 1.0 and model.training, history
+    known = items[0]
+    other = next(reply for _, _, reply, _ in items if reply != known[2])
+    assert base_vqa_exact(model, processor, [known]) == {"all": 100.0, "test": 100.0, known[3]: 100.0}
+    assert model.training  # left as it was
+    wrong = [known[:2] + (other, "drawn/x"), known[:2] + (other, "drawn/y"), known[:2] + (known[2], "drawn/y")]
+    assert base_vqa_exact(model, processor, [known, *wrong]) == {
+        "all": 50.0, "test": 100.0, known[3]: 100.0, "drawn": round(100 / 3, 1), "drawn/x": 0.0, "drawn/y": 50.0}
+
+
 def test_demo_card_states_the_run_it_was_given_and_never_overwrites(tmp_path):
     """write_demo_card (the last step of python -m stamp_hf.synthetic.build --ship): the card carries the given run's figures
     and the verdict they earn, training leftovers stay behind, and an existing folder is refused."""
@@ -585,6 +613,7 @@ def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_p
     from transformers import AutoModel, AutoProcessor
 
     from stamp_hf.synthetic import build, seed_caches
+    from stamp_hf.synthetic.stages import single_questions
 
     out, ship = tmp_path / "runs", tmp_path / "shipped"
     argv = ["--out", str(out), "--vision-steps", "2", "--vision-targets", "kind", "colour", "size", "column", "row",
@@ -619,6 +648,11 @@ def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_p
     flat = " ".join(steps.split())
     assert "row of its shape's centre (of 8) and whether it holds a shape's centre" in flat
     assert "from every question of the v3 training data" in flat and summary["dialogue"]["data"] == "questions-v3"
+    asked = single_questions(out / "data-v3")
+    answers = summary["base_answers"]
+    assert asked and answers["records"] == len(asked)
+    assert set(answers["exact"]) == {"all", *(key for *_, key in asked), *(key.split("/")[0] for *_, key in asked)}
+    assert f"Asked the held-out sets' {len(asked)} single-question records, it answered exactly " in flat
     assert (ship / "model.safetensors").is_file() and not list(ship.glob("checkpoint-*"))
     model = AutoModel.from_pretrained(ship, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(ship, trust_remote_code=True)
@@ -628,7 +662,7 @@ def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_p
     assert "| cIoU |" in printed and "| every turn of every record |" in printed
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
     assert {p.parent.name for p in stamps} == {"data", "data-v3", "data-v3-conversations", "questions-v3",
-                                               "base-vision", "base", "stamp-2", "stamp-2-v3-2", third.name,
+                                               "base-vision", "base", "base-answers", "stamp-2", "stamp-2-v3-2", third.name,
                                                fourth.name, final.name}
     again = build.main(argv)
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == stamps
@@ -641,8 +675,8 @@ def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_p
     seeded_out = tmp_path / "seeded"
     seed_caches.main(["--out", str(seeded_out), "--summary", str(out / "summary.json"), "--model", str(ship)])
     seeded = {p: p.read_text() for p in seeded_out.glob("*/result.json")}
-    assert {p.parent.name for p in seeded} == {"base-vision", "base", "stamp-2", "stamp-2-v3-2", third.name, fourth.name,
-                                               final.name}
+    assert {p.parent.name for p in seeded} == {"base-vision", "base", "base-answers", "stamp-2", "stamp-2-v3-2",
+                                               third.name, fourth.name, final.name}
     assert all(json.loads(text)["seeded_from"].startswith("summary.json at ") for text in seeded.values())
     rebuilt = build.main([*argv[:1], str(seeded_out), *argv[2:], "--ship", str(tmp_path / "reshipped")])
     assert {p: p.read_text() for p in seeded_out.glob("*/result.json") if p in seeded} == seeded  # nothing retrained
@@ -650,6 +684,7 @@ def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_p
         return {name: {k: v for k, v in result.items() if k != "seconds"} for name, result in results.items()}
 
     assert figures(rebuilt["results"]) == figures(summary["results"]) and rebuilt["references"] == summary["references"]
+    assert rebuilt["base_answers"]["exact"] == answers["exact"]  # seeded: the base itself is not there to score
     assert "Steps 5-8 are the ones recorded in summary.json at " in (tmp_path / "reshipped" / "README.md").read_text()
     with pytest.raises(SystemExit, match="already there"):
         seed_caches.main(["--out", str(seeded_out), "--summary", str(out / "summary.json"), "--model", str(ship)])

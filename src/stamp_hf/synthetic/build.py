@@ -17,9 +17,10 @@ Stages (each built only when a later one needs it and it is not cached):
   vision    the base's vision tower learns every patch's shape kind, colour and size (no language), then its
             features' main directions are evened out (balance_features): the stand-in for Qwen2-VL's pretrained
             vision tower.
-  dialogue  the base learns to answer questions about scenes (the prepared v2 LLaVA export): the stand-in for
-            Qwen2-VL-Instruct. The result is a plain `qwen2_vl` checkpoint that transformers' own
-            Qwen2VLForConditionalGeneration loads.
+  dialogue  the base learns to answer questions about scenes (--dialogue-data: the prepared v2 LLaVA export, or
+            every v3 question): the stand-in for Qwen2-VL-Instruct. The result is a plain `qwen2_vl` checkpoint
+            that transformers' own Qwen2VLForConditionalGeneration loads. Then its answers to the held-out sets'
+            single-question records are scored (out/base-answers), for the card.
   init      `stamp-hf init BASE STAMP_INIT --min-placeholders 144 --max-placeholders 256`.
   train     `stamp-hf train` on the prepared v2 referring data mixed with the dialogue and chat data (the paper's
             "Dialogue & Seg." column), the vision tower frozen, the mask loss on the upsampled masks (--v2-steps);
@@ -54,10 +55,12 @@ from .drawn import write_drawn_set
 from .scoring import evaluate_conversations
 from .scenes import write_dialogue_export, write_refer_export, write_split
 from .stages import (
+    DIALOGUE_DATA_TEXT,
     PATCH_ATTRIBUTES,
     SHAPE_TARGETS,
     balance_features,
     base_processor,
+    base_vqa_exact,
     build_base,
     demo_tokenizer,
     evaluate_demo,
@@ -66,6 +69,7 @@ from .stages import (
     pretrain_vision_tower,
     TRAIN_FILES,
     save_base,
+    single_questions,
     train_dialogue,
     train_seconds,
     write_demo_card,
@@ -223,11 +227,6 @@ def questions_stage(out: Path, args) -> Path:
     return folder / "questions.jsonl"
 
 
-DIALOGUE_DATA = {"llava-v2": "the v2 data's LLaVA export (what the shipped demo model's base learned from)",
-                 "questions-v3": "every question-only record of the v3 training data, all eight kinds "
-                                 "(questions_stage)"}
-
-
 def dialogue_data(args) -> Path:
     """The .jsonl the dialogue stage trains on, as --dialogue-data names it (built when missing)."""
     if args.dialogue_data == "questions-v3":
@@ -255,6 +254,30 @@ def dialogue_stage(args) -> dict:
     return cached(args.out / "base", build, dict(steps=args.dialogue_steps, data=args.dialogue_data,
                                                  learning_rate=args.dialogue_learning_rate),
                   earlier=dict(data="llava-v2", learning_rate=1e-3))
+
+
+def base_answers_stage(args) -> dict | None:
+    """How well the base (out/base/model) answers the held-out sets' single-question records (stages.base_vqa_exact):
+    the dialogue it brings to `stamp-hf init`, which the card sets beside the trained model's. Cached as
+    out/base-answers with the base's settings, so a base built again otherwise is not scored by an old record. None
+    when the base is not there to score (caches seeded from a summary that holds no such record)."""
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    base, folder = args.out / "base" / "model", args.out / "base-answers"
+    if not (folder / "result.json").exists() and not (base / "config.json").exists():
+        return None
+    data = data_folder(args.out, "v3")
+    data_stage(args.out, args, "v3")
+
+    def build(folder):
+        model = Qwen2VLForConditionalGeneration.from_pretrained(base)
+        processor = base_processor(Qwen2VLImageProcessor.from_pretrained(base), AutoTokenizer.from_pretrained(base))
+        items = single_questions(data)
+        return dict(records=len(items), exact=base_vqa_exact(model, processor, items))
+
+    return cached(folder, build, dict(base=dict(steps=args.dialogue_steps, data=args.dialogue_data,
+                                                learning_rate=args.dialogue_learning_rate)))
 
 
 def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: int = 0, overrides=None,
@@ -569,9 +592,9 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vision-targets", nargs="+", choices=list(PATCH_ATTRIBUTES), default=list(SHAPE_TARGETS),
                         help="what the vision stage's probe tells on every patch (stages.PATCH_ATTRIBUTES)")
     parser.add_argument("--dialogue-steps", type=int, default=800, help="steps of the dialogue stage (batch 8)")
-    parser.add_argument("--dialogue-data", choices=list(DIALOGUE_DATA), default="llava-v2",
-                        help="what the dialogue stage learns to answer: " + "; ".join(
-                            f"{name}: {what}" for name, what in DIALOGUE_DATA.items()))
+    parser.add_argument("--dialogue-data", choices=list(DIALOGUE_DATA_TEXT), default="llava-v2",
+                        help="what the dialogue stage learns to answer (default: the shipped demo model's): "
+                        + "; ".join(f"{name}: {source}, asking {kinds}" for name, (kinds, source) in DIALOGUE_DATA_TEXT.items()))
     parser.add_argument("--dialogue-learning-rate", type=float, default=1e-3,
                         help="peak learning rate of the dialogue stage (benchmarks/demo_dialogue.py compares some)")
     parser.add_argument("--v2-steps", type=int, default=8000,
@@ -623,6 +646,9 @@ def main(argv=None):
     data_result = data_stage(args.out, args, "v3")
     data = data_folder(args.out, "v3")
     print("== data", json.dumps(data_result), flush=True)
+    base_answers = base_answers_stage(args)
+    if base_answers:
+        print("== base answers (VQA exact %)", json.dumps(base_answers["exact"]), flush=True)
     names = train_stage_names(args.v2_steps, args.steps, args.conversation_steps, args.rebalance_steps)
     name = names["stamp"]
     stamp = stamp_stage(args.out, name, data, args.out / "base" / "model", args.steps,
@@ -662,7 +688,8 @@ def main(argv=None):
         runs = ablation(args, data)
         print(f"\nTable 6 at this scale: each run {args.ablation_steps} steps from the same base\n")
         print(ablation_table(runs))
-    summary = dict(data=data_result, vision=stages["vision"], dialogue=stages["dialogue"], stamp_v2=stages["stamp_v2"],
+    summary = dict(data=data_result, vision=stages["vision"], dialogue=stages["dialogue"], base_answers=base_answers,
+                   stamp_v2=stages["stamp_v2"],
                    stamp=stamp, conversations=conversations, rebalance=rebalance, results=results, references=refs,
                    timing_seconds=timing,
                    ablation=runs,

@@ -4,9 +4,9 @@ hours of CPU less than a rebuild from nothing.
 
     .venv/bin/python -m stamp_hf.synthetic.seed_caches [--out runs/demo] [--summary FILE] [--model demo_model]
 
-Seeded: the vision, dialogue and every `stamp-hf train` stage's result.json as the summary recorded them (each marked
-"seeded_from"), the last trained stage's model folder (a copy of the shipped model) and the ablation runs' records
-and evaluations. Not seeded: the data stages and the references, which the build draws and measures again (they are
+Seeded: the vision, dialogue, base-answers (when the summary has it) and every `stamp-hf train` stage's result.json
+as the summary recorded them (each marked "seeded_from"), the last trained stage's model folder (a copy of the
+shipped model) and the ablation runs' records and evaluations. Not seeded: the data stages and the references, which the build draws and measures again (they are
 deterministic, so their figures must come out as the summary has them), and the base models (vision, dialogue):
 an ablation run the summary does not hold makes the build build the base again (build.unseed_base_for_ablation).
 Refused where a seeded folder exists.
@@ -30,7 +30,8 @@ def stage_records(summary: dict) -> dict[str, dict]:
     trained = dict(stamp_v2=summary["stamp_v2"], stamp=summary["stamp"],
                    conversations=(summary.get("conversations") or {}).get("train"),
                    **{rebalance_key(index): record for index, record in enumerate(rebalance_rounds(summary))})
-    return {"base-vision": summary["vision"], "base": summary["dialogue"],
+    answers = {"base-answers": summary["base_answers"]} if summary.get("base_answers") else {}
+    return {"base-vision": summary["vision"], "base": summary["dialogue"], **answers,
             **{name: trained[stage] for stage, name in names.items()}}
 
 

@@ -105,7 +105,8 @@ def save_base(model, processor: STAMPProcessor, folder) -> Path:
 # What the vision tower learns to tell on every patch before any language: the kind of the shape on it (or
 # background), its colour and its size, and where in the image (column and row, in POSITION_BINS of the width and
 # height) the thing on it is: the shape's centre on a shape's patches, the patch itself on background; and whether
-# the patch holds a shape's centre (one patch per shape: what lets attention count shapes rather than patches).
+# the patch holds a shape's centre (one patch per shape, meant to let attention count shapes rather than patches;
+# unmeasured: with all six targets the dialogue probe learned slower, benchmarks/results/demo_dialogue_levers_cpu.json).
 POSITION_BINS = 8
 PATCH_ATTRIBUTES = {"kind": ("background", *SHAPES), "colour": COLOURS, "size": tuple(SIZES),
                     "column": tuple(range(POSITION_BINS)), "row": tuple(range(POSITION_BINS)),
@@ -297,6 +298,39 @@ def answer(model, processor, image, question: str, max_new_tokens: int = 40) -> 
                                                   model.config.mask_threshold,
                                                   stop_ids=model.generation_config.eos_token_id)
     return result["text"].strip()
+
+
+def single_questions(data, sets=("test", "drawn")) -> list[tuple]:
+    """(image path, question, answer, "set/kind") of every record of the held-out `sets` under `data` that asks one
+    question and nothing else: what a plain base (no masks) can be scored on."""
+    items = []
+    for name in sets:
+        for record in read_tasks(Path(data) / f"{name}.jsonl"):
+            if record["task"] == "vqa" and len(record["messages"]) == 2:
+                question, reply = record["messages"]
+                items.append((Path(data) / record["image"], question["content"], reply["content"],
+                              f"{name}/{reply['kind']}"))
+    return items
+
+
+@torch.no_grad()
+def base_vqa_exact(model, processor, items) -> dict:
+    """% exact (evaluation.normalize_answer) greedy answers of a plain base (a qwen2_vl model, no masks: its text up to
+    the end-of-turn token) to `items` of single_questions, per "set/kind", per set and "all". Leaves the model in the
+    mode it was in."""
+    from ..evaluation import normalize_answer
+
+    stop = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    training, hits = model.training, {}
+    model.eval()
+    for image, question, reply, key in items:
+        inputs, _ = processor.encode_chat([user_turn([load_image(image, upright=False)], question)])
+        ids = model.generate(**inputs, max_new_tokens=40, do_sample=False, eos_token_id=stop, pad_token_id=stop)
+        text = processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        for group in {key, key.split("/")[0], "all"}:
+            hits.setdefault(group, []).append(normalize_answer(text) == normalize_answer(reply))
+    model.train(training)
+    return {group: round(100 * sum(h) / len(h), 1) for group, h in sorted(hits.items())}
 
 
 def _scores(jsonl, predict) -> dict:
@@ -566,8 +600,21 @@ def vision_targets_text(targets) -> str:
     return "each patch's " + (", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0])
 
 
-def base_steps(vision: dict, dialogue: dict, timing: dict) -> str:
-    """The card's steps 1-2 (the base's vision and dialogue stages) from their records."""
+def base_answers_text(answers: dict | None) -> str:
+    """" Asked the held-out sets' N single-question records, it answered exactly A % of the test split's and B % of
+    the drawn set's." from the build's base-answers record; empty without one (or without such records)."""
+    if not answers or not answers["records"]:
+        return ""
+    exact = answers["exact"]
+    shares = [f"{exact[name]:.1f} % of the {what}" for name, what in (("test", "test split's"), ("drawn", "drawn set's"))
+              if name in exact]
+    return (f" Asked the held-out sets' {answers['records']} single-question records, it answered exactly "
+            + " and ".join(shares) + ".")
+
+
+def base_steps(vision: dict, dialogue: dict, timing: dict, answers: dict | None = None) -> str:
+    """The card's steps 1-2 (the base's vision and dialogue stages) from their records; `answers`: the base's
+    base-answers record, when the build has one."""
     accuracy = ", ".join(f"{k} {100 * v:.1f} %" for k, v in vision["history"][-1].items() if k != "step")
     kinds, source = DIALOGUE_DATA_TEXT[dialogue.get("data", "llava-v2")]
     return wrap_step(
@@ -579,8 +626,8 @@ def base_steps(vision: dict, dialogue: dict, timing: dict) -> str:
     ) + wrap_step(
         f"2. *Base dialogue* ({dialogue['steps']} steps of batch 8, {timing['dialogue'] / 60:.1f} min): the stand-in "
         f"for Qwen2-VL-Instruct. The language model learned to answer questions about scenes ({kinds}; answer-token "
-        f"accuracy at the end {100 * dialogue['history'][-1]['answer_token_accuracy']:.1f} %) from {source}. The "
-        f"result is a plain `qwen2_vl` checkpoint."
+        f"accuracy at the end {100 * dialogue['history'][-1]['answer_token_accuracy']:.1f} %) from {source}."
+        f"{base_answers_text(answers)} The result is a plain `qwen2_vl` checkpoint."
     ).rstrip("\n")
 
 
@@ -612,7 +659,7 @@ def write_demo_card(model_folder, target, summary: dict, results_table: str, abl
     (target / "README.md").write_text(CARD.format(
         params=params, vision_depth=vision_config["depth"], patch=vision_config["patch_size"],
         layers=text["num_hidden_layers"], hidden=text["hidden_size"], vocab=text["vocab_size"], verdict=verdict,
-        threads=vision["threads"], base_steps=base_steps(vision, dialogue, timing), steps=summary["stamp"]["steps"],
+        threads=vision["threads"], base_steps=base_steps(vision, dialogue, timing, summary.get("base_answers")), steps=summary["stamp"]["steps"],
         v2_steps=summary["stamp_v2"]["steps"], stamp_v2_minutes=timing["stamp_v2"] / 60,
         learning_rate=summary["stamp"]["learning_rate"], limits=demo_limits(results), measured=demo_measured(summary),
         conversation_step=conversation_step(summary), rebalance_steps=rebalance_steps(summary),
