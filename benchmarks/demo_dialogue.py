@@ -28,17 +28,16 @@ from pathlib import Path
 import torch
 
 from stamp_hf.synthetic import build
-from stamp_hf.synthetic.stages import base_processor, base_vqa_exact, single_questions, train_dialogue
+from stamp_hf.synthetic.stages import base_vqa_exact, load_base, single_questions, train_dialogue
 
 SEEN_QUESTIONS = 150
 
 
-def language_model(vision_folder: Path, layers: int, text_settings: dict):
-    """The vision stage's base with a language model of `layers` layers and `text_settings` (text config fields such
-    as num_key_value_heads or intermediate_size): the weights of matching shape kept, the others new."""
+def language_model(model, layers: int, text_settings: dict):
+    """The vision stage's base `model` with a language model of `layers` layers and `text_settings` (text config
+    fields such as num_key_value_heads or intermediate_size): the weights of matching shape kept, the others new."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    model = Qwen2VLForConditionalGeneration.from_pretrained(vision_folder)
     config = model.config
     if layers == config.text_config.num_hidden_layers and not text_settings:
         return model
@@ -63,12 +62,9 @@ def parse_config(config: str) -> tuple[int, float, dict]:
 
 def run(config: str, steps: int, eval_at: set, vision: Path, questions: Path, held_out: list, log) -> dict:
     """One configuration "LAYERS:LEARNING_RATE": train_dialogue for `steps`, scored at each of `eval_at`."""
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-
     layers, learning_rate, text_settings = parse_config(config)
-    model = language_model(vision, layers, text_settings)
-    processor = base_processor(Qwen2VLImageProcessor.from_pretrained(vision), AutoTokenizer.from_pretrained(vision))
+    model, processor = load_base(vision)
+    model = language_model(model, layers, text_settings)
     seen = []
     for line in questions.read_text().splitlines()[:SEEN_QUESTIONS]:
         record = json.loads(line)

@@ -224,10 +224,11 @@ def test_patch_attributes_label_each_patch_with_the_shape_covering_most_of_it():
 
 def test_base_is_a_plain_qwen2_vl_that_stamp_hf_init_makes_into_stamp(tmp_path):
     """The demo's base: transformers' own Qwen2VLForConditionalGeneration, vision-pretrained (only the vision tower
-    and its merger change), saved as a Hub repo that `stamp-hf init` turns into a STAMP model with its grid bounds."""
+    and its merger change), saved as a Hub repo that load_base reads back whole and `stamp-hf init` turns into a
+    STAMP model with its grid bounds."""
     from transformers import AutoModel, Qwen2VLForConditionalGeneration
 
-    from stamp_hf.synthetic.stages import build_base, pretrain_vision_tower, save_base
+    from stamp_hf.synthetic.stages import build_base, load_base, pretrain_vision_tower, save_base
     from stamp_hf.cli import main as cli
 
     model, processor = build_base(seed=0)
@@ -239,7 +240,13 @@ def test_base_is_a_plain_qwen2_vl_that_stamp_hf_init_makes_into_stamp(tmp_path):
     changed = {name for name, p in model.named_parameters() if not torch.equal(before[name], p)}
     assert changed and all(name.startswith("model.visual.") for name in changed)
     save_base(model, processor, tmp_path / "base")
-    assert type(Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "base")).__name__ == "Qwen2VLForConditionalGeneration"
+    loaded, loaded_processor = load_base(tmp_path / "base")
+    assert type(loaded) is Qwen2VLForConditionalGeneration
+    assert all(torch.equal(value, model.state_dict()[name]) for name, value in loaded.state_dict().items())
+    assert (loaded_processor.min_placeholders, loaded_processor.max_placeholders) == (
+        processor.min_placeholders, processor.max_placeholders)
+    assert loaded_processor.image_processor.size == processor.image_processor.size
+    assert loaded_processor.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
     assert cli(["init", str(tmp_path / "base"), str(tmp_path / "stamp"), "--min-placeholders", "144",
                 "--max-placeholders", "256"]) == 0
     stamp = AutoModel.from_pretrained(tmp_path / "stamp", trust_remote_code=True)

@@ -59,13 +59,13 @@ from .stages import (
     PATCH_ATTRIBUTES,
     SHAPE_TARGETS,
     balance_features,
-    base_processor,
     base_vqa_exact,
     build_base,
     demo_tokenizer,
     evaluate_demo,
     grid_ceiling,
     language_blind_baseline,
+    load_base,
     pretrain_vision_tower,
     TRAIN_FILES,
     save_base,
@@ -237,15 +237,11 @@ def dialogue_data(args) -> Path:
 def dialogue_stage(args) -> dict:
     """The base after instruction tuning on --dialogue-data (dialogue_data), from the vision stage's base: a plain
     qwen2_vl checkpoint in out/base."""
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-
     vision = args.out / "base-vision" / "model"
     jsonl = dialogue_data(args)
 
     def build(folder):
-        model = Qwen2VLForConditionalGeneration.from_pretrained(vision)
-        processor = base_processor(Qwen2VLImageProcessor.from_pretrained(vision), AutoTokenizer.from_pretrained(vision))
+        model, processor = load_base(vision)
         history = train_dialogue(model, processor, jsonl, args.dialogue_steps,
                                  learning_rate=args.dialogue_learning_rate, log=log_json)
         save_base(model.eval(), processor, folder / "model")
@@ -258,12 +254,10 @@ def dialogue_stage(args) -> dict:
 
 def base_answers_stage(args) -> dict | None:
     """How well the base (out/base/model) answers the held-out sets' single-question records (stages.base_vqa_exact):
-    the dialogue it brings to `stamp-hf init`, which the card sets beside the trained model's. Cached as
-    out/base-answers with the base's settings, so a base built again otherwise is not scored by an old record. None
-    when the base is not there to score (caches seeded from a summary that holds no such record)."""
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-
+    the dialogue it brings to `stamp-hf init`, stated in the card's account of the base (the trained model's VQA counts
+    every question turn, a larger item set). Cached as out/base-answers with the base's settings, so a base built again
+    otherwise is not scored by an old record. None when the base is not there to score (caches seeded from a summary
+    that holds no such record)."""
     base, folder = args.out / "base" / "model", args.out / "base-answers"
     if not (folder / "result.json").exists() and not (base / "config.json").exists():
         return None
@@ -271,8 +265,7 @@ def base_answers_stage(args) -> dict | None:
     data_stage(args.out, args, "v3")
 
     def build(folder):
-        model = Qwen2VLForConditionalGeneration.from_pretrained(base)
-        processor = base_processor(Qwen2VLImageProcessor.from_pretrained(base), AutoTokenizer.from_pretrained(base))
+        model, processor = load_base(base)
         items = single_questions(data)
         return dict(records=len(items), exact=base_vqa_exact(model, processor, items))
 

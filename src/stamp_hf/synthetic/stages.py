@@ -83,6 +83,15 @@ def build_base(seed: int = 0, tokenizer=None):
     return model, base_processor(image_processor, tokenizer)
 
 
+def load_base(folder):
+    """The plain Qwen2-VL base that save_base wrote in `folder`, as (model, chat processor)."""
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(folder)
+    return model, base_processor(Qwen2VLImageProcessor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
+
+
 def save_base(model, processor: STAMPProcessor, folder) -> Path:
     """The base as a Qwen2-VL Hub repo holds it: model and generation config, tokenizer, chat template and
     preprocessor_config.json (what `stamp-hf init` reads)."""
@@ -659,7 +668,8 @@ def write_demo_card(model_folder, target, summary: dict, results_table: str, abl
     (target / "README.md").write_text(CARD.format(
         params=params, vision_depth=vision_config["depth"], patch=vision_config["patch_size"],
         layers=text["num_hidden_layers"], hidden=text["hidden_size"], vocab=text["vocab_size"], verdict=verdict,
-        threads=vision["threads"], base_steps=base_steps(vision, dialogue, timing, summary.get("base_answers")), steps=summary["stamp"]["steps"],
+        threads=vision["threads"], base_steps=base_steps(vision, dialogue, timing, summary.get("base_answers")),
+        steps=summary["stamp"]["steps"],
         v2_steps=summary["stamp_v2"]["steps"], stamp_v2_minutes=timing["stamp_v2"] / 60,
         learning_rate=summary["stamp"]["learning_rate"], limits=demo_limits(results), measured=demo_measured(summary),
         conversation_step=conversation_step(summary), rebalance_steps=rebalance_steps(summary),
