@@ -33,9 +33,15 @@ from stamp_hf.synthetic.stages import base_vqa_exact, load_base, single_question
 SEEN_QUESTIONS = 150
 
 
+MERGER_OUT = ("model.visual.merger.mlp.2.weight", "model.visual.merger.mlp.2.bias")  # writes the text width
+
+
 def language_model(model, layers: int, text_settings: dict):
     """The vision stage's base `model` with a language model of `layers` layers and `text_settings` (text config
-    fields such as num_key_value_heads or intermediate_size): the weights of matching shape kept, the others new."""
+    fields such as num_key_value_heads, intermediate_size or hidden_size): the weights of matching shape kept, the
+    others new. A wider hidden_size keeps the vision features as they were, in its first dimensions (the merger's
+    output layer padded with zeros), so that no vision stage is rebuilt; give num_attention_heads with it so that
+    the head size stays what mrope_section splits (hidden_size 384: 8 heads)."""
     from transformers import Qwen2VLForConditionalGeneration
 
     config = model.config
@@ -45,11 +51,20 @@ def language_model(model, layers: int, text_settings: dict):
     config.text_config.layer_types = ["full_attention"] * layers
     for name, value in text_settings.items():
         setattr(config.text_config, name, value)
+    width = text_settings.get("hidden_size")
+    if width is not None:
+        if width < config.vision_config.hidden_size:
+            raise SystemExit(f"hidden_size={width}: narrower than the vision features ({config.vision_config.hidden_size})")
+        config.vision_config.hidden_size = width
     torch.manual_seed(0)
     changed = Qwen2VLForConditionalGeneration(config)
-    own = changed.state_dict()
-    changed.load_state_dict({k: v for k, v in model.state_dict().items() if k in own and own[k].shape == v.shape},
-                            strict=False)
+    own, old = changed.state_dict(), model.state_dict()
+    kept = {k: v for k, v in old.items() if k in own and own[k].shape == v.shape}
+    if width is not None:
+        for name in MERGER_OUT:
+            kept[name] = torch.zeros_like(own[name])
+            kept[name][:old[name].shape[0]] = old[name]
+    changed.load_state_dict(kept, strict=False)
     return changed
 
 

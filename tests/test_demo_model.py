@@ -484,6 +484,7 @@ def test_ablation_trains_every_variant_side_by_side_from_one_base_and_evaluates_
     written into its initialised model, the runs train side by side (one torch thread each, output in their own
     logs), and each is evaluated on both held-out sets with the limit it was given."""
     import argparse
+    import shutil
 
     from stamp_hf.synthetic import build
     from stamp_hf.synthetic.stages import build_base, save_base
@@ -548,10 +549,16 @@ def test_ablation_trains_every_variant_side_by_side_from_one_base_and_evaluates_
     figures = lambda found: {v: [(r["test"], r["drawn"], r["training"]["seed"]) for r in rows]  # noqa: E731
                              for v, rows in found.items()}
     assert figures(reused) == figures(runs) and build.ablation_table(reused) == table
-    # a seed the summary does not hold starts from the base, which the seeded cache lacks: its seeded records go, so
-    # that the build builds the base again, rather than `stamp-hf init` failing on a missing folder
+    # a seed the summary does not hold starts from the base, which the seeded cache lacks: its seeded record goes, so
+    # that the build builds the base again, rather than `stamp-hf init` failing on a missing folder; the vision stage
+    # was seeded with its model (from the model's frozen tower), so it stays and only the dialogue stage is rebuilt
     asks = lambda seeds: argparse.Namespace(**dict(vars(args), out=seeded, seeds=seeds))  # noqa: E731
     assert build.unseed_base_for_ablation(asks([0])) == [] and (seeded / "base" / "result.json").exists()
+    assert build.unseed_base_for_ablation(asks([0, 1])) == ["base"]
+    assert not (seeded / "base").exists() and (seeded / "base-vision" / "model" / "config.json").exists()
+    shutil.rmtree(seeded / "base-vision" / "model")  # a cache seeded before the vision model was: both go
+    (seeded / "base").mkdir()
+    (seeded / "base" / "result.json").write_text(json.dumps(dict(seeded_from="summary.json at abc1234")))
     assert build.unseed_base_for_ablation(asks([0, 1])) == ["base-vision", "base"]
     assert not (seeded / "base").exists() and not (seeded / "base-vision").exists()
     assert build.unseed_base_for_ablation(asks([0, 1])) == []  # nothing seeded left to remove
@@ -589,6 +596,25 @@ def test_conversation_stage_trains_on_fresh_questions_chats_and_several_target_r
     mix = sum(1 for name in ("refer_train", "dialogue_train", "train") for _ in (tmp_path / "data-v3" / f"{name}.jsonl").open())
     state = json.loads((tmp_path / "third" / "model" / "trainer_state.json").read_text())
     assert state["global_step"] == 1 and state["log_history"][-1]["epoch"] == pytest.approx(1 / math.ceil((mix + len(records)) / 8))
+
+    # the vision tower (ViT and merger) trains only in a stage that asks for it, and the cache tells the two apart
+    from safetensors.torch import load_file
+
+    assert config["freeze_vision_tower"] is True and trained["train_vision_tower"] is False
+    before = load_file(start / "model.safetensors")
+    for stage, vision_trains in (("frozen", False), ("with-vision", True)):  # 2 steps: the first one's warm-up LR is 0
+        record = build.stamp_stage(tmp_path, stage, build.data_folder(tmp_path, "v3"), tmp_path / "no-base", 2,
+                                   start_from=start, learning_rate=1e-3, extra_data=[extra],
+                                   train_vision_tower=vision_trains)
+        assert json.loads((tmp_path / stage / "train.json").read_text())["freeze_vision_tower"] is not vision_trains
+        assert record["train_vision_tower"] is vision_trains
+        after = load_file(tmp_path / stage / "model" / "model.safetensors")
+        changed = {key for key in before if not torch.equal(after[key], before[key])}
+        assert any("visual." not in key for key in changed), stage  # it trained
+        assert any("visual." in key for key in changed) is vision_trains, (stage, sorted(changed)[:5])
+    with pytest.raises(SystemExit, match="train_vision_tower"):
+        build.stamp_stage(tmp_path, "frozen", build.data_folder(tmp_path, "v3"), tmp_path / "no-base", 2,
+                          start_from=start, learning_rate=1e-3, extra_data=[extra], train_vision_tower=True)
 
 
 def test_a_stage_stopped_before_its_first_checkpoint_starts_its_timing_again(tmp_path):
@@ -655,7 +681,8 @@ def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_p
     `stamp-hf train` runs (v2, v3, v3 plus fresh conversations, two rebalance rounds), the evaluation and the card; the
     shipped model loads and answers. Run again, every stage comes from its cache (nothing retrained); run with a
     changed setting, the stale stage is refused by name. Seeded from the summary and the shipped model
-    (stamp_hf.synthetic.seed_caches), a fresh --out trains nothing and measures the same figures."""
+    (stamp_hf.synthetic.seed_caches), a fresh --out trains nothing and measures the same figures, and holds the
+    vision stage's model exactly as the build saved it."""
     from transformers import AutoModel, AutoProcessor
 
     from stamp_hf.synthetic import build, seed_caches
@@ -724,6 +751,9 @@ def test_the_build_runs_every_stage_in_one_command_and_a_rerun_reuses_them(tmp_p
     assert {p.parent.name for p in seeded} == {"base-vision", "base", "base-answers", "stamp-2", "stamp-2-v3-2",
                                                third.name, fourth.name, final.name}
     assert all(json.loads(text)["seeded_from"].startswith("summary.json at ") for text in seeded.values())
+    # the vision stage's model, rebuilt from the shipped one, is the one the vision stage saved, file for file
+    files = lambda folder: {f.name: f.read_bytes() for f in (folder / "base-vision" / "model").iterdir()}  # noqa: E731
+    assert files(seeded_out) == files(out)
     rebuilt = build.main([*argv[:1], str(seeded_out), *argv[2:], "--ship", str(tmp_path / "reshipped")])
     assert {p: p.read_text() for p in seeded_out.glob("*/result.json") if p in seeded} == seeded  # nothing retrained
     def figures(results):  # the evaluation's measurements, not its time

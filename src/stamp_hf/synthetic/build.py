@@ -91,6 +91,7 @@ TRAINING = dict(
     report_to="none",
 )
 CONVERSATION_TASKS = ("vqa", "chat", "multi")  # what the last stage trains more of: the dialogue targets
+CONVERSATION_SEEDS = 3 * 10**6  # the first train-split seed of the fresh conversations (conversations_stage)
 REBALANCE_REPEATS = {"refer_train.jsonl": 2}  # the fourth train's mix: referring records counted twice
 VARIANTS = {
     "stamp": ("STAMP (bidirectional placeholders + patch-feature fusion)", {}),
@@ -189,7 +190,7 @@ def conversations_stage(out: Path, samples: int) -> dict:
     out/data-v3-conversations/train.jsonl."""
 
     def build(folder):
-        jsonl = write_split(folder, "train", samples, start=3 * 10**6, tasks=CONVERSATION_TASKS, version="v3")
+        jsonl = write_split(folder, "train", samples, start=CONVERSATION_SEEDS, tasks=CONVERSATION_TASKS, version="v3")
         return dict(samples=samples, tasks=list(CONVERSATION_TASKS), records=sum(1 for _ in jsonl.open()))
 
     return cached(conversations_file(out).parent, build, dict(samples=samples))
@@ -275,21 +276,22 @@ def base_answers_stage(args) -> dict | None:
 
 def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: int = 0, overrides=None,
                 start_from: Path | None = None, learning_rate: float | None = None, threads: int | None = None,
-                concurrent_runs: int = 1, extra_data=(), repeats=None) -> dict:
+                concurrent_runs: int = 1, extra_data=(), repeats=None, train_vision_tower: bool = False) -> dict:
     """`stamp-hf init` on the base, then `stamp-hf train` on the referring, dialogue and chat data of `data`; cached
     as out/<name>. `overrides`: config.json settings of an ablation variant, written into the initialised model.
     `start_from`: a trained STAMP model to go on training instead (no init), with a fresh schedule peaking at
     `learning_rate` (default TRAINING's). `threads`: the commands' torch threads; with `concurrent_runs` > 1 (runs
     side by side) their output goes to out/<name>/train.log. `extra_data`: more `data` entries of the train config
     (a .jsonl path or {path, repeat}), added to the mix. `repeats`: {file of TRAIN_FILES: how many times its records
-    count}, the others once."""
+    count}, the others once. `train_vision_tower`: the ViT and its merger train too (every build stage keeps them
+    frozen; benchmarks/demo_vision_tower.py compares)."""
     folder = out / name
     result_file = folder / "result.json"
     learning_rate = learning_rate or TRAINING["learning_rate"]
     # the paths (start_from, extra_data) are recorded but not compared: within one --out the stage's name fixes them,
     # and a seeded cache (stamp_hf.synthetic.seed_caches) records the paths of the build it came from
     settings = dict(steps=steps, seed=seed, overrides=overrides or {}, repeats=repeats or {},
-                    learning_rate=learning_rate)
+                    learning_rate=learning_rate, train_vision_tower=train_vision_tower)
     if result_file.exists():
         return same_settings(folder, json.loads(result_file.read_text()), settings)
     folder.mkdir(parents=True, exist_ok=True)
@@ -306,7 +308,7 @@ def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: 
         data=[train_entry(data / f, (repeats or {}).get(f, 1)) for f in TRAIN_FILES] + list(extra_data),
         output_dir=str((folder / "model").resolve()),
         trust_remote_code=True,
-        freeze_vision_tower=True,
+        freeze_vision_tower=not train_vision_tower,
         mask_loss_resolution="image",
         resume=any((folder / "model").glob("checkpoint-*")),
         training=dict(TRAINING, max_steps=steps, seed=seed, activation_checkpointing=False,
@@ -499,15 +501,17 @@ def ablation_plan(args) -> list[tuple]:
 
 def unseed_base_for_ablation(args) -> list[str]:
     """Ablation runs not yet cached start from out/base/model, which a seeded cache (seed_caches) records but does not
-    hold: then the seeded base stages (base-vision, base) are removed, so that they are built again (stages 2-3) rather
-    than the runs failing on a missing base. Only records marked seeded_from are removed; the folders removed."""
+    hold: then the seeded base stages without their model (base; base-vision too when seeded without one) are removed,
+    so that they are built again rather than the runs failing on a missing base. Only records marked seeded_from are
+    removed; the folders removed."""
     to_train = [name for _, _, name, _ in ablation_plan(args) if not (args.out / name / "result.json").exists()]
     if not to_train or (args.out / "base" / "model" / "config.json").exists():
         return []
     removed = []
     for stage in ("base-vision", "base"):
         record = args.out / stage / "result.json"
-        if record.exists() and "seeded_from" in json.loads(record.read_text()):
+        if (record.exists() and "seeded_from" in json.loads(record.read_text())
+                and not (args.out / stage / "model" / "config.json").exists()):
             shutil.rmtree(args.out / stage)
             removed.append(stage)
     if removed:

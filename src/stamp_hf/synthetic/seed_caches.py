@@ -6,10 +6,11 @@ hours of CPU less than a rebuild from nothing.
 
 Seeded: the vision, dialogue, base-answers (when the summary has it) and every `stamp-hf train` stage's result.json
 as the summary recorded them (each marked "seeded_from"), the last trained stage's model folder (a copy of the
-shipped model) and the ablation runs' records and evaluations. Not seeded: the data stages and the references, which the build draws and measures again (they are
-deterministic, so their figures must come out as the summary has them), and the base models (vision, dialogue):
-an ablation run the summary does not hold makes the build build the base again (build.unseed_base_for_ablation).
-Refused where a seeded folder exists.
+shipped model), the vision stage's model (seed_vision_base: what benchmarks/demo_dialogue.py starts from) and the
+ablation runs' records and evaluations. Not seeded: the data stages and the references, which the build draws and
+measures again (they are deterministic, so their figures must come out as the summary has them), and the dialogue
+stage's model: an ablation run the summary does not hold makes the build build the base again
+(build.unseed_base_for_ablation). Refused where a seeded folder exists.
 """
 
 import argparse
@@ -35,6 +36,21 @@ def stage_records(summary: dict) -> dict[str, dict]:
             **{name: trained[stage] for stage, name in names.items()}}
 
 
+def seed_vision_base(model: Path, folder: Path) -> Path:
+    """The vision stage's model, rebuilt exactly from a shipped demo model (or any later stage's model): the build's
+    own start (build_base(seed=0) with the demo tokenizer) with that model's vision tower and merger, which the
+    vision stage alone trained (every later stage kept them frozen), saved as the stage saves it."""
+    from transformers import AutoModel
+
+    from .stages import build_base, demo_tokenizer, save_base
+
+    base, processor = build_base(seed=0, tokenizer=demo_tokenizer())
+    loaded = AutoModel.from_pretrained(model, trust_remote_code=True)  # a STAMP model, or a plain base's Qwen2VLModel
+    shipped = getattr(loaded, "model", loaded).visual.state_dict()
+    base.model.visual.load_state_dict(shipped)  # strict: the same tower, or an error naming the keys
+    return save_base(base, processor, folder)
+
+
 def seed(out: Path, summary_file: Path, model: Path) -> list[Path]:
     """Write the caches (see the module's docstring) under `out`; the folders written."""
     summary = json.loads(summary_file.read_text())
@@ -53,6 +69,7 @@ def seed(out: Path, summary_file: Path, model: Path) -> list[Path]:
         (out / name).mkdir(parents=True)
         (out / name / "result.json").write_text(json.dumps({"seeded_from": origin, **record}, indent=2))
     shutil.copytree(model, out / list(records)[-1] / "model")  # the shipped model is the last stage's
+    seed_vision_base(model, out / "base-vision" / "model")
     for name, run in runs.items():
         (out / name / "eval").mkdir(parents=True)
         (out / name / "result.json").write_text(json.dumps({"seeded_from": origin, **run["training"], "log": []},
