@@ -31,11 +31,12 @@ ROWS = [("cIoU", lambda r: r["cIoU"]), ("gIoU", lambda r: r["gIoU"]), ("N-acc %"
 
 def table(columns: dict[str, dict]) -> str:
     """{column title: evaluate_both results} as rows of test / drawn figures."""
+    kinds = sorted(next(iter(columns.values()))["test"]["conversations"]["vqa_by_kind"])
+    rows = ROWS + [(f"VQA exact, {kind} %", lambda r, k=kind: r["conversations"]["vqa_by_kind"].get(k)) for kind in kinds]
     lines = ["| test / drawn | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for title, value in ROWS + [(f"VQA exact, {kind} %", lambda r, k=kind: r["conversations"]["vqa_by_kind"].get(k))
-                                for kind in sorted(next(iter(columns.values()))["test"]["conversations"]["vqa_by_kind"])]:
-        cells = [" / ".join("-" if value(r[s]) is None else f"{value(r[s]):.1f}" for s in ("test", "drawn"))
-                 for r in columns.values()]
+    for title, value in rows:
+        figures = [[value(result[name]) for name in ("test", "drawn")] for result in columns.values()]
+        cells = [" / ".join("-" if v is None else f"{v:.1f}" for v in pair) for pair in figures]
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
