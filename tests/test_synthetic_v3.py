@@ -110,6 +110,30 @@ def test_questions_never_name_what_they_ask_and_answers_are_true(samples):
     assert abs(yes_no["Yes, there is."] - yes_no["No, there is not."]) <= 0.3 * sum(yes_no.values()), yes_no
 
 
+def test_existence_questions_come_with_the_target_they_ask_about():
+    """existence_question (the generator's "Is there ...?", which benchmarks/demo_existence.py also asks as a
+    segmentation request): its members are its reference's on the scene, yes exactly when there are some, the noun
+    asked is the reference's, and both answers come."""
+    import random
+
+    from stamp_hf.synthetic.chats import existence_question
+    from stamp_hf.synthetic.scenes import draw_scene
+
+    answers = collections.Counter()
+    for seed in range(200):
+        rng = random.Random(seed)
+        shapes, image, _ = draw_scene(rng)
+        found = existence_question(rng, shapes, image.size)
+        if found is None:
+            continue
+        question, answer, members, reference = found
+        assert reference.members(shapes, image.size) == members
+        assert answer == ("Yes, there is." if members else "No, there is not.")
+        assert reference.noun(random.Random(0)).split()[-1] in question, question
+        answers[answer] += 1
+    assert min(answers.values()) >= 60, answers
+
+
 def test_absent_targets_are_asked_and_answered_like_present_ones(samples):
     """Per `<|seg|>`: the answer names the request's phrase the same way whether the target is there or not; every
     form is asked both ways; the share of absent targets is ABSENT_SHARE's, in single and in multi-target requests."""

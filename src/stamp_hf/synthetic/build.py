@@ -276,7 +276,8 @@ def base_answers_stage(args) -> dict | None:
 
 def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: int = 0, overrides=None,
                 start_from: Path | None = None, learning_rate: float | None = None, threads: int | None = None,
-                concurrent_runs: int = 1, extra_data=(), repeats=None, train_vision_tower: bool = False) -> dict:
+                concurrent_runs: int = 1, extra_data=(), repeats=None, train_vision_tower: bool = False,
+                files=TRAIN_FILES) -> dict:
     """`stamp-hf init` on the base, then `stamp-hf train` on the referring, dialogue and chat data of `data`; cached
     as out/<name>. `overrides`: config.json settings of an ablation variant, written into the initialised model.
     `start_from`: a trained STAMP model to go on training instead (no init), with a fresh schedule peaking at
@@ -284,7 +285,8 @@ def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: 
     side by side) their output goes to out/<name>/train.log. `extra_data`: more `data` entries of the train config
     (a .jsonl path or {path, repeat}), added to the mix. `repeats`: {file of TRAIN_FILES: how many times its records
     count}, the others once. `train_vision_tower`: the ViT and its merger train too (every build stage keeps them
-    frozen; benchmarks/demo_vision_tower.py compares)."""
+    frozen; benchmarks/demo_vision_tower.py compares). `files`: the files of `data` it trains on (default the
+    build's mix; benchmarks/demo_existence.py trains on one kind of question alone)."""
     folder = out / name
     result_file = folder / "result.json"
     learning_rate = learning_rate or TRAINING["learning_rate"]
@@ -305,7 +307,7 @@ def stamp_stage(out: Path, name: str, data: Path, base: Path, steps: int, seed: 
             (init / "config.json").write_text(json.dumps({**config, **overrides}, indent=2))
     config = dict(  # absolute paths: a train config's relative paths are read from its own folder
         model=str(init.resolve()),
-        data=[train_entry(data / f, (repeats or {}).get(f, 1)) for f in TRAIN_FILES] + list(extra_data),
+        data=[train_entry(data / f, (repeats or {}).get(f, 1)) for f in files] + list(extra_data),
         output_dir=str((folder / "model").resolve()),
         trust_remote_code=True,
         freeze_vision_tower=not train_vision_tower,

@@ -218,6 +218,21 @@ def relation_question(rng, shapes, frame):
     return None
 
 
+EXISTENCE_FORMS = ("kind", "colour", "colour+kind", "size+kind")
+
+
+def existence_question(rng, shapes, frame):
+    """"Is there a red circle?" about a reference of EXISTENCE_FORMS, present or absent with equal chance: (question,
+    answer, members, reference) or None when the scene has no such reference."""
+    present = rng.random() < 0.5
+    found = find_reference(rng, shapes, frame, rng.choice(EXISTENCE_FORMS), present)
+    if found is None:
+        return None
+    reference, members = found
+    reply = "Yes, there is." if present else "No, there is not."
+    return rng.choice(EXISTS_QUESTIONS).format(a=article(reference.noun(rng))), reply, members, reference
+
+
 def ask(rng: random.Random, shapes, frame, kind: str | None = None):
     """A question with one exact answer about the scene: (kind, question, answer, members it is about). Falls back to
     a count when the scene has no question of `kind` (e.g. no shape with a unique name)."""
@@ -228,12 +243,9 @@ def ask(rng: random.Random, shapes, frame, kind: str | None = None):
         if found is not None:
             return kind, *found, [target]
     elif kind == "exists":
-        present = rng.random() < 0.5
-        found = find_reference(rng, shapes, frame, rng.choice(("kind", "colour", "colour+kind", "size+kind")), present)
+        found = existence_question(rng, shapes, frame)
         if found is not None:
-            reference, members = found
-            reply = "Yes, there is." if present else "No, there is not."
-            return kind, rng.choice(EXISTS_QUESTIONS).format(a=article(reference.noun(rng))), reply, members
+            return kind, *found[:3]
     elif kind == "relation":
         found = relation_question(rng, shapes, frame)
         if found is not None:

@@ -503,7 +503,19 @@ def demo_limits(results: dict) -> str:
                       default=None) for _, key, _ in goals}  # None: no such turns in either set
     short = [f"{what} on {worst[key]:.0f} % of turns (goal {goal:.0f} %)"
              for what, key, goal in goals if worst[key] is not None and worst[key] < goal]
-    return ("Below its dialogue goals: " + "; ".join(short) + ".") if short else ""
+    return " ".join(filter(None, [("Below its dialogue goals: " + "; ".join(short) + ".") if short else "",
+                                  existence_advice(results)]))
+
+
+def existence_advice(results: dict) -> str:
+    """The card's advice when the mask tells whether a target is there better than the yes or no does (the yes/no
+    below the 80 % goal of a question kind): the worse set's figures of both."""
+    exists = [r["conversations"].get("vqa_by_kind", {}).get("exists") for r in results.values()]
+    absent_empty = [r.get("N-acc") for r in results.values()]
+    if None in exists or None in absent_empty or min(exists) >= 80.0 or min(absent_empty) <= min(exists):
+        return ""
+    return (f'Its yes or no to "Is there a ...?" is right on {min(exists):.0f} % of turns: ask for the mask instead, '
+            f"which is empty for an absent target on {min(absent_empty):.0f} % of requests.")
 
 
 def demo_measured(summary: dict) -> str:
