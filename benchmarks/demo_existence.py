@@ -11,10 +11,11 @@ ways side by side per model:
   cases, scored on the rest): whether presence is there at all for the language-model head to read.
 
 `--finetune STEPS:LR` (repeatable) trains the first model further on existence questions alone (three a scene, on
-train-split scenes no build stage uses) through `stamp-hf train` (build.stamp_stage, vision tower frozen) and
-scores each result too: whether the skill is learnable by this model at all, and how fast.
+train-split scenes no build stage uses) through `stamp-hf train` (build.stamp_stage, vision tower frozen;
+`STEPS:LR:vision` trains the ViT and its merger too) and scores each result too: whether the skill is learnable by
+this model at all, how fast, and whether the vision features stand in the way.
 
-    .venv/bin/python benchmarks/demo_existence.py demo_model --cases 400 --finetune 800:1e-3 --finetune 800:3e-3
+    .venv/bin/python benchmarks/demo_existence.py demo_model --cases 400 --finetune 800:1e-3 --finetune 800:1e-3:vision
 
 Runs go to --out, figures to --results.
 """
@@ -133,13 +134,16 @@ def score(model_folder: Path, cases: list[dict]) -> dict:
 
 
 def finetune(out: Path, model_folder: Path, arm: str, data: Path) -> tuple[Path, dict]:
-    """The first model trained further on existence questions alone as `arm` ("STEPS:LR"): (its folder, the stage's
-    record: steps, learning rate, seconds)."""
-    steps, learning_rate = arm.split(":")
-    result = build.stamp_stage(out, f"existence-{steps}-{learning_rate}", data, model_folder, int(steps),
-                               start_from=model_folder.resolve(), learning_rate=float(learning_rate),
-                               files=(TRAINING_FILE,))
-    return out / f"existence-{steps}-{learning_rate}" / "model", result
+    """The first model trained further on existence questions alone as `arm` ("STEPS:LR", or "STEPS:LR:vision" with
+    the vision tower trained too): (its folder, the stage's record: steps, learning rate, seconds, ...)."""
+    steps, learning_rate, *vision = arm.split(":")
+    if vision not in ([], ["vision"]):
+        raise SystemExit(f"--finetune {arm}: expected STEPS:LR or STEPS:LR:vision")
+    name = "-".join(["existence", steps, learning_rate, *vision])
+    result = build.stamp_stage(out, name, data, model_folder, int(steps), start_from=model_folder.resolve(),
+                               learning_rate=float(learning_rate), files=(TRAINING_FILE,),
+                               train_vision_tower=bool(vision))
+    return out / name / "model", result
 
 
 ROWS = [("text answer right %", lambda r: f"{r['text_right']:.1f}"),
@@ -162,8 +166,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", type=Path, help="a demo model folder")
     parser.add_argument("--cases", type=int, default=400, help="test-split scenes to ask about")
-    parser.add_argument("--finetune", action="append", default=[], metavar="STEPS:LR",
-                        help="also train the model on existence questions alone this long, at this peak rate")
+    parser.add_argument("--finetune", action="append", default=[], metavar="STEPS:LR[:vision]",
+                        help="also train the model on existence questions alone this long, at this peak rate "
+                             "(:vision: its vision tower too)")
     parser.add_argument("--training-scenes", type=int, default=6000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/demo-existence"))
@@ -183,7 +188,8 @@ def main(argv=None):
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(dict(
         command=" ".join(sys.argv), threads=args.threads, training_scenes=args.training_scenes, models=models,
-        stages={arm: {k: stage[k] for k in ("steps", "learning_rate", "seconds")} for arm, stage in stages.items()}),
+        stages={arm: {k: stage[k] for k in ("steps", "learning_rate", "train_vision_tower", "seconds")}
+                for arm, stage in stages.items()}),
         indent=2))
 
 
