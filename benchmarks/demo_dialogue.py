@@ -42,11 +42,13 @@ def language_model(model, layers: int, text_settings: dict):
     others new. A wider hidden_size keeps the vision features as they were, in its first dimensions (the merger's
     output layer padded with zeros), so that no vision stage is rebuilt; give num_attention_heads with it so that
     the head size stays what mrope_section splits (hidden_size 384: 8 heads)."""
+    import copy
+
     from transformers import Qwen2VLForConditionalGeneration
 
-    config = model.config
-    if layers == config.text_config.num_hidden_layers and not text_settings:
+    if layers == model.config.text_config.num_hidden_layers and not text_settings:
         return model
+    config = copy.deepcopy(model.config)  # the new model's; the given model keeps its own
     config.text_config.num_hidden_layers = layers
     config.text_config.layer_types = ["full_attention"] * layers
     for name, value in text_settings.items():

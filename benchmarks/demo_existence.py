@@ -75,11 +75,9 @@ def write_training_records(folder: Path, scenes: int) -> Path:
     return folder / TRAINING_FILE
 
 
-def answer_position(model, processor, case: dict) -> tuple[float, list[np.ndarray]]:
-    """P(Yes) / (P(Yes) + P(No)) at the first answer token of the case's question, and the hidden state it is
-    predicted from, per layer (embeddings first)."""
-    tokenizer = processor.tokenizer
-    yes, no = (tokenizer.encode(word)[0] for word in ("Yes", "No"))
+def answer_position(model, processor, case: dict, yes: int, no: int) -> tuple[float, list[np.ndarray]]:
+    """P(Yes) / (P(Yes) + P(No)) (token ids `yes`, `no`) at the first answer token of the case's question, and the
+    hidden state it is predicted from, per layer (embeddings first)."""
     inputs, _ = processor.encode_chat(record_chat(case["image"], [{"role": "user", "content": case["question"]}]))
     with torch.no_grad():
         out = model(**inputs, output_hidden_states=True)
@@ -114,9 +112,10 @@ def score(model_folder: Path, cases: list[dict]) -> dict:
     processor = AutoProcessor.from_pretrained(model_folder, trust_remote_code=True)
     start = time.perf_counter()
     present = np.array([case["present"] for case in cases])
+    yes, no = (processor.tokenizer.encode(word)[0] for word in ("Yes", "No"))
     yes_share, hidden, text_right, mask_right = [], [], [], []
     for case in cases:
-        share, states = answer_position(model, processor, case)
+        share, states = answer_position(model, processor, case, yes, no)
         yes_share.append(share)
         hidden.append(states)
         text, _ = respond(model, processor, case["image"], [{"role": "user", "content": case["question"]}])
